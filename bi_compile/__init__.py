@@ -1,0 +1,1 @@
+"""bi-compile: batch-invariant LLM inference in graph mode."""
