@@ -1,0 +1,90 @@
+"""The ``bi_ascend`` torch.compile backend: Dynamo's graph -> ATen -> the batch-invariance pipeline -> code.
+
+    torch.compile(model, backend="bi_ascend", dynamic=True, options={"strict": True})
+
+Two inner compilers:
+
+- ``"inductor"`` (default): Inductor with a decomposition table that keeps every op the pipeline rewrites whole
+  (no mm, softmax or sum is turned into pointwise loops before the pass sees it), the pipeline installed as
+  ``post_grad_custom_pre_pass``, and Inductor's own ``batch_invariant`` / ``deterministic`` switches on where the
+  torch version has them (2.13 does, 2.11 does not). Inductor still fuses the pointwise code around the bi ops.
+  ``cudagraphs=True`` (or ``mode="reduce-overhead"``) captures the compiled graph with Inductor's CUDA-graph trees.
+- ``"eager"``: aot_autograd's functionalized ATen graph, rewritten, run op by op with no code generation — the
+  shape of Ascend's aclgraph path, and the way to debug a rewrite.
+
+For the FULL_DECODE_ONLY shape of use, compile the decode step and capture it yourself (docs/guide.md shows how):
+the bi ops allocate nothing data-dependent and pick their kernel config from the real batch at run time, so one
+symbolic-batch compile serves every batch size and every captured graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._inductor import config as inductor_config
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.decomposition import select_decomp_table
+
+import bi_compile.ops  # noqa: F401  (registers torch.ops.bi.*)
+from bi_compile.passes.pipeline import BatchInvariantPass, decompositions_keeping_rewritten_ops
+
+INNER_COMPILERS = ("inductor", "eager")
+MODES = {"default": {}, "reduce-overhead": {"cudagraphs": True}}
+
+
+class BackendOptionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    inner: str = "inductor"  # "inductor" | "eager"
+    strict: bool = False  # raise on any node left variant or unknown, instead of warning
+    cudagraphs: bool = False  # Inductor's CUDA-graph trees around the compiled graph
+
+    @classmethod
+    def parse(cls, options: dict | None, mode: str | None = None) -> BackendOptions:
+        if mode not in (None, *MODES):
+            raise BackendOptionError(f"bi_ascend: unsupported mode {mode!r} (supported: {', '.join(MODES)})")
+        options = {**MODES.get(mode or "default", {}), **(options or {})}
+        known = {f.name: f.type for f in fields(cls)}
+        for key, value in options.items():
+            if key not in known:
+                raise BackendOptionError(f"bi_ascend: unknown option {key!r} (options: {', '.join(known)})")
+            if key != "inner" and not isinstance(value, bool):
+                raise BackendOptionError(f"bi_ascend: option {key!r} must be True or False, got {value!r}")
+        parsed = cls(**options)
+        if parsed.inner not in INNER_COMPILERS:
+            raise BackendOptionError(f"bi_ascend: option 'inner' must be one of {INNER_COMPILERS}, got {parsed.inner!r}")
+        if parsed.cudagraphs and parsed.inner != "inductor":
+            raise BackendOptionError("bi_ascend: cudagraphs=True needs inner='inductor'; "
+                                     "with inner='eager' capture the compiled step with torch.cuda.graph")
+        return parsed
+
+
+def inductor_invariance_switches() -> dict[str, bool]:
+    return {name: True for name in ("batch_invariant", "deterministic") if hasattr(inductor_config, name)}
+
+
+def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    opts = BackendOptions.parse(options, mode)
+    pipeline = BatchInvariantPass(strict=opts.strict)
+    if opts.inner == "eager":
+        def rewrite_and_run(graph_module, _inputs):
+            pipeline(graph_module.graph)
+            graph_module.recompile()
+            return graph_module
+
+        # No decompositions: aot_autograd only functionalizes, so every op reaches the pipeline whole.
+        return aot_autograd(fw_compiler=rewrite_and_run, bw_compiler=rewrite_and_run, decompositions={})(gm, example_inputs)
+    patches = {"post_grad_custom_pre_pass": pipeline, "triton.cudagraphs": opts.cudagraphs,
+               **inductor_invariance_switches()}
+    return compile_fx(gm, example_inputs, config_patches=patches,
+                      decompositions=decompositions_keeping_rewritten_ops(select_decomp_table()))
+
+
+# After `pip install` the torch_dynamo_backends entry point provides the name; from a source tree, this does.
+if "bi_ascend" not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(bi_ascend, name="bi_ascend")

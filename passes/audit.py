@@ -1,0 +1,138 @@
+"""Pass 4 — audit: classify every call node left in the graph, after the rewrites, and report by source line.
+
+- invariant: ``bi`` ops, pointwise ops, views, shape arithmetic, and ops whose result does not depend on a
+  reduction order (copies, gathers, max/argmax, sort, integer sums, ...);
+- variant: ops known to reduce in a batch-dependent order that the table could not rewrite (a matmul or
+  reduction whose arguments no row accepts, layer/group norm, cumsum, scatter-add, attention kernels, ...);
+- unknown: anything else — custom ops of other libraries (vLLM's attention and MoE), collectives, random ops.
+
+The audit changes nothing; its ``Report`` is what ``strict=True`` raises on and what ``bi-compile audit`` prints.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.fx import Graph, Node
+
+from .fx_utils import FUNCTIONALIZED, fake_value, op_call, source_line
+
+VARIANT = frozenset(
+    "aten::" + name
+    for name in (
+        "mm addmm bmm baddbmm addbmm matmul linear dot vdot mv addmv addr _int_mm _scaled_mm convolution _convolution "
+        "sum mean nansum prod var std var_mean std_mean norm linalg_vector_norm logsumexp cumsum cumprod "
+        "_softmax _log_softmax softmax log_softmax native_layer_norm native_group_norm native_batch_norm "
+        "_native_batch_norm_legit _native_batch_norm_legit_no_training rms_norm _fused_rms_norm "
+        "scaled_dot_product_attention _scaled_dot_product_flash_attention _scaled_dot_product_flash_attention_for_cpu "
+        "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention _flash_attention_forward "
+        "_efficient_attention_forward scatter_add scatter_reduce index_add index_reduce embedding_bag _embedding_bag"
+    ).split()
+) | {"npu::npu_add_rms_norm", "npu::npu_add_rms_norm_bias", "npu::npu_rms_norm", "vllm_ir::rms_norm",
+     "vllm_ir::fused_add_rms_norm", "_C::rms_norm", "_C::fused_add_rms_norm"}
+
+# Not pointwise-tagged, yet each output element is a copy, a selection or an exact comparison of inputs.
+ORDER_FREE = frozenset(
+    "aten::" + name
+    for name in (
+        "clone _to_copy copy copy_ empty empty_like empty_strided new_empty new_empty_strided full full_like zeros "
+        "zeros_like ones ones_like new_zeros new_ones new_full arange scalar_tensor cat stack expand constant_pad_nd "
+        "embedding index_select gather index slice_scatter select_scatter diagonal_scatter as_strided_scatter "
+        "masked_fill where amax amin max min argmax argmin aminmax any all topk sort argsort tril triu iota repeat "
+        "repeat_interleave split_with_sizes split unbind flip roll lift_fresh_copy fill zero fill_ index_put scatter "
+        "view reshape _unsafe_view _reshape_alias _unsafe_index _unsafe_index_put _assert_scalar _assert_tensor_metadata sym_size sym_stride sym_numel "
+        "sym_storage_offset resize_ set_ detach alias"
+    ).split()
+)
+ACCUMULATING = {"aten::index_put": "accumulate", "aten::_unsafe_index_put": "accumulate", "aten::scatter": "reduce"}
+
+
+@dataclass
+class Finding:
+    node: str
+    target: str
+    kind: str  # "variant" | "unknown"
+    source: str  # "file.py:123  code", from node.meta['stack_trace']
+
+
+@dataclass
+class Report:
+    rewrites: dict[str, int] = field(default_factory=dict)  # "aten.mm.default -> bi.linear": 4
+    copies: dict[str, int] = field(default_factory=dict)  # "bi::softmax:self": 1 (contiguous copies inserted)
+    copied_inputs: list[str] = field(default_factory=list)  # graph inputs copied on every call (should be none)
+    counts: dict[str, int] = field(default_factory=lambda: {"invariant": 0, "variant": 0, "unknown": 0})
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def invariant(self) -> bool:
+        return not self.findings
+
+    @classmethod
+    def merge(cls, reports) -> Report:
+        merged = cls()
+        for report in reports:
+            for mine, theirs in ((merged.rewrites, report.rewrites), (merged.copies, report.copies),
+                                 (merged.counts, report.counts)):
+                for key, n in theirs.items():
+                    mine[key] = mine.get(key, 0) + n
+            merged.copied_inputs += report.copied_inputs
+            merged.findings += report.findings
+        return merged
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [f"nodes: {self.counts['invariant']} invariant, {self.counts['variant']} variant, "
+                 f"{self.counts['unknown']} unknown"]
+        lines += [f"  rewrote {n:4d} x {rewrite}" for rewrite, n in sorted(self.rewrites.items())]
+        lines += [f"  copied  {n:4d} x {where} (layout contract)" for where, n in sorted(self.copies.items())]
+        lines += [f"  copies graph input {name} on every call" for name in self.copied_inputs]
+        lines += [f"  {f.kind:8s} {f.target}  ({f.node})  {f.source or 'no source line'}" for f in self.findings]
+        return "\n".join(lines)
+
+
+def integer_arithmetic(call) -> bool:
+    """Sums, cumsums and products of integers are exact, so their order cannot change the result."""
+    val = fake_value(call.arguments.get("self", call.arguments.get("input")))
+    dtype = call.arguments.get("dtype")
+    return (isinstance(val, torch.Tensor) and not val.is_floating_point() and not val.is_complex()
+            and (dtype is None or not dtype.is_floating_point))
+
+
+def classify(node: Node) -> tuple[str, str]:
+    """(kind, target name) of a call node."""
+    if node.target is operator.getitem or not isinstance(node.target, torch._ops.OperatorBase):
+        return "invariant", str(node.target)  # Python/SymInt arithmetic on sizes, tuple access
+    call = op_call(node)
+    if call is None:  # a higher-order op we cannot look into
+        return "unknown", str(node.target)
+    op, name = call.op, call.op._schema.name
+    label = f"auto_functionalized({call.name})" if node.target in FUNCTIONALIZED else call.name
+    if op.namespace == "bi":
+        return "invariant", label
+    if name in ACCUMULATING:
+        flag = call.arguments.get(ACCUMULATING[name])
+        return ("variant" if flag else "invariant"), label
+    if name in VARIANT:
+        return ("invariant" if integer_arithmetic(call) else "variant"), label
+    if torch.Tag.pointwise in op.tags or op.is_view or name in ORDER_FREE:
+        return "invariant", label
+    if op.namespace == "aten" and torch.Tag.nondeterministic_seeded not in op.tags and not op._schema.returns:
+        return "invariant", label  # no result to vary
+    return "unknown", label
+
+
+def audit_pass(graph: Graph) -> Report:
+    report = Report()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        kind, target = classify(node)
+        report.counts[kind] += 1
+        if kind != "invariant":
+            report.findings.append(Finding(node.name, target, kind, source_line(node)))
+    return report

@@ -1,0 +1,191 @@
+"""Pass 2 — replace: route every non-invariant op of the table below to its batch-invariant ``bi`` op.
+
+Invariant kept: each rewritten node computes the same function (same shapes and dtypes, values within rounding);
+only the reduction order changes, to one fixed per row. ``meta['val']`` of every new node is recomputed under the
+graph's fake mode. A node whose arguments an adapter cannot express (an integer sum, a 2-D normalized_shape, an
+SDPA whose logsumexp is used) is left as it is, and the audit reports it.
+
+    before:  %permute = aten.permute(%w, [1, 0]);  %mm = aten.mm(%x, %permute)          # x [s0, 1024], w [2048, 1024]
+    after:   %linear = bi.linear(%x, %w)                                                  # w read in place, no copy
+
+Adding an op is one row of ``REPLACEMENTS`` plus its bi op and tests. Rows are tried in order; the first whose
+adapter accepts the node wins.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Graph, Node
+
+from .fx_utils import OpCall, fake_value, getitem, insert_call, op_call, outputs_covered, rewire
+
+aten = torch.ops.aten
+FLOATING = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    source: str  # the op as it appears in the graph, e.g. "aten.mm.default"
+    target: str  # the bi op, e.g. "bi.mm"
+    adapt: Callable[[dict[str, Any]], dict[str, Any] | None]  # source arguments -> bi arguments (None: not this row)
+    # How the bi op's outputs stand in for the source's: key None = the whole source result, int = a tuple element,
+    # str = the new value of a mutated argument (auto_functionalized); value None = the whole bi result, int = its element.
+    outputs: Mapping[int | str | None, int | None] = field(default_factory=lambda: {None: None})
+    note: str = ""
+
+    def bi_op(self) -> torch._ops.OpOverload:
+        namespace, name = self.target.split(".")
+        return getattr(getattr(torch.ops, namespace), name).default
+
+
+# ---- argument adapters --------------------------------------------------------------------------------------------
+
+
+def transposed_weight(node: Any) -> Node | None:
+    """``w`` when ``node`` is a transpose of a 2-D tensor ``w`` (how a linear's weight reaches mm after decomposition)."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return None
+    weight = node.args[0]
+    val = fake_value(weight)
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return None
+    if node.target is aten.permute.default and list(node.args[1]) == [1, 0]:
+        return weight
+    if node.target is aten.t.default:
+        return weight
+    if node.target is aten.transpose.int and sorted(d % 2 for d in node.args[1:3]) == [0, 1]:
+        return weight
+    return None
+
+
+def floating(arg: Any) -> bool:
+    val = fake_value(arg)
+    return isinstance(val, torch.Tensor) and val.dtype in FLOATING
+
+
+def mm_as_linear(a):
+    weight = transposed_weight(a["mat2"])
+    return None if weight is None else {"input": a["self"], "weight": weight}
+
+
+def addmm_as_linear(a):
+    weight = transposed_weight(a["mat2"])
+    bias = fake_value(a["self"])
+    if weight is None or a["beta"] != 1 or a["alpha"] != 1 or not isinstance(bias, torch.Tensor) or bias.dim() != 1:
+        return None
+    return {"input": a["mat1"], "weight": weight, "bias": a["self"]}
+
+
+def mm(a):
+    return {"self": a["self"], "mat2": a["mat2"]}
+
+
+def addmm(a):
+    return {"self": a["self"], "mat1": a["mat1"], "mat2": a["mat2"], "beta": float(a["beta"]), "alpha": float(a["alpha"])}
+
+
+def softmax(a):
+    return {"self": a["self"], "dim": a["dim"], "half_to_float": a["half_to_float"]}
+
+
+def reduction(a):
+    if not floating(a["self"]):
+        return None  # integer and bool sums are exact, hence invariant already
+    return {"self": a["self"], "dim": a.get("dim"), "keepdim": a.get("keepdim", False), "dtype": a.get("dtype")}
+
+
+def rms_norm_of(x, weight, eps, normalized_shape=None):
+    if normalized_shape is not None and len(normalized_shape) != 1:
+        return None
+    if eps is None:  # aten's default: the input dtype's machine epsilon
+        eps = torch.finfo(fake_value(x).dtype).eps
+    return {"input": x, "weight": weight, "eps": float(eps)}
+
+
+def sdpa(a):
+    if a.get("dropout_p", 0.0) != 0.0:
+        return None
+    mask = a.get("attn_mask", a.get("attn_bias"))
+    return {"query": a["query"], "key": a["key"], "value": a["value"], "attn_mask": mask,
+            "is_causal": a["is_causal"], "scale": a.get("scale")}
+
+
+SDPA_OUTPUT = {0: None}  # the attention output; a used logsumexp (training) keeps the stock op
+
+REPLACEMENTS: tuple[Replacement, ...] = (
+    Replacement("aten.mm.default", "bi.linear", mm_as_linear, note="x @ W.t(): the weight is read in place"),
+    Replacement("aten.mm.default", "bi.mm", mm),
+    Replacement("aten.mm.out", "bi.mm", mm, note="result copied into `out`"),
+    Replacement("aten.addmm.default", "bi.linear", addmm_as_linear, note="b + x @ W.t() with alpha = beta = 1"),
+    Replacement("aten.addmm.default", "bi.addmm", addmm),
+    Replacement("aten.addmm.out", "bi.addmm", addmm, note="result copied into `out`"),
+    Replacement("aten.bmm.default", "bi.bmm", mm),
+    Replacement("aten.bmm.out", "bi.bmm", mm, note="result copied into `out`"),
+    Replacement("aten._softmax.default", "bi.softmax", softmax),
+    Replacement("aten._log_softmax.default", "bi.log_softmax", softmax),
+    Replacement("aten.sum.dim_IntList", "bi.sum", reduction, note="floating inputs; integer sums are exact"),
+    Replacement("aten.sum.default", "bi.sum", reduction, note="all dims"),
+    Replacement("aten.mean.dim", "bi.mean", reduction),
+    Replacement("aten.mean.default", "bi.mean", reduction, note="all dims"),
+    Replacement("aten.rms_norm.default", "bi.rms_norm",
+                lambda a: rms_norm_of(a["input"], a["weight"], a["eps"], a["normalized_shape"]), {None: 0},
+                note="last-dim normalized_shape"),
+    Replacement("aten._fused_rms_norm.default", "bi.rms_norm",
+                lambda a: rms_norm_of(a["input"], a["weight"], a["eps"], a["normalized_shape"]),
+                note="returns (y, rstd) like aten"),
+    Replacement("vllm_ir.rms_norm.default", "bi.rms_norm",
+                lambda a: rms_norm_of(a["x"], a["weight"], a["epsilon"]) if a["variance_size"] is None else None,
+                {None: 0}, note="vLLM IR op; variance_size must be None"),
+    Replacement("_C.rms_norm.default", "bi.rms_norm", lambda a: rms_norm_of(a["input"], a["weight"], a["epsilon"]),
+                {"result": 0}, note="vLLM custom op inside auto_functionalized"),
+    Replacement("npu.npu_rms_norm.default", "bi.rms_norm", lambda a: rms_norm_of(a["self"], a["gamma"], a["epsilon"]),
+                note="torch_npu; returns (y, rstd)"),
+    Replacement("aten._scaled_dot_product_flash_attention_for_cpu.default", "bi.attention", sdpa, SDPA_OUTPUT),
+    Replacement("aten._scaled_dot_product_flash_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),
+    Replacement("aten._scaled_dot_product_efficient_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),
+    Replacement("aten._scaled_dot_product_cudnn_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),
+)
+
+ROWS_BY_SOURCE: dict[str, list[Replacement]] = {}
+for _row in REPLACEMENTS:
+    ROWS_BY_SOURCE.setdefault(_row.source, []).append(_row)
+
+
+def aten_ops_kept_whole() -> set[torch._ops.OpOverload]:
+    """The ATen ops this table rewrites: Inductor must not decompose them before the pass sees them."""
+    kept = set()
+    for source in ROWS_BY_SOURCE:
+        namespace, name, overload = source.split(".")
+        if namespace == "aten":
+            kept.add(getattr(getattr(torch.ops.aten, name), overload))
+    return kept
+
+
+def replace_call(graph: Graph, call: OpCall, row: Replacement, bi_args: dict[str, Any]) -> None:
+    result = insert_call(graph, row.bi_op(), kwargs=bi_args, origin=call.node)
+    if "out" in call.arguments and call.op._schema.is_mutable:  # an .out form: write the result where it asked
+        result = insert_call(graph, aten.copy_.default, (call.arguments["out"], result), origin=call.node)
+    produced = {key: result if index is None else getitem(graph, result, index, origin=call.node)
+                for key, index in row.outputs.items()}
+    rewire(call, produced)
+
+
+def replace_pass(graph: Graph) -> Counter:
+    """Apply ``REPLACEMENTS``; returns how many nodes each row rewrote, keyed "source -> target"."""
+    rewrites: Counter = Counter()
+    for node in list(graph.nodes):
+        call = op_call(node)
+        if call is None:
+            continue
+        for row in ROWS_BY_SOURCE.get(call.name, ()):
+            bi_args = row.adapt(call.arguments)
+            if bi_args is not None and outputs_covered(call, row.outputs):
+                replace_call(graph, call, row, bi_args)
+                rewrites[f"{row.source} -> {row.target}"] += 1
+                break
+    return rewrites

@@ -1,0 +1,211 @@
+"""The pass pipeline on aot_autograd's functionalized ATen graphs: what it rewrites, what it leaves, and numerics."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.backends.common import aot_autograd
+
+from bi_compile.ops.library import LAYOUT_CONTRACTS
+from bi_compile.passes import run_pipeline
+from bi_compile.passes.fx_utils import fake_value
+
+from . import foreign_ops
+
+VARIANT_ATEN = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten._softmax.default",
+                "aten._log_softmax.default", "aten.sum.dim_IntList", "aten.mean.dim", "aten.sum.default",
+                "aten.mean.default"}
+
+
+def rewritten(fn, *args, dynamic=False):
+    """Compile ``fn`` through aot_autograd with the pipeline on its forward graph: (graph module, report, output)."""
+    seen = []
+
+    def forward(gm, _inputs):
+        seen.append((gm, run_pipeline(gm.graph)))
+        gm.recompile()
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(fn, backend=aot_autograd(fw_compiler=forward, decompositions={}), dynamic=dynamic,
+                            fullgraph=True)(*args)
+    (gm, report), = seen
+    return gm, report, out
+
+
+def targets(gm) -> Counter:
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+@pytest.fixture(scope="module")
+def npu_and_vllm_ops():
+    foreign_ops.register()
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 48)
+        self.down = torch.nn.Linear(48, 24, bias=False)
+
+    def forward(self, x):  # x: [B, T, 16]
+        return torch.log_softmax(self.down(F.gelu(self.up(x))), dim=-1)
+
+
+def test_mlp_linears_read_weights_in_place_and_reductions_are_replaced():
+    torch.manual_seed(0)
+    mlp, x = MLP(), torch.randn(5, 3, 16)
+    gm, report, out = rewritten(mlp, x)
+    ops = targets(gm)
+    assert not VARIANT_ATEN & set(ops)
+    assert ops["bi.linear.default"] == 2 and ops["bi.log_softmax.default"] == 1
+    assert report.rewrites == {"aten.addmm.default -> bi.linear": 1, "aten.mm.default -> bi.linear": 1,
+                               "aten._log_softmax.default -> bi.log_softmax": 1}
+    weights = [n.kwargs["weight"] for n in gm.graph.nodes if n.target is torch.ops.bi.linear.default]
+    assert all(w.op == "placeholder" for w in weights)  # [N, K] parameters, neither transposed nor copied
+    assert "aten.clone.default" not in ops and report.copied_inputs == []
+    torch.testing.assert_close(out, mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_matmuls_keep_their_scalars():
+    def fn(a, b, bias, p, q):
+        return torch.mm(a, b), torch.addmm(bias, a, b, beta=0.5, alpha=2.0), torch.bmm(p, q)
+
+    args = (torch.randn(6, 8), torch.randn(8, 5), torch.randn(6, 5), torch.randn(3, 4, 8), torch.randn(3, 8, 2))
+    gm, report, out = rewritten(fn, *args)
+    ops = targets(gm)
+    assert ops["bi.mm.default"] == 1 and ops["bi.addmm.default"] == 1 and ops["bi.bmm.default"] == 1
+    addmm = next(n for n in gm.graph.nodes if n.target is torch.ops.bi.addmm.default)
+    assert (addmm.kwargs["beta"], addmm.kwargs["alpha"]) == (0.5, 2.0)
+    for got, want in zip(out, fn(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_and_reductions_all_forms():
+    def fn(x, ids):
+        return (torch.softmax(x, 0), torch.log_softmax(x.half(), -1, dtype=torch.float32), x.sum((0, 2), keepdim=True),
+                x.mean(), x.sum(), x.mean(-1, dtype=torch.float32), ids.sum(-1))
+
+    x, ids = torch.randn(4, 6, 10), torch.randint(0, 9, (4, 6))
+    gm, report, out = rewritten(fn, x, ids)
+    ops = targets(gm)
+    assert ops["aten.sum.dim_IntList"] == 1  # the integer sum: exact, left alone, and audited invariant
+    assert not (VARIANT_ATEN - {"aten.sum.dim_IntList"}) & set(ops)
+    assert report.findings == []
+    for got, want in zip(out, fn(x, ids)):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_contiguous_copies_exactly_the_inputs_that_break_a_contract():
+    weight = torch.nn.Parameter(torch.randn(7, 8))
+
+    def fn(a, b, x):
+        # a.t() is column-major: it breaks mm's row layout for `self`; x @ weight.t() reads the weight in place.
+        return torch.mm(a.t(), b), F.linear(x, weight)
+
+    a, b, x = torch.randn(8, 5), torch.randn(8, 3), torch.randn(3, 8)
+    gm, report, out = rewritten(fn, a, b, x)
+    for node in gm.graph.nodes:  # post-condition: every bi-op argument now meets its contract
+        contract = LAYOUT_CONTRACTS.get(getattr(node.target, "_schema", None) and node.target._schema.name, {})
+        for name, layout in contract.items():
+            val = fake_value(node.kwargs.get(name))
+            assert not isinstance(val, torch.Tensor) or layout.accepts(val), (node, name)
+    clones = [n for n in gm.graph.nodes if n.target is torch.ops.aten.clone.default]
+    mm = next(n for n in gm.graph.nodes if n.target is torch.ops.bi.mm.default)
+    assert [c for c in clones if c in mm.all_input_nodes] == clones and len(clones) == sum(report.copies.values())
+    assert mm.kwargs["self"] in clones and report.copied_inputs == []
+    for got, want in zip(out, fn(a, b, x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unfuse_npu_add_rms_norm_keeps_every_used_output(npu_and_vllm_ops):
+    def fn(x, residual, gamma):
+        y, rstd, total = torch.ops.npu.npu_add_rms_norm(x, residual, gamma, 1e-6)
+        y2, _ = torch.ops.npu.npu_rms_norm(total, gamma)
+        return y, rstd, total, y2
+
+    args = (torch.randn(4, 32), torch.randn(4, 32), torch.randn(32))
+    gm, report, out = rewritten(fn, *args)
+    ops = targets(gm)
+    assert not any(t.startswith("npu.") for t in ops)
+    assert ops["aten.add.Tensor"] == 1 and ops["bi.rms_norm.default"] == 2
+    assert report.rewrites == {"npu.npu_add_rms_norm.default -> aten.add + bi.rms_norm": 1,
+                               "npu.npu_rms_norm.default -> bi.rms_norm": 1}
+    for got, want in zip(out, fn(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unfuse_drops_outputs_nobody_uses(npu_and_vllm_ops):
+    def fn(x, residual, gamma):
+        return torch.ops.npu.npu_add_rms_norm(x, residual, gamma)[0]
+
+    gm, report, _ = rewritten(fn, torch.randn(2, 16), torch.randn(2, 16), torch.randn(16))
+    getitems = [n for n in gm.graph.nodes if n.op == "call_function" and "getitem" in str(n.target)]
+    assert [n.args[1] for n in getitems] == [0]  # rstd's getitem was dead and is gone
+
+
+def test_vllm_norm_forms_functional_and_mutating(npu_and_vllm_ops):
+    def fn(x, residual, weight):
+        normed, total = torch.ops.vllm_ir.fused_add_rms_norm(x, residual, weight, 1e-6)
+        out = torch.ops.vllm_ir.rms_norm(normed, weight, 1e-6)
+        x2, r2 = out.clone(), total.clone()
+        torch.ops._C.fused_add_rms_norm(x2, r2, weight, 1e-6)  # in place: x2 <- norm(x2 + r2), r2 <- x2 + r2
+        result = torch.empty_like(x2)
+        torch.ops._C.rms_norm(result, x2, weight, 1e-6)
+        return out, total, x2, r2, result
+
+    args = (torch.randn(3, 64), torch.randn(3, 64), torch.randn(64))
+    gm, report, out = rewritten(fn, *args)
+    ops = targets(gm)
+    assert not any(t.startswith(("vllm_ir.", "_C.")) or "auto_functionalized" in t for t in ops)
+    assert ops["bi.rms_norm.default"] == 4 and ops["aten.add.Tensor"] == 2
+    for got, want in zip(out, fn(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_that_cannot_express_a_node_leave_it_for_the_audit(npu_and_vllm_ops):
+    def fn(x, weight):
+        return torch.ops.vllm_ir.rms_norm(x, weight, 1e-6, 32), torch.cumsum(x, -1)
+
+    gm, report, _ = rewritten(fn, torch.randn(2, 64), torch.randn(64))
+    assert "vllm_ir.rms_norm.default" in targets(gm)
+    assert sorted(f.target for f in report.findings) == ["aten.cumsum.default", "vllm_ir.rms_norm.default"]
+    assert all(f.kind == "variant" and "test_passes.py" in f.source for f in report.findings)
+
+
+def test_audit_names_unknown_custom_ops_by_source_line():
+    lib = torch.library.Library("bi_test", "FRAGMENT")
+    lib.define("opaque(Tensor x) -> Tensor")
+    lib.impl("opaque", lambda x: x * 2, "CompositeExplicitAutograd")
+    torch.library.register_fake("bi_test::opaque", lambda x: torch.empty_like(x), lib=lib)
+
+    def fn(x):
+        return torch.ops.bi_test.opaque(x) + 1
+
+    _, report, _ = rewritten(fn, torch.randn(3))
+    (finding,) = report.findings
+    assert (finding.kind, finding.target) == ("unknown", "bi_test.opaque.default")
+    assert "torch.ops.bi_test.opaque(x)" in finding.source
+
+
+def test_qwen3_decoder_leaves_nothing_variant():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (2, 7))
+
+    def logits(ids):
+        return model(ids, use_cache=False).logits
+
+    gm, report, out = rewritten(logits, ids)
+    assert report.findings == []
+    assert not VARIANT_ATEN & set(targets(gm))
+    assert report.rewrites["aten.mm.default -> bi.linear"] == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
+    torch.testing.assert_close(out, logits(ids), rtol=1e-4, atol=1e-4)
