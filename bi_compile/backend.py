@@ -74,6 +74,11 @@ def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = N
     if opts.inner == "eager":
         def rewrite_and_run(graph_module, _inputs):
             pipeline(graph_module.graph)
+            # A bi op may lay its output out differently from the op it replaced (SDPA's output is a transposed
+            # view, bi.attention's is contiguous): views traced against the old strides become reshapes, which
+            # are the same views where the strides allow and copy only where they don't. Inductor does this itself.
+            for node in graph_module.graph.find_nodes(op="call_function", target=torch.ops.aten.view.default):
+                node.target = torch.ops.aten.reshape.default
             graph_module.recompile()
             return graph_module
 

@@ -20,8 +20,9 @@ from torch.fx import Graph, Node
 
 from .fx_utils import FUNCTIONALIZED, fake_value, op_call, source_line
 
+CORE_NAMESPACES = ("aten", "prims")  # the name sets below apply to both
 VARIANT = frozenset(
-    "aten::" + name
+    name
     for name in (
         "mm addmm bmm baddbmm addbmm matmul linear dot vdot mv addmv addr _int_mm _scaled_mm convolution _convolution "
         "sum mean nansum prod var std var_mean std_mean norm linalg_vector_norm logsumexp cumsum cumprod "
@@ -31,12 +32,13 @@ VARIANT = frozenset(
         "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention _flash_attention_forward "
         "_efficient_attention_forward scatter_add scatter_reduce index_add index_reduce embedding_bag _embedding_bag"
     ).split()
-) | {"npu::npu_add_rms_norm", "npu::npu_add_rms_norm_bias", "npu::npu_rms_norm", "vllm_ir::rms_norm",
-     "vllm_ir::fused_add_rms_norm", "_C::rms_norm", "_C::fused_add_rms_norm"}
+)
+VARIANT_FOREIGN = frozenset({"npu::npu_add_rms_norm", "npu::npu_add_rms_norm_bias", "npu::npu_rms_norm",
+                             "vllm_ir::rms_norm", "vllm_ir::fused_add_rms_norm", "_C::rms_norm", "_C::fused_add_rms_norm"})
 
 # Not pointwise-tagged, yet each output element is a copy, a selection or an exact comparison of inputs.
 ORDER_FREE = frozenset(
-    "aten::" + name
+    name
     for name in (
         "clone _to_copy copy copy_ empty empty_like empty_strided new_empty new_empty_strided full full_like zeros "
         "zeros_like ones ones_like new_zeros new_ones new_full arange scalar_tensor cat stack expand constant_pad_nd "
@@ -44,10 +46,10 @@ ORDER_FREE = frozenset(
         "masked_fill where amax amin max min argmax argmin aminmax any all topk sort argsort tril triu iota repeat "
         "repeat_interleave split_with_sizes split unbind flip roll lift_fresh_copy fill zero fill_ index_put scatter "
         "view reshape _unsafe_view _reshape_alias _unsafe_index _unsafe_index_put _assert_scalar _assert_tensor_metadata sym_size sym_stride sym_numel "
-        "sym_storage_offset resize_ set_ detach alias"
+        "sym_storage_offset resize_ set_ detach alias convert_element_type device_put"
     ).split()
 )
-ACCUMULATING = {"aten::index_put": "accumulate", "aten::_unsafe_index_put": "accumulate", "aten::scatter": "reduce"}
+ACCUMULATING = {"index_put": "accumulate", "_unsafe_index_put": "accumulate", "scatter": "reduce"}
 
 
 @dataclass
@@ -110,18 +112,19 @@ def classify(node: Node) -> tuple[str, str]:
     call = op_call(node)
     if call is None:  # a higher-order op we cannot look into
         return "unknown", str(node.target)
-    op, name = call.op, call.op._schema.name
+    op = call.op
     label = f"auto_functionalized({call.name})" if node.target in FUNCTIONALIZED else call.name
+    core = op.namespace in CORE_NAMESPACES
+    name = op._schema.name.split("::")[1] if core else op._schema.name
     if op.namespace == "bi":
         return "invariant", label
-    if name in ACCUMULATING:
-        flag = call.arguments.get(ACCUMULATING[name])
-        return ("variant" if flag else "invariant"), label
-    if name in VARIANT:
+    if core and name in ACCUMULATING:
+        return ("variant" if call.arguments.get(ACCUMULATING[name]) else "invariant"), label
+    if (core and name in VARIANT) or name in VARIANT_FOREIGN:
         return ("invariant" if integer_arithmetic(call) else "variant"), label
-    if torch.Tag.pointwise in op.tags or op.is_view or name in ORDER_FREE:
+    if torch.Tag.pointwise in op.tags or op.is_view or (core and name in ORDER_FREE):
         return "invariant", label
-    if op.namespace == "aten" and torch.Tag.nondeterministic_seeded not in op.tags and not op._schema.returns:
+    if core and torch.Tag.nondeterministic_seeded not in op.tags and not op._schema.returns:
         return "invariant", label  # no result to vary
     return "unknown", label
 
