@@ -111,8 +111,9 @@ def sdpa(a):
     if a.get("dropout_p", 0.0) != 0.0:
         return None
     mask = a.get("attn_mask", a.get("attn_bias"))
+    # The ATen kernels take fewer kv heads than query heads as they come (GQA); bi.attention is told so.
     return {"query": a["query"], "key": a["key"], "value": a["value"], "attn_mask": mask,
-            "is_causal": a["is_causal"], "scale": a.get("scale")}
+            "is_causal": a["is_causal"], "scale": a.get("scale"), "enable_gqa": True}
 
 
 SDPA_OUTPUT = {0: None}  # the attention output; a used logsumexp (training) keeps the stock op
