@@ -209,3 +209,16 @@ def test_qwen3_decoder_leaves_nothing_variant():
     assert not VARIANT_ATEN & set(targets(gm))
     assert report.rewrites["aten.mm.default -> bi.linear"] == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
     torch.testing.assert_close(out, logits(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_sdpa_becomes_bi_attention(gqa):
+    def fn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    q, mask = torch.randn(2, 4, 5, 32), torch.rand(2, 1, 5, 9) > 0.3
+    k, v = torch.randn(2, 2 if gqa else 4, 9, 32), torch.randn(2, 2 if gqa else 4, 9, 32)
+    mask[..., 0] = True  # no fully masked row
+    gm, report, out = rewritten(fn, q, k, v, mask)
+    assert targets(gm)["bi.attention.default"] == 1 and report.findings == []
+    torch.testing.assert_close(out, fn(q, k, v, mask), rtol=1e-5, atol=1e-5)
