@@ -1,0 +1,328 @@
+"""Batch-invariant scaled-dot-product attention (Triton), the kernel behind ``bi::attention``.
+
+For one query row q (scores s_j = scale * q.k_j + bias_j, -inf where a key is masked):
+
+    out = sum_j softmax(s)_j v_j
+
+**Reduction order.** A row's keys are cut, from key 0, into splits of ``SPLIT_N`` keys and each split into
+chunks of ``BLOCK_N`` keys. Inside a split, an online softmax (fp32 running max m, sum l, accumulator acc)
+takes the chunks in order; the split states are then merged in order, starting from the empty state:
+
+    (m, l, acc) <- merge((m, l, acc), split_0), merge(..., split_1), ...
+
+This tree is fixed by the key positions and ``(head dim, dtype)`` (the config table below): never by the
+batch, the number of heads, the query length or the row's place in the batch. The merges run either in the
+same program, right after each split (``split_kv=False``), or, when there are too few (sequence, kv head,
+query tile) programs to fill the GPU (small-batch decode on a long cache), in one program per split that
+writes its state to a workspace, followed by a merge kernel that folds the states in the same order. Both
+ways execute the same ``_attend_split`` / ``_merge`` / ``_finish`` code with the same operands, and the merge
+pins its multiply-adds with ``tl.fma`` so the compiler cannot contract them differently in the two kernels:
+the choice changes the schedule, not the bits (tests compare the two on the GPU).
+
+**Rows.** A program owns one (sequence, kv head) and ``BLOCK_M`` packed query rows ``r = position * G + g``
+(G = H / Hkv query heads share a kv head: GQA/MQA decode fills the tile with the group). Rows of a tile are
+independent in ``tl.dot``; ``BLOCK_M`` is fixed per config, so the query length only changes how many tiles
+there are.
+
+**Masked keys are exact no-ops**: a chunk or split whose keys are all masked for a row leaves (m, l, acc)
+bit-identical (exp(0) = 1, exp(-inf) = 0). So causal tiles stop at their last visible key, and a static KV
+cache of any length S gives the same bits as long as the slots past a sequence's length are masked: the
+chunks are anchored at key 0, whatever S is.
+
+Fully masked rows (l = 0) give 0, as torch's CPU SDPA does.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+# Split mode writes (Dv + 2) fp32 per query row and split; beyond this it is not worth the memory.
+MAX_WORKSPACE_BYTES = 256 << 20
+# Query rows per program of the merge kernel: it is elementwise per row, so any tile gives the same bits.
+MERGE_BLOCK_M = 16
+# Used where the device reports no multiprocessor count (Ascend NPUs, the interpreter): a 910B has 20-24 AI cores.
+DEFAULT_COMPUTE_UNITS = 24
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int  # packed query rows per program
+    block_n: int  # keys per online-softmax step
+    split_n: int  # keys per split (a multiple of block_n)
+    num_warps: int
+    num_stages: int
+
+
+# Keyed by (padded head dim, fp32?): the whole reduction order of a row follows from this entry. Blocks are
+# chosen so that ptxas (sm_90a) keeps the single-program schedule, which holds two accumulators, within 255
+# registers with at most ~128 bytes of spills (8 warps on 64 rows halve the per-thread accumulators). Splits
+# of 512 keys: each split restarts the load pipeline, so short splits cost bandwidth in the single-program
+# schedule, long ones cost parallelism in the split-KV one (B = 1, Hkv = 8, S = 8192: 128 programs).
+_CONFIGS = {
+    (64, False): AttentionConfig(64, 64, 512, 8, 3),
+    (128, False): AttentionConfig(64, 64, 512, 8, 3),
+    (256, False): AttentionConfig(64, 32, 512, 8, 2),
+    (64, True): AttentionConfig(64, 32, 512, 8, 2),
+    (128, True): AttentionConfig(64, 32, 512, 8, 2),
+    (256, True): AttentionConfig(64, 16, 512, 8, 1),
+}
+
+
+def head_block(dim: int) -> int:
+    """Padded block for a head dim: a power of two, at least 16 (the smallest ``tl.dot`` operand)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def attention_config(head_dim: int, value_dim: int, dtype: torch.dtype) -> AttentionConfig:
+    """The config for head dims up to 256; 16 and 32 share the 64 entry (same order, smaller blocks)."""
+    return _CONFIGS[(max(64, head_block(max(head_dim, value_dim))), dtype == torch.float32)]
+
+
+@triton.jit
+def _attend_split(
+    q, split, k_base, v_base, mask_base, mask_rows, q_pos, row_valid,
+    stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, scale,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over the keys of one split, chunk by chunk -> (m, l, acc) of that split alone.
+    MASK_KIND: 0 no mask, 1 bool read as bytes (attend where != 0), 2 additive float."""
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    start = split * SPLIT_N
+    for first in range(start, tl.minimum(start + SPLIT_N, key_end), BLOCK_N):
+        keys = first + tl.arange(0, BLOCK_N)
+        key_valid = keys < kv_len
+        k_t = tl.load(
+            k_base + keys[None, :] * stride_ks + d[:, None] * stride_kd,
+            mask=key_valid[None, :] & (d[:, None] < HEAD_DIM), other=0.0,
+        )
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+        visible = key_valid[None, :] & row_valid[:, None]
+        if IS_CAUSAL:
+            visible = visible & (keys[None, :] <= q_pos[:, None])
+        if MASK_KIND != 0:
+            mask = tl.load(mask_base + mask_rows[:, None] + keys[None, :] * stride_ms, mask=visible, other=0)
+            if MASK_KIND == 1:
+                visible = visible & (mask != 0)
+            else:
+                s = s + mask.to(tl.float32)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row has seen no key
+        alpha = tl.exp(m - shift)
+        p = tl.exp(s - shift[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + keys[:, None] * stride_vs + dv[None, :] * stride_vd,
+            mask=key_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0,
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Fold a split's state into the running one (explicit fma: the same rounding in both kernels)."""
+    m_new = tl.maximum(m, m_split)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    old = tl.exp(m - shift)
+    new = tl.exp(m_split - shift)
+    l = tl.fma(l_split, new, l * old)
+    acc = tl.fma(
+        acc_split, tl.broadcast_to(new[:, None], (BLOCK_M, BLOCK_DV)),
+        acc * tl.broadcast_to(old[:, None], (BLOCK_M, BLOCK_DV)),
+    )
+    return m_new, l, acc
+
+
+@triton.jit
+def _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len,
+            VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """out[batch, head, q_pos] = acc / l (out is a fresh contiguous [B, H, L, Dv]); a row that saw no key
+    (l = 0, acc = 0) gets 0."""
+    dv = tl.arange(0, BLOCK_DV)
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    out_rows = ((batch * num_heads + head) * q_len + q_pos) * VALUE_DIM
+    tl.store(
+        out_ptr + out_rows[:, None] + dv[None, :], out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM),
+    )
+
+
+@triton.jit
+def _tile_rows(pid, m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M: tl.constexpr):
+    """Program -> (sequence, kv head, packed rows): row r of a (sequence, kv head) is query position r // G of
+    head kv_head * G + r % G."""
+    pair = pid // m_tiles
+    rows = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = num_heads // num_kv_heads
+    batch = (pair // num_kv_heads).to(tl.int64)
+    kv_head = pair % num_kv_heads
+    q_pos = rows // group
+    head = kv_head * group + rows % group
+    row_valid = rows < q_len * group
+    return pair, rows, batch, kv_head, q_pos, head, row_valid
+
+
+@triton.jit
+def _part_rows(split, pair, rows, m_tiles, num_heads, num_kv_heads, q_len):
+    """Workspace row of (split, pair, packed row): the workspace is [num_splits, pairs, q_len * G]."""
+    num_pairs = tl.num_programs(0) // m_tiles
+    return (split * num_pairs + pair).to(tl.int64) * (q_len * (num_heads // num_kv_heads)) + rows
+
+
+@triton.jit(do_not_specialize=["num_heads", "num_kv_heads", "q_len", "kv_len", "num_splits", "m_tiles"])
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, scale,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (tiles x pairs, 1 or num_splits). WRITE_PARTIAL: this program's split state goes to the workspace
+    [num_splits, pairs * q_len * G] (+ [.., Dv] for acc); else all splits, merged, and the output."""
+    pair, rows, batch, kv_head, q_pos, head, row_valid = _tile_rows(
+        tl.program_id(0), m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        q_ptr + batch * stride_qb + head[:, None] * stride_qh + q_pos[:, None] * stride_ql + d[None, :] * stride_qd,
+        mask=row_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0,
+    )
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    mask_rows = batch * stride_mb + head * stride_mh + q_pos * stride_ml
+    key_end = kv_len
+    if IS_CAUSAL:  # stop after the tile's last visible key (later chunks would be exact no-ops)
+        key_end = tl.minimum(kv_len, tl.max(tl.where(row_valid, q_pos, 0), 0) + 1)
+
+    if WRITE_PARTIAL:
+        split = tl.program_id(1)
+        m, l, acc = _attend_split(
+            q, split, k_base, v_base, mask_ptr, mask_rows, q_pos, row_valid,
+            stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, scale,
+            HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
+        )
+        part = _part_rows(split, pair, rows, m_tiles, num_heads, num_kv_heads, q_len)
+        tl.store(m_part_ptr + part, m, mask=row_valid)
+        tl.store(l_part_ptr + part, l, mask=row_valid)
+        dv = tl.arange(0, BLOCK_DV)
+        tl.store(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :], acc,
+                 mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM))
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for split in range(0, num_splits):
+            m_split, l_split, acc_split = _attend_split(
+                q, split, k_base, v_base, mask_ptr, mask_rows, q_pos, row_valid,
+                stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, scale,
+                HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
+            )
+            m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
+        _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len, VALUE_DIM, BLOCK_DV)
+
+
+@triton.jit(do_not_specialize=["num_heads", "num_kv_heads", "q_len", "num_splits", "m_tiles"])
+def _merge_splits_kernel(
+    m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr, num_heads, num_kv_heads, q_len, num_splits, m_tiles,
+    VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Fold the split states written by ``_attention_kernel`` in split order and write the output."""
+    pair, rows, batch, kv_head, q_pos, head, row_valid = _tile_rows(
+        tl.program_id(0), m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M)
+    dv = tl.arange(0, BLOCK_DV)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for split in range(0, num_splits):
+        part = _part_rows(split, pair, rows, m_tiles, num_heads, num_kv_heads, q_len)
+        m_split = tl.load(m_part_ptr + part, mask=row_valid, other=float("-inf"))
+        l_split = tl.load(l_part_ptr + part, mask=row_valid, other=0.0)
+        acc_split = tl.load(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :],
+                            mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
+        m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
+    _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len, VALUE_DIM, BLOCK_DV)
+
+
+@functools.cache
+def _compute_units(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_COMPUTE_UNITS
+
+
+def attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+    is_causal: bool, scale: float, split_kv: bool | None = None,
+) -> torch.Tensor:
+    """query [B, H, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv] (any batch/head/row strides, Hkv | H),
+    mask None or bool/float [B, H, L, S] (any strides, 0 for broadcast dims) -> fresh contiguous [B, H, L, Dv].
+
+    ``split_kv`` picks the schedule (same bits either way); None: split when the (sequence, kv head, query
+    tile) programs alone would leave the device under-filled.
+    """
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
+    out = torch.empty((batch, num_heads, q_len, value_dim), dtype=query.dtype, device=query.device)
+    if out.numel() == 0:
+        return out
+    cfg = attention_config(head_dim, value_dim, query.dtype)
+    rows_per_pair = q_len * (num_heads // num_kv_heads)
+    m_tiles = triton.cdiv(rows_per_pair, cfg.block_m)
+    programs = m_tiles * batch * num_kv_heads
+    num_splits = triton.cdiv(kv_len, cfg.split_n)
+    workspace_bytes = num_splits * batch * num_kv_heads * rows_per_pair * (value_dim + 2) * 4
+    if split_kv is None:
+        split_kv = (num_splits > 1 and programs < 2 * _compute_units(query.device)
+                    and workspace_bytes <= MAX_WORKSPACE_BYTES)
+    split_kv = split_kv and num_splits > 0
+
+    if mask is None:
+        mask_kind, mask, mask_strides = MASK_NONE, query, (0, 0, 0, 0)
+    else:
+        # A bool tensor is read as bytes: the same memory, a dtype every Triton backend loads.
+        mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask_strides = mask.stride()
+    if split_kv:
+        parts = batch * num_kv_heads * rows_per_pair
+        m_part = torch.empty((num_splits, parts), dtype=torch.float32, device=query.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((num_splits, parts, value_dim), dtype=torch.float32, device=query.device)
+    else:
+        m_part = l_part = acc_part = out  # unused
+
+    _attention_kernel[(programs, num_splits if split_kv else 1)](
+        query, key, value, mask, out, m_part, l_part, acc_part,
+        *query.stride(), *key.stride(), *value.stride(), *mask_strides,
+        num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, scale,
+        HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal, WRITE_PARTIAL=split_kv,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n,
+        BLOCK_D=head_block(head_dim), BLOCK_DV=head_block(value_dim),
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,  # fp32 means fp32, never TF32
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split_kv:
+        merge_tiles = triton.cdiv(rows_per_pair, MERGE_BLOCK_M)
+        _merge_splits_kernel[(merge_tiles * batch * num_kv_heads,)](
+            m_part, l_part, acc_part, out, num_heads, num_kv_heads, q_len, num_splits, merge_tiles,
+            VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim), num_warps=4,
+        )
+    return out
