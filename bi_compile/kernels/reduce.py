@@ -1,0 +1,175 @@
+"""Batch-invariant row sums and means, and the row blocking and row layout shared by every row kernel.
+
+A row kernel (here, ``rms_norm.py``, ``softmax.py``) reduces each row of a ``[..., N]`` tensor on its own:
+
+* **Blocking** (:func:`row_blocking`): a row of length N is read in chunks of ``block(N)`` elements into a
+  ``[ROWS, BLOCK]`` fp32 accumulator (elementwise adds, chunk after chunk, in row order), which one
+  ``tl.sum`` over the BLOCK axis folds at the end. BLOCK, ROWS and num_warps are functions of N alone, so
+  the tree of additions for a row is fixed by (N, dtype) and the kernel never splits a row across programs:
+  the row count M only decides how many programs run. Rows up to ``FUSED_MAX`` fit one chunk; those kernels
+  keep the row in registers between reduction and output (one read, one write).
+* **Layout** (:func:`row_grid`): rows need unit stride along N, but not a single row stride: row
+  ``r = outer * n_inner + inner`` lies at ``outer * stride_outer + inner * stride_inner``, which covers
+  contiguous, row-strided, expanded (stride 0) and head-split views such as ``qkv[:, :q].view(T, H, D)``
+  without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows up to this length are reduced in one chunk, held in registers (16 warps x 32 fp32 per thread).
+FUSED_MAX = 16384
+# Longer rows (vocab-sized logits) loop over chunks of this many elements.
+LOOP_BLOCK = 4096
+# Short rows are packed [ROWS, BLOCK] into one program until it holds about this many elements.
+TILE_ELEMENTS = 2048
+
+
+@dataclass(frozen=True)
+class RowBlocking:
+    block: int  # elements of one row per chunk (a power of two)
+    rows: int  # rows per program (a power of two; 1 when the row needs more than one chunk)
+    fused: bool  # the whole row is one chunk
+    num_warps: int
+
+
+def row_blocking(n_cols: int) -> RowBlocking:
+    """Launch config for rows of length ``n_cols``. It depends on ``n_cols`` only, never on the number of
+    rows: this is what fixes the reduction order of a row whatever batch it comes in."""
+    if n_cols <= FUSED_MAX:
+        block = triton.next_power_of_2(max(n_cols, 1))
+        rows = max(1, TILE_ELEMENTS // block)
+    else:
+        block, rows = LOOP_BLOCK, 1
+    return RowBlocking(block, rows, n_cols <= block, num_warps=min(16, max(1, block * rows // 256)))
+
+
+@dataclass(frozen=True)
+class RowGrid:
+    """Rows of one or more ``[..., N]`` tensors of equal shape: ``n_rows`` rows, row r at element offset
+    ``(r // n_inner) * outer + (r % n_inner) * inner`` with ``(outer, inner) = strides[i]`` in tensor i."""
+
+    n_rows: int
+    n_inner: int
+    strides: tuple[tuple[int, int], ...]
+
+
+# Triton specialises pointers on 16-byte alignment and ints on divisibility by 16, and picks the vector width
+# of a load from that, which decides which thread holds which elements, hence the order of tl.sum.
+ALIGN = 16
+
+
+def _merged_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
+    """Stride of ``sizes`` merged into one dim (0 if it has no dim above size 1), None if they do not merge."""
+    dims = [(n, s) for n, s in zip(sizes, strides) if n != 1]
+    if any(outer != inner * n for (_, outer), (n, inner) in zip(dims, dims[1:])):
+        return None
+    return dims[-1][1] if dims else 0
+
+
+def _split_strides(t: torch.Tensor, split: int) -> tuple[int, int] | None:
+    """(outer, inner) strides of ``t``'s leading dims merged into [:split] and [split:], or None."""
+    lead, strides = tuple(t.shape[:-1]), tuple(t.stride()[:-1])
+    outer = _merged_stride(lead[:split], strides[:split])
+    inner = _merged_stride(lead[split:], strides[split:])
+    return None if outer is None or inner is None else (outer, inner)
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A new contiguous, allocator-aligned copy (``.contiguous()`` would keep a misaligned contiguous view)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its data is 16-byte aligned, else an aligned copy: for operands that are not rows
+    (the RMSNorm weight), so that their loads always compile the same way."""
+    return t if t.data_ptr() % ALIGN == 0 else _fresh(t)
+
+
+def row_grid(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], RowGrid]:
+    """Describe the rows of ``tensors`` (same shape ``[..., N]``, N >= 1 dims) for a row kernel.
+
+    A tensor is replaced by a fresh contiguous copy where no two strides reach its rows (its last dim is not
+    unit-stride, its leading dims break in two places, or two tensors break at different dims), and, when N
+    is a multiple of 16, where its rows are not all 16-byte aligned. The second rule makes the compiler's
+    alignment view of a row a function of N alone (together with ``row_offsets``, which caps it at N's for
+    any strides), so the same row gets the same vector width, hence the same sum order, in any batch and
+    any buffer. Costs a copy only for misaligned views, which models do not make.
+    """
+    def readable(t: torch.Tensor) -> bool:
+        unit_rows = t.shape[-1] <= 1 or t.stride(-1) == 1
+        return unit_rows and any(_split_strides(t, k) is not None for k in range(t.dim()))
+
+    tensors = tuple(t if readable(t) else _fresh(t) for t in tensors)
+    n_lead = tensors[0].dim() - 1
+    # Prefer the largest split: a tensor whose rows have one stride then gets n_inner = 1.
+    for split in range(n_lead, -1, -1):
+        strides = [_split_strides(t, split) for t in tensors]
+        if all(s is not None for s in strides):
+            break
+    else:  # the tensors break at different dims: read the first in place, the rest contiguous
+        return row_grid(tensors[0], *(_fresh(t) for t in tensors[1:]))
+    n_cols = tensors[0].shape[-1]
+    if n_cols and n_cols % ALIGN == 0:
+        misaligned = [t.data_ptr() % ALIGN or outer % ALIGN or inner % ALIGN for t, (outer, inner) in zip(tensors, strides)]
+        if any(misaligned):
+            return row_grid(*(_fresh(t) if bad else t for t, bad in zip(tensors, misaligned)))
+    n_rows = math.prod(tensors[0].shape[:-1])
+    n_inner = math.prod(tensors[0].shape[split:-1])
+    return tensors, RowGrid(n_rows, n_inner, tuple(strides))
+
+
+@triton.jit
+def row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner):
+    """Element offsets (int64) of ``rows`` in a tensor laid out as described by ``RowGrid``."""
+    wide = rows.to(tl.int64)
+    offsets = wide // n_inner * stride_outer + wide % n_inner * stride_inner
+    # + 0 for every row that exists: this caps the alignment the compiler can prove for a row at what n_cols
+    # gives, so strided or single-row inputs get the vector width (and sum order) of a contiguous batch.
+    return offsets + (rows >= n_rows).to(tl.int64) * n_cols
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _row_sum_kernel(
+    x_ptr, out_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
+    MEAN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    """out[r] = sum_j x[r, j] (or the mean), each element first cast to out's dtype as aten does, fp32 sums
+    in chunks of BLOCK, folded by one tl.sum."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        mask = row_mask[:, None] & (start + cols < n_cols)
+        x = tl.load(x_rows + start + cols, mask=mask, other=0.0)
+        acc += x.to(out_ptr.dtype.element_ty).to(tl.float32)
+    total = tl.sum(acc, axis=1)
+    if MEAN:
+        total = total / n_cols
+    tl.store(out_ptr + rows.to(tl.int64), total.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False) -> torch.Tensor:
+    """Sum (or mean) of ``x`` [..., R] over its last dim -> fresh contiguous [...] in ``out_dtype``.
+
+    As aten's sum/mean with ``dtype=``: each element is cast to ``out_dtype``, the sum is accumulated in fp32.
+    """
+    out = torch.empty(x.shape[:-1], dtype=out_dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    (x,), grid = row_grid(x)
+    cfg = row_blocking(x.shape[-1])
+    (stride_outer, stride_inner), = grid.strides
+    _row_sum_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
+        x, out, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
+        MEAN=mean, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
+    )
+    return out

@@ -1,0 +1,88 @@
+"""Batch-invariant softmax and log_softmax over the last dim (Triton).
+
+    m = max_j x_j,   S = sum_j exp(x_j - m)    (fp32)
+    softmax = exp(x - m) / S,   log_softmax = (x - m) - log(S)
+
+The max is exact in any order; the sum of exponentials is what needs a fixed order. One program owns a row
+and accumulates in fixed chunks (``reduce.row_blocking``):
+
+* rows up to ``reduce.FUSED_MAX``: the whole row in registers, one read and one write;
+* longer rows (vocab logits): an online pass keeps, per lane of the chunk, a running max ``m_l`` and
+  ``S_l = sum exp(x - m_l)`` (rescaled when ``m_l`` grows), folded at the end as
+  ``S = sum_l S_l * exp(m_l - m)``; then a second pass writes the output. Two reads and one write instead of
+  three reads, with an order fixed by the row length.
+
+All -inf rows give NaN and a NaN or +inf anywhere in a row makes the whole row NaN, as in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reduce import row_blocking, row_grid, row_offsets
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """The shift to subtract: the running max, or 0 where the max is still -inf (avoids -inf - -inf = NaN)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _softmax_kernel(
+    x_ptr, y_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
+    LOG: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows[:, None] < n_rows
+    x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
+    y_rows = y_ptr + rows.to(tl.int64)[:, None] * n_cols  # y is a fresh contiguous [n_rows, n_cols]
+    cols = tl.arange(0, BLOCK)[None, :]
+    if FUSED:
+        mask = row_mask & (cols < n_cols)
+        x = tl.load(x_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        shifted = x - tl.max(x, axis=1)[:, None]
+        exp = tl.exp(shifted)
+        total = tl.sum(exp, axis=1)[:, None]
+        if LOG:
+            y = shifted - tl.log(total)
+        else:
+            y = exp / total
+        tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        lane_max = tl.full([ROWS, BLOCK], float("-inf"), dtype=tl.float32)
+        lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            mask = row_mask & (start + cols < n_cols)
+            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(lane_max, x)
+            shift = _finite_or_zero(new_max)
+            lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+            lane_max = new_max
+        shift = _finite_or_zero(tl.max(lane_max, axis=1))[:, None]
+        total = tl.sum(lane_sum * tl.exp(lane_max - shift), axis=1)[:, None]
+        for start in range(0, n_cols, BLOCK):
+            mask = row_mask & (start + cols < n_cols)
+            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if LOG:
+                y = (x - shift) - tl.log(total)
+            else:
+                y = tl.exp(x - shift) / total
+            tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False) -> torch.Tensor:
+    """(log_)softmax of ``x`` [..., N] (unit stride along N) over its last dim -> fresh contiguous, ``out_dtype``."""
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    (x,), grid = row_grid(x)
+    (stride_outer, stride_inner), = grid.strides
+    cfg = row_blocking(x.shape[-1])
+    _softmax_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
+        x, y, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
+        LOG=log, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
+    )
+    return y

@@ -1,0 +1,111 @@
+"""``bi::sum`` and ``bi::mean``: aten ``sum.dim_IntList`` / ``mean.dim`` with a fixed reduction order.
+
+    sum(self, dim, keepdim=False, dtype=None), mean(self, dim, keepdim=False, dtype=None)
+
+``dim``: a list of dims (negative ones wrap; None or [] reduces every dim). ``dtype``: the output dtype; as
+in aten each element is cast to it first, and the sum is accumulated in fp32 whatever it is. mean = sum / R.
+
+The reduced dims are moved last and flattened into one row of length R; each output element is the fixed-chunk
+reduction of its row. That is free when the reduced dims already are the trailing, contiguous ones (the
+usual x.sum(-1) / x.mean(-1, keepdim=True)); otherwise it costs one copy of the input. Floating inputs only:
+integer sums are exact, so the graph pass leaves them to aten.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from .library import FLOAT_DTYPES, Layout, check_dtype, layout_contract, map_row_tiles, no_kernel, register_kernels, reject
+
+# Any strides: the op itself moves the reduced dims last (a copy only when they are not one unit-stride run),
+# so the graph pass never has to insert one.
+layout_contract("bi::sum", self=Layout.ANY)
+layout_contract("bi::mean", self=Layout.ANY)
+
+
+class _Plan(NamedTuple):
+    order: tuple[int, ...]  # permutation: kept dims, then reduced dims
+    n_kept: int
+    out_shape: tuple  # of ints or SymInts
+    out_dtype: torch.dtype
+
+
+def _plan(op: str, x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtype: torch.dtype | None) -> _Plan:
+    """Validate; return how to lay the input out as rows and what to return."""
+    check_dtype(op, self=x)
+    out_dtype = x.dtype if dtype is None else dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise reject(op, f"unsupported dtype argument {out_dtype} (supported: float16, bfloat16, float32)", self=x)
+    span = max(x.dim(), 1)  # a 0-dim tensor takes dim 0 or -1, as in aten
+    reduced: list[int] = []
+    for d in dim or range(x.dim()):
+        if not -span <= d < span:
+            raise reject(op, f"dim {d} out of range for a rank-{x.dim()} tensor", self=x)
+        if d % span in reduced:
+            raise reject(op, f"dim {d % span} appears more than once in dim={list(dim)}", self=x)
+        reduced.append(d % span)
+    kept = [d for d in range(x.dim()) if d not in reduced]
+    if keepdim:
+        out_shape = tuple(1 if d in reduced else x.shape[d] for d in range(x.dim()))
+    else:
+        out_shape = tuple(x.shape[d] for d in kept)
+    moved = tuple(sorted(r for r in reduced if r < x.dim()))  # a 0-dim input has no dim to move
+    return _Plan(tuple(kept) + moved, len(kept), out_shape, out_dtype)
+
+
+def _as_rows(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """x as [*kept, R]: a view when the reduced dims are one run, else a copy."""
+    moved = x.reshape(1) if x.dim() == 0 else x.permute(plan.order)
+    return moved.reshape(*moved.shape[: plan.n_kept], math.prod(moved.shape[plan.n_kept:]))
+
+
+def _qualname(mean: bool) -> str:
+    return "bi::mean" if mean else "bi::sum"
+
+
+def _fake(mean: bool, x, dim, keepdim=False, dtype=None):
+    plan = _plan(_qualname(mean), x, dim, keepdim, dtype)
+    return x.new_empty(plan.out_shape, dtype=plan.out_dtype)
+
+
+def _cpu(mean: bool, x, dim, keepdim=False, dtype=None):
+    """CPU path: fp32 sums of fixed [tile, R] blocks (library.map_row_tiles)."""
+    plan = _plan(_qualname(mean), x, dim, keepdim, dtype)
+    rows = _as_rows(x, plan)
+    n_cols = rows.shape[-1]
+
+    def tile_sums(tile: torch.Tensor) -> torch.Tensor:
+        total = tile.to(plan.out_dtype).float().sum(-1)
+        return (total / n_cols if mean else total).to(plan.out_dtype)
+
+    return map_row_tiles(tile_sums, rows.reshape(math.prod(rows.shape[:-1]), n_cols)).reshape(plan.out_shape)
+
+
+def _triton(mean: bool, x, dim, keepdim=False, dtype=None):
+    plan = _plan(_qualname(mean), x, dim, keepdim, dtype)
+    from ..kernels.reduce import row_sum
+
+    return row_sum(_as_rows(x, plan), plan.out_dtype, mean=mean).reshape(plan.out_shape)
+
+
+_SCHEMA = "(Tensor self, int[]? dim, bool keepdim=False, ScalarType? dtype=None) -> Tensor"
+
+
+@torch.library.custom_op("bi::sum", mutates_args=(), schema=_SCHEMA)
+def reduce_sum(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    raise no_kernel("bi::sum", self)
+
+
+@torch.library.custom_op("bi::mean", mutates_args=(), schema=_SCHEMA)
+def reduce_mean(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    raise no_kernel("bi::mean", self)
+
+
+for _op, _mean in ((reduce_sum, False), (reduce_mean, True)):
+    _op.register_fake(functools.partial(_fake, _mean))
+    register_kernels(_op, cpu=functools.partial(_cpu, _mean), triton=functools.partial(_triton, _mean))

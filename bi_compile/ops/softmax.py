@@ -1,0 +1,96 @@
+"""``bi::softmax`` and ``bi::log_softmax``: aten ``_softmax`` / ``_log_softmax`` with a fixed reduction order.
+
+    softmax(self, dim, half_to_float) -> exp(x - max) / sum(exp(x - max)) along ``dim``
+    log_softmax(self, dim, half_to_float) -> (x - max) - log(sum(exp(x - max)))
+
+Math in fp32; the output has the input's dtype, or fp32 when ``half_to_float`` (fp16/bf16 input only: aten
+refuses it for fp32). Unlike aten's CPU kernel, half_to_float also works on CPU.
+
+The kernels reduce the last dim. For another ``dim`` the op moves it last: that costs a copy of the input
+(the kernel needs the reduced dim unit-stride) and one of the output (back to a contiguous layout in the
+original dim order), i.e. about 2x the traffic of a last-dim softmax. No model in scope does that.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+
+from .library import Layout, check_dtype, layout_contract, map_row_tiles, no_kernel, register_kernels, reject
+
+# Any strides: the op itself makes the softmax dim last and unit-stride (a copy only when it is not already),
+# so the graph pass never has to insert one.
+layout_contract("bi::softmax", self=Layout.ANY)
+layout_contract("bi::log_softmax", self=Layout.ANY)
+
+
+def _plan(op: str, x: torch.Tensor, dim: int, half_to_float: bool) -> tuple[int, torch.dtype]:
+    """Validate; return the wrapped dim and the output dtype."""
+    check_dtype(op, self=x)
+    span = max(x.dim(), 1)  # a 0-dim tensor takes dim 0 or -1, as in aten
+    if not -span <= dim < span:
+        raise reject(op, f"dim {dim} out of range for a rank-{x.dim()} tensor", self=x)
+    if half_to_float and x.dtype == torch.float32:
+        raise reject(op, "half_to_float needs a float16 or bfloat16 input", self=x)
+    return dim % span, torch.float32 if half_to_float else x.dtype
+
+
+def _along_last(x: torch.Tensor, dim: int, last_dim_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``last_dim_fn`` ([..., N] -> same shape, contiguous) along ``dim``; a fresh contiguous result."""
+    moved = x.reshape(1) if x.dim() == 0 else x.movedim(dim, -1)
+    return last_dim_fn(moved).movedim(-1, dim).contiguous().reshape(x.shape)
+
+
+def _qualname(log: bool) -> str:
+    return "bi::log_softmax" if log else "bi::softmax"
+
+
+def _fake(log: bool, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=_plan(_qualname(log), x, dim, half_to_float)[1])
+
+
+def _tile_softmax(tile: torch.Tensor, log: bool) -> torch.Tensor:
+    """The kernel's math in torch, fp32: (x - max) - log(S) or exp(x - max) / S, S = sum exp(x - max)."""
+    x = tile.float()
+    shifted = x - x.amax(-1, keepdim=True)
+    exp = shifted.exp()
+    total = exp.sum(-1, keepdim=True)
+    return shifted - total.log() if log else exp / total
+
+
+def _cpu(log: bool, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    """CPU path: the kernel's math on fixed [tile, N] blocks (library.map_row_tiles)."""
+    dim, out_dtype = _plan(_qualname(log), x, dim, half_to_float)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=out_dtype)
+
+    def last_dim(moved: torch.Tensor) -> torch.Tensor:
+        rows = moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
+        return map_row_tiles(lambda tile: _tile_softmax(tile, log), rows).to(out_dtype).reshape(moved.shape)
+
+    return _along_last(x, dim, last_dim)
+
+
+def _triton(log: bool, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    dim, out_dtype = _plan(_qualname(log), x, dim, half_to_float)
+    from ..kernels.softmax import softmax as launch
+
+    return _along_last(x, dim, lambda moved: launch(moved, out_dtype, log=log))
+
+
+@torch.library.custom_op("bi::softmax", mutates_args=(), schema="(Tensor self, int dim, bool half_to_float) -> Tensor")
+def softmax(self: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    raise no_kernel("bi::softmax", self)
+
+
+@torch.library.custom_op("bi::log_softmax", mutates_args=(), schema="(Tensor self, int dim, bool half_to_float) -> Tensor")
+def log_softmax(self: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    raise no_kernel("bi::log_softmax", self)
+
+
+for _op, _log in ((softmax, False), (log_softmax, True)):
+    _op.register_fake(functools.partial(_fake, _log))
+    register_kernels(_op, cpu=functools.partial(_cpu, _log), triton=functools.partial(_triton, _log))

@@ -1,0 +1,357 @@
+"""bi::rms_norm and bi::add_rms_norm: float64 references, bitwise batch invariance, layouts, errors, compile.
+
+CPU tests run the ops' CPU path; the ``triton_device`` tests run the Triton launcher itself (under the
+Triton interpreter on CPU when there is no GPU, as conftest arranges); ``@pytest.mark.gpu`` tests need CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bi_compile.ops.norm  # noqa: F401  (registers torch.ops.bi.rms_norm / add_rms_norm)
+from bi_compile.ops.library import BIInputError
+
+EPS = 1e-6
+# (rtol, atol) of outputs rounded to each dtype against the float64 reference.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
+DTYPES = tuple(TOL)
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 RMSNorm of the input's values: (y, rstd)."""
+    x64 = x.double()
+    rstd = torch.rsqrt(x64.square().mean(-1, keepdim=True) + EPS)
+    y = x64 * rstd
+    return (y * weight.double() if weight is not None else y), rstd
+
+
+def assert_matches_reference(x, weight, y, rstd):
+    y_ref, rstd_ref = reference(x, weight)
+    rtol, atol = TOL[x.dtype]
+    assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous()
+    assert rstd.dtype == torch.float32 and rstd.shape == x.shape[:-1] + (1,) and rstd.is_contiguous()
+    torch.testing.assert_close(y.double(), y_ref, rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(rstd.double(), rstd_ref, rtol=1e-5, atol=0, equal_nan=True)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def batch_draws(rng: random.Random, n_draws: int, base_rows: int, max_rows: int = 512):
+    """(start, M, pos): a batch base[start:start + M] with M in 1..max_rows, and a row position inside it."""
+    for _ in range(n_draws):
+        m = rng.randint(1, max_rows)
+        yield rng.randint(0, base_rows - m), m, rng.randrange(m)
+
+
+# ---------------------------------------------------------------- CPU path: values
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 4097), (7, 1), (2, 151936)])
+@pytest.mark.parametrize("weight_dtype", ["same", "fp32", None])
+def test_rms_norm_matches_float64(dtype, shape, weight_dtype):
+    x = torch.randn(shape).to(dtype)
+    weight = None if weight_dtype is None else torch.randn(shape[-1]).to(dtype if weight_dtype == "same" else torch.float32)
+    y, rstd = torch.ops.bi.rms_norm(x, weight, EPS)
+    assert_matches_reference(x, weight, y, rstd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_is_the_unfused_add_then_rms_norm(dtype):
+    x1, x2 = torch.randn(2, 6, 1000).to(dtype), torch.randn(2, 6, 1000).to(dtype)
+    weight = torch.randn(1000)
+    y, rstd, s = torch.ops.bi.add_rms_norm(x1, x2, weight, EPS)
+    assert torch.equal(s, x1 + x2) and s.is_contiguous()
+    assert_matches_reference(x1 + x2, weight, y, rstd)
+    y_alone, rstd_alone = torch.ops.bi.rms_norm(s, weight, EPS)
+    assert torch.equal(y, y_alone) and torch.equal(rstd, rstd_alone)
+
+
+def test_empty_and_single_rows():
+    weight = torch.randn(64)
+    for x in (torch.randn(0, 64), torch.randn(1, 64), torch.randn(64), torch.randn(2, 0, 64)):
+        y, rstd = torch.ops.bi.rms_norm(x, weight, EPS)
+        assert_matches_reference(x, weight, y, rstd)
+    y, rstd = torch.ops.bi.rms_norm(torch.randn(3, 0), None, EPS)  # no elements: the mean is NaN, as in torch
+    assert y.shape == (3, 0) and rstd.shape == (3, 1) and rstd.isnan().all()
+
+
+def test_strided_head_split_and_expanded_inputs():
+    qkv = torch.randn(5, 3 * 4 * 16)
+    q_by_head = qkv[:, : 4 * 16].view(5, 4, 16)  # rows at two strides, as vLLM's q_norm sees them
+    wide = torch.randn(6, 4100)[:, :4097]  # strided rows
+    row = torch.randn(1, 300)
+    for x in (q_by_head, wide, row.expand(7, 300), torch.randn(4, 6, 8).transpose(0, 1)):
+        weight = torch.randn(x.shape[-1])
+        y, rstd = torch.ops.bi.rms_norm(x, weight, EPS)
+        assert_matches_reference(x, weight, y, rstd)
+    y, _ = torch.ops.bi.rms_norm(row.expand(7, 300), None, EPS)
+    assert torch.equal(y, torch.ops.bi.rms_norm(row, None, EPS)[0].expand(7, 300))
+    residual = torch.randn(1, 4097)
+    y, rstd, s = torch.ops.bi.add_rms_norm(wide, residual.expand(6, 4097), None, EPS)
+    assert torch.equal(s, wide + residual)
+    assert_matches_reference(s, None, y, rstd)
+
+
+def test_nan_and_inf_propagate_like_torch():
+    x = torch.randn(4, 100)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3] = float("-inf")
+    y, rstd = torch.ops.bi.rms_norm(x, None, EPS)
+    assert_matches_reference(x, None, y, rstd)
+    assert y[1].isnan().all() and y[2, 5].isnan() and (y[2, :5] == 0).all() and y[3].isnan().all()
+
+
+# ---------------------------------------------------------------- CPU path: batch invariance
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
+def test_cpu_row_alone_equals_row_in_batch(op):
+    """200 draws of (M in 1..512, start, row position, row length, dtype): bits equal to the row alone.
+    (Rows of 4097 and 151936 are checked in the control test below, on fewer batches.)"""
+    rng = random.Random(0)
+    bases = {(n, dtype): (torch.randn(600, n).to(dtype), torch.randn(600, n).to(dtype), torch.randn(n))
+             for n in (1, 7, 128, 1000) for dtype in DTYPES}
+    for start, m, pos in batch_draws(rng, 200, 600):
+        x1, x2, weight = bases[rng.choice(list(bases))]
+
+        def run(rows: slice):
+            inputs = (x1[rows],) if op == "rms_norm" else (x1[rows], x2[rows])
+            return getattr(torch.ops.bi, op)(*inputs, weight, EPS)
+
+        batch, alone = run(slice(start, start + m)), run(slice(start + pos, start + pos + 1))
+        for out_batch, out_alone in zip(batch, alone):
+            assert torch.equal(out_batch[pos], out_alone[0]), (op, start, m, pos, x1.shape, x1.dtype)
+
+
+def test_control_stock_rms_norm_is_batch_variant_where_ours_is_not():
+    """The check above can fail: stock F.rms_norm on 151936-wide fp32 rows with two CPU threads gives a row
+    other bits in a batch than alone (the row is split across threads only when it is alone)."""
+    x = torch.randn(8, 151936)
+    with cpu_threads(2):
+        stock_batch = F.rms_norm(x, (x.shape[-1],), eps=EPS)
+        stock_alone = torch.cat([F.rms_norm(x[i : i + 1], (x.shape[-1],), eps=EPS) for i in range(len(x))])
+        assert not torch.equal(stock_batch, stock_alone)
+        for n in (4097, 151936):
+            ours_batch = torch.ops.bi.rms_norm(x[:, :n], None, EPS)
+            for i in range(len(x)):
+                ours_alone = torch.ops.bi.rms_norm(x[i : i + 1, :n], None, EPS)
+                assert all(torch.equal(batch[i : i + 1], alone) for batch, alone in zip(ours_batch, ours_alone))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_bi_input_error():
+    x = torch.randn(4, 64)
+    cases = [
+        ("rms_norm", (x.to(torch.float8_e4m3fn), None, EPS), "float8_e4m3fn"),
+        ("rms_norm", (x.to(torch.int32), None, EPS), "int32"),
+        ("rms_norm", (x.double(), None, EPS), "float64"),
+        ("rms_norm", (torch.tensor(1.0), None, EPS), "at least one dim"),
+        ("rms_norm", (x, torch.randn(63), EPS), "weight must have shape [64]"),
+        ("rms_norm", (x, torch.randn(2, 64), EPS), "weight must have shape [64]"),
+        ("rms_norm", (x, torch.randn(64).to(torch.float8_e4m3fn), EPS), "float8_e4m3fn"),
+        ("rms_norm", (x, torch.randn(128)[::2], EPS), "layout contract"),
+        ("rms_norm", (torch.randn(64, 4).t(), None, EPS), "layout contract"),
+        ("add_rms_norm", (x, torch.randn(4, 32), None, EPS), "same shape and dtype"),
+        ("add_rms_norm", (x, x.half(), None, EPS), "same shape and dtype"),
+        ("add_rms_norm", (x, torch.randn(64, 4).t(), None, EPS), "layout contract"),
+    ]
+    for name, args, needle in cases:
+        with pytest.raises(BIInputError) as info:
+            getattr(torch.ops.bi, name)(*args)
+        message = str(info.value)
+        assert f"bi::{name}:" in message and needle in message, message
+        assert "shape=" in message and "stride=" in message and "dtype=" in message, message
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compiled_with_dynamic_batch_matches_eager_without_recompiling():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def step(x, residual, weight):
+        y, rstd, s = torch.ops.bi.add_rms_norm(x, residual, weight, EPS)
+        return torch.ops.bi.rms_norm(y * 2, weight, EPS)[0], rstd, s
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # Inductor: see the GPU test
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    weight = torch.randn(96)
+    for m in (2, 3, 17, 64):
+        x, residual = torch.randn(m, 96), torch.randn(m, 96)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(residual, 0)
+        for got, want in zip(compiled(x, residual, weight), step(x, residual, weight)):
+            assert torch.equal(got, want)
+    assert counter.frame_count == 1
+
+
+# ---------------------------------------------------------------- the Triton kernel (interpreter on CPU)
+
+
+@pytest.fixture
+def triton_device():
+    pytest.importorskip("triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf - inf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1, 128, 300, 16500])  # packed rows, one padded chunk, the looped path
+def test_kernel_matches_reference_and_is_row_invariant(triton_device, dtype, n):
+    from bi_compile.kernels.rms_norm import add_rms_norm, rms_norm
+
+    rows = 40 if n <= 300 else 4
+    x1 = torch.randn(rows, n, device=triton_device).to(dtype)
+    x2 = torch.randn(rows, n, device=triton_device).to(dtype)
+    weight = torch.randn(n, device=triton_device)
+    y, rstd, s = add_rms_norm(x1, x2, weight, EPS)
+    assert torch.equal(s, x1 + x2)
+    assert_matches_reference(s.cpu(), weight.cpu(), y.cpu(), rstd.cpu())
+    for start, m in ((0, 1), (3, 2), (1, rows - 1)):
+        part = add_rms_norm(x1[start : start + m], x2[start : start + m], weight, EPS)
+        for whole, sub in zip((y, rstd, s), part):
+            assert torch.equal(whole[start : start + m], sub)
+    x1[1, 0] = float("inf")
+    x1[2, -1] = float("nan")
+    y, rstd = rms_norm(x1, weight, EPS)
+    assert_matches_reference(x1.cpu(), weight.cpu(), y.cpu(), rstd.cpu())
+    head_split = torch.randn(3, 3 * n, device=triton_device).to(dtype)[:, : 2 * n].view(3, 2, n)
+    y, rstd = rms_norm(head_split, None, EPS)
+    assert torch.equal(y[1, 1], rms_norm(head_split[1, 1], None, EPS)[0])
+    assert_matches_reference(head_split.cpu(), None, y.cpu(), rstd.cpu())
+
+
+def test_op_triton_path_layouts(triton_device):
+    """The op's Triton entry (checks, views, launch) on the layouts the CPU tests use."""
+    from bi_compile.ops.norm import _add_rms_norm_triton, _rms_norm_triton
+
+    qkv = torch.randn(5, 3 * 4 * 16, device=triton_device)
+    for x in (qkv[:, : 4 * 16].view(5, 4, 16), torch.randn(6, 4100, device=triton_device)[:, :4097],
+              torch.randn(1, 300, device=triton_device).expand(7, 300), torch.randn(0, 64, device=triton_device)):
+        weight = torch.randn(x.shape[-1], device=triton_device)
+        y, rstd = _rms_norm_triton(x, weight, EPS)
+        assert_matches_reference(x.cpu(), weight.cpu(), y.cpu(), rstd.cpu())
+        y, rstd, s = _add_rms_norm_triton(x, x, weight, EPS)
+        assert torch.equal(s, x + x)
+        assert_matches_reference(s.cpu(), weight.cpu(), y.cpu(), rstd.cpu())
+    y, rstd = _rms_norm_triton(torch.randn(3, 0, device=triton_device), None, EPS)
+    assert y.shape == (3, 0) and rstd.isnan().all()
+    with pytest.raises(BIInputError, match="layout contract"):
+        _rms_norm_triton(torch.randn(64, 4, device=triton_device).t(), None, EPS)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+GPU_BATCHES = (1, 2, 3, 5, 16, 17, 64, 100, 255, 1024, 4097, 8192)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1024, 4096, 151936])
+def test_gpu_batch_invariance(dtype, n):
+    base1 = torch.randn(8192 + 80, n, device="cuda", dtype=dtype)
+    base2 = torch.randn(8192 + 80, n, device="cuda", dtype=dtype)
+    weight = torch.randn(n, device="cuda")
+    for start in (0, 3, 77):
+        whole = torch.ops.bi.add_rms_norm(base1[start : start + 8192], base2[start : start + 8192], weight, EPS)
+        assert torch.equal(whole[2], base1[start : start + 8192] + base2[start : start + 8192])
+        for m in GPU_BATCHES:
+            part = torch.ops.bi.add_rms_norm(base1[start : start + m], base2[start : start + m], weight, EPS)
+            for full, sub in zip(whole, part):
+                assert torch.equal(full[:m], sub), (n, dtype, start, m)
+        whole = torch.ops.bi.rms_norm(base1[start : start + 8192], weight, EPS)
+        for m in GPU_BATCHES:
+            part = torch.ops.bi.rms_norm(base1[start : start + m], weight, EPS)
+            assert all(torch.equal(full[:m], sub) for full, sub in zip(whole, part)), (n, dtype, start, m)
+    y, rstd = torch.ops.bi.rms_norm(base1[:64], weight, EPS)
+    assert_matches_reference(base1[:64].cpu(), weight.cpu(), y.cpu(), rstd.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096, 4097])
+def test_gpu_same_row_in_any_buffer(n):
+    """The same row read from a contiguous batch, a row-strided batch, a 1-D tensor and a misaligned view
+    gets the same bits (the kernel's vector width must not follow the buffer's alignment)."""
+    x = torch.randn(33, n, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    expected = torch.ops.bi.rms_norm(x, weight, EPS)[0]
+    padded = torch.zeros(33, n + 15, device="cuda", dtype=x.dtype)
+    padded[:, :n] = x
+    flat = torch.zeros(33 * n + 1, device="cuda", dtype=x.dtype)
+    flat[1:] = x.flatten()
+    assert torch.equal(torch.ops.bi.rms_norm(padded[:, :n], weight, EPS)[0], expected)
+    assert torch.equal(torch.ops.bi.rms_norm(flat[1:].view(33, n), weight, EPS)[0], expected)
+    for i in (0, 5, 32):
+        assert torch.equal(torch.ops.bi.rms_norm(x[i], weight, EPS)[0], expected[i])
+        assert torch.equal(torch.ops.bi.rms_norm(padded[i : i + 1, :n], weight, EPS)[0], expected[i : i + 1])
+
+
+@pytest.mark.gpu
+def test_gpu_head_split_view_matches_contiguous():
+    """q/k-norm reads [T, H, D] heads cut from a fused qkv in place, with the bits of a contiguous copy."""
+    qkv = torch.randn(300, (16 + 2 * 4) * 128, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(128, device="cuda", dtype=torch.bfloat16)
+    for heads in (qkv[:, : 16 * 128].view(300, 16, 128), qkv[:, 16 * 128 : 20 * 128].view(300, 4, 128)):
+        y, rstd = torch.ops.bi.rms_norm(heads, weight, EPS)
+        assert torch.equal(y, torch.ops.bi.rms_norm(heads.contiguous(), weight, EPS)[0])
+        assert torch.equal(y[7:8], torch.ops.bi.rms_norm(heads[7:8], weight, EPS)[0])
+
+
+@pytest.mark.gpu
+def test_gpu_control_stock_reduction_is_batch_variant():
+    """The comparisons above can fail: the stock mean of squares (what an unreplaced RMSNorm computes) on
+    151936-wide fp32 rows gives row 0 other bits in some batch than alone."""
+    x = torch.randn(4096, 151936, device="cuda")
+    alone = x[:1].square().mean(-1)
+    assert any(not torch.equal(x[:m].square().mean(-1)[:1], alone) for m in (2, 3, 16, 64, 512, 4096))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_replays_eager_bits():
+    x1 = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    x2 = torch.randn_like(x1)
+    weight = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        torch.ops.bi.add_rms_norm(x1, x2, weight, EPS)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.bi.add_rms_norm(x1, x2, weight, EPS)
+    x1.copy_(torch.randn_like(x1))
+    x2.copy_(torch.randn_like(x2))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, torch.ops.bi.add_rms_norm(x1, x2, weight, EPS)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_with_dynamic_batch_matches_eager():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: torch.ops.bi.rms_norm(x, w, EPS), fullgraph=True)
+    weight = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    for m in (2, 7, 64, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 0)
+        assert all(torch.equal(a, b) for a, b in zip(compiled(x, weight), torch.ops.bi.rms_norm(x, weight, EPS)))

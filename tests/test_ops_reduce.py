@@ -1,0 +1,291 @@
+"""bi::sum and bi::mean: float64 references, bitwise batch invariance, layouts, errors, compile.
+
+CPU tests run the ops' CPU path; the ``triton_device`` tests run the Triton launcher itself (under the
+Triton interpreter on CPU when there is no GPU, as conftest arranges); ``@pytest.mark.gpu`` tests need CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import pytest
+import torch
+
+import bi_compile.ops.reduce  # noqa: F401  (registers torch.ops.bi.sum / mean)
+from bi_compile.ops.library import BIInputError
+
+OPS = ("sum", "mean")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Rounding of the output to its dtype (relative), on top of the fp32 accumulation error.
+OUT_RTOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# fp32 accumulation in chunks: error well below this times sum(|x|) of the reduced elements.
+ACC_TOL = 1e-6
+
+
+def bi_op(name: str):
+    return getattr(torch.ops.bi, name)
+
+
+def assert_matches_reference(name, x, dim, keepdim, dtype, out):
+    """Against aten's float64 reduction of the input's values cast to the output dtype (as aten casts)."""
+    out_dtype = dtype or x.dtype
+    x64 = x.to(out_dtype).double()
+    expected = getattr(torch, name)(x64, dim, keepdim=keepdim)
+    scale = getattr(torch, name)(x64.abs(), dim, keepdim=keepdim)
+    assert out.dtype == out_dtype and out.shape == expected.shape and out.is_contiguous()
+    assert out.shape == getattr(torch, name)(x.to(out_dtype), dim, keepdim=keepdim).shape  # aten's shape rules
+    error = (out.double() - expected).abs()
+    bound = ACC_TOL * scale + OUT_RTOL[out_dtype] * expected.abs()
+    assert ((error <= bound) | (out.isnan() & expected.isnan()) | (out == expected)).all(), (error - bound).max()
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def batch_draws(rng: random.Random, n_draws: int, base_rows: int, max_rows: int = 512):
+    """(start, M, pos): a batch base[start:start + M] with M in 1..max_rows, and a row position inside it."""
+    for _ in range(n_draws):
+        m = rng.randint(1, max_rows)
+        yield rng.randint(0, base_rows - m), m, rng.randrange(m)
+
+
+# ---------------------------------------------------------------- CPU path: values
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape, dim", [((3, 5, 64), [-1]), ((3, 5, 64), [0, 2]), ((3, 5, 64), [1]), ((3, 5, 64), None), ((3, 5, 64), []),
+                   ((4, 4097), [1]), ((2, 151936), [-1]), ((7, 1), [-1]), ((0, 7), [-1]), ((7, 0), [-1]), ((), None), ((), [0])])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_matches_float64(name, dtype, shape, dim, keepdim):
+    x = torch.randn(shape).to(dtype)
+    for out_dtype in (None, *DTYPES):
+        assert_matches_reference(name, x, dim, keepdim, out_dtype, bi_op(name)(x, dim, keepdim, dtype=out_dtype))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_strided_transposed_and_expanded_inputs(name):
+    base = torch.randn(6, 4100)
+    row = torch.randn(1, 300)
+    cases = [(base[:, :4097], [-1]), (base.t(), [-1]), (base.t(), [0]), (base[:, :64].reshape(6, 4, 16).transpose(0, 1), [0, 2]),
+             (row.expand(7, 300), [-1]), (row.expand(7, 300), [0]), (torch.randn(4, 5, 6).permute(2, 0, 1), [1, 2])]
+    for x, dim in cases:
+        assert_matches_reference(name, x, dim, False, None, bi_op(name)(x, dim, False))
+    assert torch.equal(bi_op(name)(row.expand(7, 300), [-1]), bi_op(name)(row, [-1]).expand(7))
+    assert torch.equal(bi_op(name)(base.t(), [0]), bi_op(name)(base.t().contiguous(), [0]))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_nan_and_inf_like_torch(name):
+    x = torch.randn(5, 1000)
+    x[1, 3] = float("nan")
+    x[2, 4] = float("inf")
+    x[3, 5], x[3, 6] = float("inf"), float("-inf")
+    x[4, 7] = float("-inf")
+    out = bi_op(name)(x, [-1])
+    torch.testing.assert_close(out, getattr(torch, name)(x, -1), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# ---------------------------------------------------------------- CPU path: batch invariance
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_cpu_row_alone_equals_row_in_batch(name):
+    """200 draws of (M in 1..512, start, row position, row length, dtype, dtype argument, keepdim): bits
+    equal to the row alone. Half the draws reduce dim 0 of a transposed view."""
+    rng = random.Random(2)
+    bases = {(n, dtype): torch.randn(600, n).to(dtype) for n in (1, 7, 128, 1000) for dtype in DTYPES}
+    for start, m, pos in batch_draws(rng, 200, 600):
+        x = bases[rng.choice(list(bases))]
+        out_dtype, keepdim = rng.choice((None, *DTYPES)), rng.random() < 0.5
+        if rng.random() < 0.5:
+            batch = bi_op(name)(x[start : start + m], [-1], keepdim, dtype=out_dtype)[pos]
+            alone = bi_op(name)(x[start + pos : start + pos + 1], [-1], keepdim, dtype=out_dtype)[0]
+        else:  # rows are the columns of a transposed view
+            batch = bi_op(name)(x.t()[:, start : start + m], [0], keepdim, dtype=out_dtype)[..., pos]
+            alone = bi_op(name)(x.t()[:, start + pos : start + pos + 1], [0], keepdim, dtype=out_dtype)[..., 0]
+        assert torch.equal(batch, alone), (name, start, m, pos, x.shape, x.dtype, out_dtype)
+
+
+def test_control_stock_sum_is_batch_variant_where_ours_is_not():
+    """The check above can fail: stock x.sum(-1) on 151936-wide fp32 rows with two CPU threads gives a row
+    other bits in a batch than alone (the row is split across threads only when it is alone)."""
+    x = torch.randn(8, 151936)
+    with cpu_threads(2):
+        assert not torch.equal(x.sum(-1), torch.cat([x[i : i + 1].sum(-1) for i in range(len(x))]))
+        for name in OPS:
+            for n in (4097, 151936):
+                batch = bi_op(name)(x[:, :n], [-1])
+                assert torch.equal(batch, torch.cat([bi_op(name)(x[i : i + 1, :n], [-1]) for i in range(len(x))]))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_bi_input_error():
+    x = torch.randn(4, 64)
+    cases = [
+        ((x.to(torch.float8_e4m3fn), [-1]), {}, "float8_e4m3fn"),
+        ((x.to(torch.int32), [-1]), {}, "int32"),
+        ((x.double(), [-1]), {}, "float64"),
+        ((x, [-1]), {"dtype": torch.int64}, "unsupported dtype argument torch.int64"),
+        ((x, [-1]), {"dtype": torch.float64}, "unsupported dtype argument torch.float64"),
+        ((x, [2]), {}, "dim 2 out of range"),
+        ((x, [0, -3]), {}, "dim -3 out of range"),
+        ((x, [1, -1]), {}, "dim 1 appears more than once"),
+        ((torch.tensor(1.0), [1]), {}, "dim 1 out of range"),
+    ]
+    for name in OPS:
+        for args, kwargs, needle in cases:
+            with pytest.raises(BIInputError) as info:
+                bi_op(name)(*args, **kwargs)
+            message = str(info.value)
+            assert f"bi::{name}:" in message and needle in message, message
+            assert "shape=" in message and "stride=" in message and "dtype=" in message, message
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compiled_with_dynamic_batch_matches_eager_without_recompiling():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def step(hidden):
+        variance = torch.ops.bi.mean(hidden.square(), [-1], True)
+        return hidden * torch.rsqrt(variance + 1e-6), torch.ops.bi.sum(hidden, [0, 2], False, dtype=torch.bfloat16)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for m in (2, 3, 17, 64):
+        hidden = torch.randn(m, 3, 256)
+        torch._dynamo.mark_dynamic(hidden, 0)
+        for got, want in zip(compiled(hidden), step(hidden)):
+            assert torch.equal(got, want)
+    assert counter.frame_count == 1
+
+
+# ---------------------------------------------------------------- the Triton kernel (interpreter on CPU)
+
+
+@pytest.fixture
+def triton_device():
+    pytest.importorskip("triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1, 300, 16500])  # packed rows, one padded chunk, the looped path
+def test_kernel_matches_reference_and_is_row_invariant(triton_device, dtype, n):
+    from bi_compile.kernels.reduce import row_sum
+
+    rows = 24 if n <= 300 else 4
+    x = torch.randn(rows, n, device=triton_device).to(dtype)
+    for name, out_dtype in (("sum", dtype), ("mean", torch.float32), ("sum", torch.float16)):
+        out = row_sum(x, out_dtype, mean=name == "mean")
+        assert_matches_reference(name, x.cpu(), [-1], False, out_dtype, out.cpu())
+        for start, m in ((0, 1), (3, 2), (1, rows - 1)):
+            assert torch.equal(out[start : start + m], row_sum(x[start : start + m], out_dtype, mean=name == "mean"))
+    transposed = x.t()  # rows at stride 1, elements at stride n: the launcher copies
+    assert_matches_reference("sum", transposed.cpu(), [-1], False, None, row_sum(transposed, dtype).cpu())
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_op_triton_path_layouts(triton_device, name):
+    """The op's Triton entry (checks, moving the reduced dims last, launch) on the layouts the CPU tests use."""
+    from bi_compile.ops.reduce import _triton
+
+    x = torch.randn(3, 5, 64, device=triton_device)
+    cases = [(x, [-1], False, None), (x, [0, 2], True, None), (x.half(), None, False, torch.float32), (x, [], True, None),
+             (x.transpose(0, 2), [1], False, torch.float16), (torch.randn(7, 0, device=triton_device), [-1], False, None),
+             (torch.tensor(2.0, device=triton_device), [0], True, None), (torch.randn(0, 3, device=triton_device), [1], False, None)]
+    for inp, dim, keepdim, dtype in cases:
+        out = _triton(name == "mean", inp, dim, keepdim, dtype)
+        assert_matches_reference(name, inp.cpu(), dim, keepdim, dtype, out.cpu())
+    with pytest.raises(BIInputError, match="appears more than once"):
+        _triton(name == "mean", x, [0, -3], False, None)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+GPU_BATCHES = (1, 2, 3, 5, 16, 17, 64, 100, 255, 1024, 4097, 8192)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1024, 4096, 151936])
+def test_gpu_batch_invariance(dtype, n):
+    base = torch.randn(8192 + 80, n, device="cuda", dtype=dtype)
+    for name in OPS:
+        for out_dtype in (None, torch.float32):
+            for start in (0, 3, 77):
+                whole = bi_op(name)(base[start : start + 8192], [-1], True, dtype=out_dtype)
+                for m in GPU_BATCHES:
+                    part = bi_op(name)(base[start : start + m], [-1], True, dtype=out_dtype)
+                    assert torch.equal(whole[:m], part), (name, n, dtype, out_dtype, start, m)
+        assert_matches_reference(name, base[:64].cpu(), [-1], False, None, bi_op(name)(base[:64], [-1]).cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096, 4097])
+def test_gpu_same_row_in_any_buffer(n):
+    """The same row read from a contiguous batch, a row-strided batch, a 1-D tensor and a misaligned view
+    gets the same bits (the kernel's vector width must not follow the buffer's alignment)."""
+    x = torch.randn(33, n, device="cuda", dtype=torch.bfloat16)
+    padded = torch.zeros(33, n + 15, device="cuda", dtype=x.dtype)
+    padded[:, :n] = x
+    flat = torch.zeros(33 * n + 1, device="cuda", dtype=x.dtype)
+    flat[1:] = x.flatten()
+    for name in OPS:
+        expected = bi_op(name)(x, [-1], dtype=torch.float32)
+        assert torch.equal(bi_op(name)(padded[:, :n], [-1], dtype=torch.float32), expected)
+        assert torch.equal(bi_op(name)(flat[1:].view(33, n), [-1], dtype=torch.float32), expected)
+        for i in (0, 5, 32):
+            assert torch.equal(bi_op(name)(x[i], [-1], dtype=torch.float32), expected[i])
+            assert torch.equal(bi_op(name)(padded[i : i + 1, :n], [-1], dtype=torch.float32), expected[i : i + 1])
+
+
+@pytest.mark.gpu
+def test_gpu_control_stock_sum_is_batch_variant():
+    """The comparisons above can fail: stock fp32 x.sum(-1) on 151936-wide rows gives row 0 other bits in
+    some batch than alone (CONTEXT.md measured it from M = 2 on, on the H100)."""
+    x = torch.randn(4096, 151936, device="cuda")
+    alone = x[:1].sum(-1)
+    assert any(not torch.equal(x[:m].sum(-1)[:1], alone) for m in (2, 3, 16, 64, 512, 4096))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_replays_eager_bits():
+    hidden = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        torch.ops.bi.mean(hidden, [-1], True, dtype=torch.float32)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.bi.mean(hidden, [-1], True, dtype=torch.float32)
+    hidden.copy_(torch.randn_like(hidden))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, torch.ops.bi.mean(hidden, [-1], True, dtype=torch.float32))
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_with_dynamic_batch_matches_eager():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: torch.ops.bi.mean(x.float().square(), [-1], True), fullgraph=True)
+    for m in (2, 7, 64, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 0)
+        assert torch.equal(compiled(x), torch.ops.bi.mean(x.float().square(), [-1], True))
