@@ -55,6 +55,8 @@ def check_rank(op: str, ranks: Iterable[int], **tensors: torch.Tensor | None) ->
 
 def _known(cond) -> bool:
     """True only when ``cond`` holds for every value a symbolic shape may take (False if unknown)."""
+    if isinstance(cond, bool):  # real tensors, every call: skip the symbolic machinery
+        return cond
     from torch.fx.experimental.symbolic_shapes import guard_or_false
 
     return bool(guard_or_false(cond))

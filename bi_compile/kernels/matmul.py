@@ -1,0 +1,205 @@
+"""Batch-invariant matrix product: one Triton kernel behind bi::mm, bi::addmm, bi::bmm and bi::linear.
+
+    C[b] = alpha * (A[b] @ B[b]) + beta * bias[b]        A [batch, M, K], B [batch, K, N], C [batch, M, N]
+
+Why the result of one row cannot depend on M (the number of rows in the call) or on where the row sits:
+
+- every output element is one fp32 accumulator that walks K from 0 upwards in chunks of ``BLOCK_K``, one
+  ``tl.dot(a, b, acc)`` per chunk; ``BLOCK_K`` depends on the dtype alone, the K loop is sequential, and
+  there is no split-K or stream-K, so the chunks and their order are a function of (K, dtype);
+- the tile shape (BLOCK_M, BLOCK_N, warps, stages) is picked from the real M (and N) at run time
+  (``pick_tiles``); it decides which program computes an element, not how. On the H100, every candidate
+  below gave the same bits (wgmma and mma.sync tiles alike, fp16/bf16/fp32, both B layouts, odd K), and
+  the GPU tests check it again at every M where the choice changes; a candidate may only be added with them;
+- fp32 inputs use ``input_precision="ieee"`` (plain FMA), never TF32, so fp32 means fp32.
+
+Rows past M and columns past N are masked (zero-filled loads, no stores): they never reach a stored element.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How the [M, N] output is cut into programs; never how K is reduced (that is ``BLOCK_K``)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8  # tiles sharing a column strip run together, so the B strip stays in L2
+
+
+# The K chunk each fp32 accumulator takes per step: a function of the dtype only.
+BLOCK_K = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
+
+# (largest M of the range, candidate tiles from small to large), ascending in M; the last range takes
+# every larger M. Measured on the H100 (bf16, Qwen3 projections, M = 1..8192).
+TILE_CANDIDATES: dict[torch.dtype, tuple[tuple[int, tuple[TileConfig, ...]], ...]] = {
+    torch.float16: (
+        # Small M streams the weight: narrow column strips give enough programs to keep the memory busy
+        # without splitting K, and 6 stages keep enough bytes in flight per SM.
+        (64, (TileConfig(64, 32, num_warps=4, num_stages=6), TileConfig(64, 64, num_warps=4, num_stages=6))),
+        (1 << 62, (
+            TileConfig(64, 64, num_warps=4, num_stages=4),
+            TileConfig(64, 128, num_warps=4, num_stages=4),
+            TileConfig(128, 128, num_warps=8, num_stages=3),
+            TileConfig(128, 256, num_warps=8, num_stages=4),
+        )),
+    ),
+    # fp32 runs on FMA units (IEEE): the smallest row tile wastes least work on few rows.
+    torch.float32: (
+        (64, (TileConfig(16, 64, num_warps=4, num_stages=3),)),
+        (1 << 62, (TileConfig(64, 128, num_warps=4, num_stages=3),)),
+    ),
+}
+TILE_CANDIDATES[torch.bfloat16] = TILE_CANDIDATES[torch.float16]
+
+
+def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int = 1) -> TileConfig:
+    """The tiles for this call, chosen from the real M inside the op, never at trace time.
+
+    Among the candidates for ``m``, the one whose busiest processor streams the fewest operand rows:
+    waves * (rows of A + columns of B per tile), waves = ceil(tiles / processors); ties go to the larger tile.
+    """
+    candidates = next(tiles for max_m, tiles in TILE_CANDIDATES[dtype] if m <= max_m)
+
+    def streamed(tiles: TileConfig) -> int:
+        count = batch * triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
+        return triton.cdiv(count, processors) * (min(m, tiles.block_m) + tiles.block_n)
+
+    return min(reversed(candidates), key=streamed)
+
+
+@functools.cache
+def processor_count(device: torch.device) -> int:
+    """Programs that run at once: SMs on CUDA, AI cores on Ascend."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "cpu":
+        # Triton's interpreter: few programs, so that the tests run the loop over tiles.
+        return 4
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["num_aicore"]
+
+
+# M and BATCH are not specialised (Triton would compile a variant per M % 16): every M with the same tiles
+# runs one binary.
+@triton.jit(do_not_specialize=["M", "BATCH"])
+def _matmul_kernel(
+    a_ptr, b_ptr, bias_ptr, c_ptr,
+    M, N, K, BATCH,
+    stride_ab, stride_am,
+    stride_bb, stride_bk, stride_bn,
+    stride_biasb, stride_biasm, stride_biasn,
+    stride_cb, stride_cm,
+    alpha, beta,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """A has unit stride along K; B has unit stride along K or N (Triton specialises a stride of 1, so both
+    layouts get coalesced loads from one source); C is contiguous per batch. Program p computes the output
+    tiles p, p + programs, ... (on CUDA one each), GROUP_M row tiles at a time down each column strip."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_matrix = num_pid_m * num_pid_n
+    tiles_per_group = GROUP_M * num_pid_n
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in range(tl.program_id(0), BATCH * tiles_per_matrix, tl.num_programs(0)):
+        batch = (tile // tiles_per_matrix).to(tl.int64)
+        tile_in_matrix = tile % tiles_per_matrix
+        first_m = (tile_in_matrix // tiles_per_group) * GROUP_M
+        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile_in_matrix % tiles_per_group) % group_rows
+        pid_n = (tile_in_matrix % tiles_per_group) // group_rows
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_m = offs_m < M
+        in_n = offs_n < N
+        a_ptrs = a_ptr + batch * stride_ab + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + batch * stride_bb + offs_k[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=in_n[None, :], other=0.0)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=in_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & in_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bk
+
+        out = acc * alpha
+        mask = in_m[:, None] & in_n[None, :]
+        if HAS_BIAS:
+            bias_ptrs = bias_ptr + batch * stride_biasb + offs_m.to(tl.int64)[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
+            out += beta * tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+        c_ptrs = c_ptr + batch * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    tiles: TileConfig | None = None,
+) -> torch.Tensor:
+    """``alpha * (a @ b) + beta * bias`` per batch, as a new contiguous [batch, M, N] tensor in ``a.dtype``.
+
+    a: [batch, M, K] with unit stride along K (rows and batches may be strided, batch stride 0 is fine);
+    b: [batch, K, N] with unit stride along K or along N, same dtype; bias: [batch, M, N] of any strides
+    (a broadcast view) or None. ``beta == 0`` ignores bias, NaNs included, as torch.addmm does.
+    ``tiles`` overrides ``pick_tiles`` (tests and tuning); the K order never changes.
+    The op layer validates inputs; this launcher assumes them valid.
+    """
+    batch, m, k = a.shape
+    n = b.shape[2]
+    out = torch.empty((batch, m, n), device=a.device, dtype=a.dtype)
+    if out.numel() == 0:
+        return out
+    processors = processor_count(a.device)
+    tiles = tiles or pick_tiles(m, n, a.dtype, processors, batch)
+    block_k = BLOCK_K[a.dtype]
+    num_tiles = batch * triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
+    # CUDA: one program per tile. Ascend wants at most one program per AI core, so there (and in the
+    # interpreter) the programs loop over the tiles.
+    grid = num_tiles if a.device.type == "cuda" else min(num_tiles, processors)
+    has_bias = bias is not None and beta != 0.0
+    bias_arg = bias if has_bias else out  # never read when HAS_BIAS is False
+    _matmul_kernel[(grid,)](
+        a, b, bias_arg, out,
+        m, n, k, batch,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), b.stride(2),
+        *(bias.stride() if has_bias else (0, 0, 0)),
+        out.stride(0), out.stride(1),
+        alpha, beta,
+        HAS_BIAS=has_bias,
+        EVEN_K=k % block_k == 0,
+        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=block_k,
+        GROUP_M=tiles.group_m,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return out

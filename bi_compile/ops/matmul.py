@@ -1,0 +1,239 @@
+"""Batch-invariant matrix products: ``bi::mm``, ``bi::addmm``, ``bi::bmm``, ``bi::linear``.
+
+All four compute ``alpha * (A @ B) + beta * bias`` with fp32 accumulation and return a new contiguous
+tensor in the input dtype. A row's bits depend only on that row, B, the bias and (K, dtype):
+
+- CUDA / Ascend: the Triton kernel in ``bi_compile.kernels.matmul`` (a fixed K order per dtype; the tile
+  config is chosen from the real M here, at run time, so torch.compile cannot freeze it);
+- CPU: ``library.map_row_tiles`` cuts A into fixed [16, K] blocks, so every torch.mm call has one shape
+  whatever M is; products are taken in fp32 and rounded once to the output dtype, like the GPU's fp32
+  accumulator. This also needs the BLAS to give a row the same bits wherever it sits in its block: MKL
+  (torch's x86 BLAS) does, as the tests check; OpenBLAS's sgemm (numpy's) does not.
+
+fp16, bf16 and fp32 only (fp32 is true fp32, never TF32); A, B and bias share one dtype and device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bi_compile.ops import library
+from bi_compile.ops.library import Layout
+
+# A is read along K with unit stride (rows may be strided); B may be row- or column-major, so a weight
+# [N, K] is read in place as B = weight.t(); the bias is broadcast through its strides.
+library.layout_contract("bi::mm", self=Layout.UNIT_STRIDE_ROWS, mat2=Layout.UNIT_STRIDE_ANY)
+library.layout_contract("bi::addmm", self=Layout.ANY, mat1=Layout.UNIT_STRIDE_ROWS, mat2=Layout.UNIT_STRIDE_ANY)
+library.layout_contract("bi::bmm", self=Layout.UNIT_STRIDE_ROWS, mat2=Layout.UNIT_STRIDE_ANY)
+library.layout_contract("bi::linear", input=Layout.UNIT_STRIDE_ROWS, weight=Layout.UNIT_STRIDE_ANY, bias=Layout.ANY)
+
+
+# ---- checks (run by the fake impls at trace time and by the kernels at run time) ----
+
+
+def _check_operands(op: str, lhs_rank: int, rhs_rank: int, **tensors: torch.Tensor | None) -> None:
+    """Supported dtype, one dtype and one device for all; the first two tensors (the matrices) have the given ranks."""
+    library.check_dtype(op, **tensors)
+    (lhs_name, lhs), (rhs_name, rhs) = list(tensors.items())[:2]
+    library.check_rank(op, (lhs_rank,), **{lhs_name: lhs})
+    library.check_rank(op, (rhs_rank,), **{rhs_name: rhs})
+    present = {name: t for name, t in tensors.items() if t is not None}
+    if len({t.dtype for t in present.values()}) > 1:
+        raise library.reject(op, "all tensors must have one dtype", **present)
+    if len({t.device for t in present.values()}) > 1:
+        raise library.reject(op, "all tensors must be on one device", **present)
+
+
+def _check_inner(op: str, k_lhs, k_rhs, **tensors: torch.Tensor) -> None:
+    if k_lhs != k_rhs:
+        raise library.reject(op, f"inner dimensions differ ({k_lhs} vs {k_rhs})", **tensors)
+
+
+def _check_mm(self: torch.Tensor, mat2: torch.Tensor) -> None:
+    _check_operands("bi::mm", 2, 2, self=self, mat2=mat2)
+    _check_inner("bi::mm", self.shape[1], mat2.shape[0], self=self, mat2=mat2)
+
+
+def _check_addmm(self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> None:
+    _check_operands("bi::addmm", 2, 2, mat1=mat1, mat2=mat2, self=self)
+    _check_inner("bi::addmm", mat1.shape[1], mat2.shape[0], mat1=mat1, mat2=mat2)
+    out_shape = (mat1.shape[0], mat2.shape[1])
+    trailing = zip(reversed(self.shape), reversed(out_shape))
+    if self.dim() > 2 or not all(size == 1 or size == target for size, target in trailing):
+        raise library.reject("bi::addmm", f"'self' does not broadcast to the product's shape {out_shape}", self=self)
+
+
+def _check_bmm(self: torch.Tensor, mat2: torch.Tensor) -> None:
+    _check_operands("bi::bmm", 3, 3, self=self, mat2=mat2)
+    if self.shape[0] != mat2.shape[0]:
+        raise library.reject("bi::bmm", "batch sizes differ", self=self, mat2=mat2)
+    _check_inner("bi::bmm", self.shape[2], mat2.shape[1], self=self, mat2=mat2)
+
+
+def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if input.dim() == 0:
+        raise library.reject("bi::linear", "'input' must have at least one dim", input=input)
+    _check_operands("bi::linear", input.dim(), 2, input=input, weight=weight, bias=bias)
+    _check_inner("bi::linear", input.shape[-1], weight.shape[1], input=input, weight=weight)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise library.reject("bi::linear", f"'bias' must have shape ({weight.shape[0]},)", bias=bias, weight=weight)
+
+
+def _linear_rows(input: torch.Tensor) -> torch.Tensor:
+    """input [..., K] as [batch, rows, K]: a view that merges the leading dims into rows, or into (batch, rows),
+    whichever the strides allow. Leading dims that merge into neither (a sliced 4-D input, say) are copied
+    once; that changes no value."""
+    k = input.shape[-1]
+    rows = input.shape[:-1].numel()
+    try:
+        return input.view(1, rows, k)
+    except RuntimeError:  # only inputs of rank >= 3 get here
+        pass
+    try:
+        return input.view(input.shape[:-2].numel(), input.shape[-2], k)
+    except RuntimeError:
+        return input.reshape(1, rows, k)
+
+
+# ---- CPU: batch-invariant by construction ----
+
+
+def _cpu_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, alpha: float, beta: float) -> torch.Tensor:
+    """alpha * (a @ b) + beta * bias for a [M, K], b [K, N], bias broadcastable to [M, N]: fp32 math, then
+    one rounding to a.dtype."""
+    b32 = b.float()
+    out = library.map_row_tiles(lambda rows: torch.mm(rows.float(), b32), a)
+    if alpha != 1.0:
+        out = out * alpha
+    if bias is not None and beta != 0.0:
+        out = out + (bias.float() if beta == 1.0 else beta * bias.float())
+    return out.to(a.dtype)
+
+
+# ---- the ops ----
+
+
+@torch.library.custom_op("bi::mm", mutates_args=())
+def mm(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """[M, K] @ [K, N] -> [M, N]."""
+    raise library.no_kernel("bi::mm", self, mat2)
+
+
+@mm.register_fake
+def _(self, mat2):
+    _check_mm(self, mat2)
+    return self.new_empty((self.shape[0], mat2.shape[1]))
+
+
+def _mm_cpu(self, mat2):
+    _check_mm(self, mat2)
+    library.check_layout("bi::mm", self=self, mat2=mat2)
+    return _cpu_product(self, mat2, None, 1.0, 1.0)
+
+
+def _mm_triton(self, mat2):
+    from bi_compile.kernels import matmul as kernels
+
+    _check_mm(self, mat2)
+    library.check_layout("bi::mm", self=self, mat2=mat2)
+    return kernels.matmul(self[None], mat2[None])[0]
+
+
+library.register_kernels(mm, cpu=_mm_cpu, triton=_mm_triton)
+
+
+@torch.library.custom_op("bi::addmm", mutates_args=())
+def addmm(self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """beta * self + alpha * ([M, K] @ [K, N]) -> [M, N]; self broadcasts to [M, N] and is ignored when beta == 0."""
+    raise library.no_kernel("bi::addmm", self, mat1, mat2)
+
+
+@addmm.register_fake
+def _(self, mat1, mat2, *, beta=1.0, alpha=1.0):
+    _check_addmm(self, mat1, mat2)
+    return mat1.new_empty((mat1.shape[0], mat2.shape[1]))
+
+
+def _addmm_cpu(self, mat1, mat2, *, beta=1.0, alpha=1.0):
+    _check_addmm(self, mat1, mat2)
+    library.check_layout("bi::addmm", self=self, mat1=mat1, mat2=mat2)
+    return _cpu_product(mat1, mat2, self, alpha, beta)
+
+
+def _addmm_triton(self, mat1, mat2, *, beta=1.0, alpha=1.0):
+    from bi_compile.kernels import matmul as kernels
+
+    _check_addmm(self, mat1, mat2)
+    library.check_layout("bi::addmm", self=self, mat1=mat1, mat2=mat2)
+    bias = self.expand(mat1.shape[0], mat2.shape[1])[None]
+    return kernels.matmul(mat1[None], mat2[None], bias, alpha=alpha, beta=beta)[0]
+
+
+library.register_kernels(addmm, cpu=_addmm_cpu, triton=_addmm_triton)
+
+
+@torch.library.custom_op("bi::bmm", mutates_args=())
+def bmm(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """[B, M, K] @ [B, K, N] -> [B, M, N]."""
+    raise library.no_kernel("bi::bmm", self, mat2)
+
+
+@bmm.register_fake
+def _(self, mat2):
+    _check_bmm(self, mat2)
+    return self.new_empty((self.shape[0], self.shape[1], mat2.shape[2]))
+
+
+def _bmm_cpu(self, mat2):
+    _check_bmm(self, mat2)
+    library.check_layout("bi::bmm", self=self, mat2=mat2)
+    if self.shape[0] == 0:
+        return self.new_empty((0, self.shape[1], mat2.shape[2]))
+    # One matrix at a time: torch.bmm's blocking could depend on the batch count.
+    return torch.stack([_cpu_product(a, b, None, 1.0, 1.0) for a, b in zip(self, mat2)])
+
+
+def _bmm_triton(self, mat2):
+    from bi_compile.kernels import matmul as kernels
+
+    _check_bmm(self, mat2)
+    library.check_layout("bi::bmm", self=self, mat2=mat2)
+    return kernels.matmul(self, mat2)
+
+
+library.register_kernels(bmm, cpu=_bmm_cpu, triton=_bmm_triton)
+
+
+@torch.library.custom_op("bi::linear", mutates_args=())
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """input [..., K] @ weight[N, K].T + bias[N] -> [..., N]; the weight is read in place, never transposed."""
+    raise library.no_kernel("bi::linear", input, weight, bias)
+
+
+@linear.register_fake
+def _(input, weight, bias=None):
+    _check_linear(input, weight, bias)
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _linear_cpu(input, weight, bias=None):
+    _check_linear(input, weight, bias)
+    library.check_layout("bi::linear", input=input, weight=weight, bias=bias)
+    rows = input.reshape(input.shape[:-1].numel(), input.shape[-1])
+    return _cpu_product(rows, weight.t(), bias, 1.0, 1.0).view(*input.shape[:-1], weight.shape[0])
+
+
+def _linear_triton(input, weight, bias=None):
+    from bi_compile.kernels import matmul as kernels
+
+    _check_linear(input, weight, bias)
+    library.check_layout("bi::linear", input=input, weight=weight, bias=bias)
+    a = _linear_rows(input)
+    batch, rows, _ = a.shape
+    n = weight.shape[0]
+    b = weight.t().expand(batch, -1, -1)  # batch stride 0: every batch reads the one weight
+    bias3 = None if bias is None else bias.expand(batch, rows, n)
+    return kernels.matmul(a, b, bias3).view(*input.shape[:-1], n)
+
+
+library.register_kernels(linear, cpu=_linear_cpu, triton=_linear_triton)
