@@ -11,13 +11,18 @@ takes the chunks in order; the split states are then merged in order, starting f
     (m, l, acc) <- merge((m, l, acc), split_0), merge(..., split_1), ...
 
 This tree is fixed by the key positions and ``(head dim, dtype)`` (the config table below): never by the
-batch, the number of heads, the query length or the row's place in the batch. The merges run either in the
-same program, right after each split (``split_kv=False``), or, when there are too few (sequence, kv head,
-query tile) programs to fill the GPU (small-batch decode on a long cache), in one program per split that
-writes its state to a workspace, followed by a merge kernel that folds the states in the same order. Both
-ways execute the same ``_attend_split`` / ``_merge`` / ``_finish`` code with the same operands, and the merge
-pins its multiply-adds with ``tl.fma`` so the compiler cannot contract them differently in the two kernels:
-the choice changes the schedule, not the bits (tests compare the two on the GPU).
+batch, the number of heads, the query length or the row's place in the batch. Every sum in it is a ``tl.dot``
+(l too, as ``p @ ones``), which adds in its instruction's order, or a max, which is exact: a ``tl.sum`` would
+add in the order of the register layout the compiler picks, and that follows the loads' vector widths, i.e.
+the strides and alignment of the call (a bool mask with S = 4096 summed l unlike one with S = 1497).
+
+The merges run either in the same program, right after each split (``split_kv=False``), or, when there are
+too few (sequence, kv head, query tile) programs to fill the GPU (small-batch decode on a long cache), in
+one program per split that writes its state to a workspace, followed by a merge kernel that folds the
+states in the same order. Both ways execute the same ``_attend_split`` / ``_merge`` / ``_finish`` code with
+the same operands, and the merge pins its multiply-adds with ``tl.fma`` so the compiler cannot contract them
+differently in the two kernels: the choice changes the schedule, not the bits (tests compare the two on the
+GPU).
 
 **Rows.** A program owns one (sequence, kv head) and ``BLOCK_M`` packed query rows ``r = position * G + g``
 (G = H / Hkv query heads share a kv head: GQA/MQA decode fills the tile with the group). Rows of a tile are
@@ -47,6 +52,8 @@ MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 MAX_WORKSPACE_BYTES = 256 << 20
 # Query rows per program of the merge kernel: it is elementwise per row, so any tile gives the same bits.
 MERGE_BLOCK_M = 16
+# Columns of the row-sum dot p @ ones (tl.dot's smallest N).
+ROW_SUM_N = tl.constexpr(16)
 # Used where the device reports no multiprocessor count (Ascend NPUs, the interpreter): a 910B has 20-24 AI cores.
 DEFAULT_COMPUTE_UNITS = 24
 
@@ -94,12 +101,15 @@ def _attend_split(
     BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over the keys of one split, chunk by chunk -> (m, l, acc) of that split alone.
-    MASK_KIND: 0 no mask, 1 bool read as bytes (attend where != 0), 2 additive float."""
+    MASK_KIND: 0 no mask, 1 bool read as bytes (attend where != 0), 2 additive float.
+    l runs as [BLOCK_M, ROW_SUM_N] = sum of p @ ones (not tl.sum: see the module docstring), every column
+    the same sum of the probabilities as rounded for P @ V."""
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    l = tl.zeros([BLOCK_M, ROW_SUM_N], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    ones = tl.full([BLOCK_N, ROW_SUM_N], 1.0, v_base.dtype.element_ty)
     start = split * SPLIT_N
     for first in range(start, tl.minimum(start + SPLIT_N, key_end), BLOCK_N):
         keys = first + tl.arange(0, BLOCK_N)
@@ -122,15 +132,15 @@ def _attend_split(
         m_new = tl.maximum(m, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row has seen no key
         alpha = tl.exp(m - shift)
-        p = tl.exp(s - shift[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        p = tl.exp(s - shift[:, None]).to(ones.dtype)
+        l = tl.dot(p, ones, l * alpha[:, None], input_precision=DOT_PRECISION)
         v = tl.load(
             v_base + keys[:, None] * stride_vs + dv[None, :] * stride_vd,
             mask=key_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0,
         )
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
-    return m, l, acc
+    return m, tl.max(l, 1), acc  # the columns of l are equal: max picks that value exactly
 
 
 @triton.jit
