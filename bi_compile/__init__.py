@@ -8,6 +8,9 @@
 from bi_compile import ops  # noqa: F401  (registers torch.ops.bi.*)
 from bi_compile.passes import BatchInvariantPass, Report, clear_reports, last_report, reports
 
-post_grad_pass = BatchInvariantPass()
+from bi_compile.vllm_plugin import make_post_grad_pass
+
+# A vLLM InductorPass where vLLM is imported (so vLLM keeps our uuid() in its cache key), the plain pass elsewhere.
+post_grad_pass = make_post_grad_pass()
 
 __all__ = ["BatchInvariantPass", "Report", "clear_reports", "last_report", "post_grad_pass", "reports"]

@@ -29,6 +29,7 @@ from torch._inductor.decomposition import select_decomp_table
 
 import bi_compile.ops  # noqa: F401  (registers torch.ops.bi.*)
 from bi_compile.passes.pipeline import BatchInvariantPass, decompositions_keeping_rewritten_ops
+from bi_compile.vllm_plugin import check_running_vllm
 
 INNER_COMPILERS = ("inductor", "eager")
 MODES = {"default": {}, "reduce-overhead": {"cudagraphs": True}}
@@ -70,6 +71,7 @@ def inductor_invariance_switches() -> dict[str, bool]:
 
 def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     opts = BackendOptions.parse(options, mode)
+    check_running_vllm()  # vLLM's whole-graph route: refuse engine settings that break invariance (else a no-op)
     pipeline = BatchInvariantPass(strict=opts.strict)
     if opts.inner == "eager":
         def rewrite_and_run(graph_module, _inputs):

@@ -1,0 +1,80 @@
+"""The seed-style invariance workloads, shared by the offline runner (``LLM``) and the server test (OpenAI client).
+
+needle:   one prompt alone, then inside 5 batches of a random size in 32..64 at a random position; greedy,
+          35 tokens. Its tokens must be the same every time.
+logprobs: 32 prompts, each alone, then all 32 in one batch; temperature 0.6 with a per-prompt seed, 5 logprobs,
+          8 tokens. Tokens equal, and every step's chosen-token logprob bitwise equal.
+
+The random choices come from fixed seeds, so CI replays the same batches. Logprobs travel as ``float.hex()``
+strings: exact, and plain to compare.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tiny_checkpoint import SENTENCES, WORDS
+
+# Long prompts: CPU attention splits the keys of a long sequence over threads, by a plan made for the whole batch.
+NEEDLE_PROMPT = " ".join(SENTENCES * 2)
+NEEDLE_TRIALS = 5
+NEEDLE_BATCH = (32, 64)
+NEEDLE_SAMPLING = {"temperature": 0.0, "max_tokens": 35, "ignore_eos": True}
+
+LOGPROB_PROMPTS = 32
+LOGPROB_SAMPLING = {"temperature": 0.6, "max_tokens": 8, "logprobs": 5, "ignore_eos": True}
+LOGPROB_SEED = 1000  # prompt i samples with seed LOGPROB_SEED + i
+
+
+def filler_prompts(count: int, rng: random.Random) -> list[str]:
+    """Prompts of 8..160 random words (up to ~250 tokens): ragged, so the batch mixes short and long rows."""
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 160))) for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class NeedleTrial:
+    prompts: list[str]
+    position: int  # where NEEDLE_PROMPT sits in prompts
+
+
+def needle_trials(seed: int = 0) -> list[NeedleTrial]:
+    rng = random.Random(seed)
+    trials = []
+    for _ in range(NEEDLE_TRIALS):
+        size = rng.randint(*NEEDLE_BATCH)
+        prompts = filler_prompts(size - 1, rng)
+        position = rng.randrange(size)
+        prompts.insert(position, NEEDLE_PROMPT)
+        trials.append(NeedleTrial(prompts, position))
+    return trials
+
+
+def logprob_prompts(seed: int = 1) -> list[str]:
+    return filler_prompts(LOGPROB_PROMPTS, random.Random(seed))
+
+
+@dataclass(frozen=True)
+class Completion:
+    tokens: list[int]
+    logprobs: list[str]  # the chosen token's logprob at each step, float.hex(); empty when not asked for
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "logprobs": self.logprobs}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Completion:
+        return cls(list(d["tokens"]), list(d["logprobs"]))
+
+
+def differences(alone: list[Completion], batched: list[Completion]) -> list[str]:
+    """One line per prompt whose batched completion is not bit-for-bit its completion alone."""
+    lines = []
+    for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
+        if a.tokens != b.tokens:
+            lines.append(f"prompt {i}: tokens {a.tokens} alone vs {b.tokens} batched")
+        elif a.logprobs != b.logprobs:
+            step = next(s for s, (x, y) in enumerate(zip(a.logprobs, b.logprobs)) if x != y)
+            lines.append(f"prompt {i}: step {step} logprob {float.fromhex(a.logprobs[step])!r} alone vs "
+                         f"{float.fromhex(b.logprobs[step])!r} batched")
+    return lines
