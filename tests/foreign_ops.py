@@ -1,10 +1,8 @@
 """Stand-ins for torch_npu's and vLLM's norm ops, registered under their real qualified names and schemas with CPU
 reference implementations, so the passes can be tested on the graphs those ops produce without the libraries.
-Where a library is installed and has registered the op already, the real one is kept."""
+Where a library has registered the op already in this process, the real one is kept."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 
@@ -73,11 +71,8 @@ _LIBRARIES: list[torch.library.Library] = []
 
 
 def register() -> None:
-    if importlib.util.find_spec("vllm") is not None:
-        try:  # load vLLM's own ops first: defining ours would make its registration fail later
-            import vllm._C  # noqa: F401
-        except ImportError:
-            pass
+    """Define each op unless a library already did. The real-vLLM tests run in their own pytest process (see the
+    Makefile), so vLLM never has to register its ``_C`` ops after these stand-ins."""
     for namespace, ops in SCHEMAS.items():
         for name, schema in ops.items():
             if hasattr(getattr(torch.ops, namespace), name):
