@@ -6,7 +6,6 @@ Triton interpreter on CPU when there is no GPU, as conftest arranges); ``@pytest
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import pytest
@@ -15,6 +14,8 @@ import torch.nn.functional as F
 
 import bi_compile.ops.norm  # noqa: F401  (registers torch.ops.bi.rms_norm / add_rms_norm)
 from bi_compile.ops.library import BIInputError
+
+from .row_helpers import batch_draws, cpu_threads
 
 EPS = 1e-6
 # (rtol, atol) of outputs rounded to each dtype against the float64 reference.
@@ -37,23 +38,6 @@ def assert_matches_reference(x, weight, y, rstd):
     assert rstd.dtype == torch.float32 and rstd.shape == x.shape[:-1] + (1,) and rstd.is_contiguous()
     torch.testing.assert_close(y.double(), y_ref, rtol=rtol, atol=atol, equal_nan=True)
     torch.testing.assert_close(rstd.double(), rstd_ref, rtol=1e-5, atol=0, equal_nan=True)
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def batch_draws(rng: random.Random, n_draws: int, base_rows: int, max_rows: int = 512):
-    """(start, M, pos): a batch base[start:start + M] with M in 1..max_rows, and a row position inside it."""
-    for _ in range(n_draws):
-        m = rng.randint(1, max_rows)
-        yield rng.randint(0, base_rows - m), m, rng.randrange(m)
 
 
 # ---------------------------------------------------------------- CPU path: values

@@ -6,7 +6,6 @@ Triton interpreter on CPU when there is no GPU, as conftest arranges); ``@pytest
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import pytest
@@ -14,6 +13,8 @@ import torch
 
 import bi_compile.ops.reduce  # noqa: F401  (registers torch.ops.bi.sum / mean)
 from bi_compile.ops.library import BIInputError
+
+from .row_helpers import batch_draws, cpu_threads
 
 OPS = ("sum", "mean")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,23 +39,6 @@ def assert_matches_reference(name, x, dim, keepdim, dtype, out):
     error = (out.double() - expected).abs()
     bound = ACC_TOL * scale + OUT_RTOL[out_dtype] * expected.abs()
     assert ((error <= bound) | (out.isnan() & expected.isnan()) | (out == expected)).all(), (error - bound).max()
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def batch_draws(rng: random.Random, n_draws: int, base_rows: int, max_rows: int = 512):
-    """(start, M, pos): a batch base[start:start + M] with M in 1..max_rows, and a row position inside it."""
-    for _ in range(n_draws):
-        m = rng.randint(1, max_rows)
-        yield rng.randint(0, base_rows - m), m, rng.randrange(m)
 
 
 # ---------------------------------------------------------------- CPU path: values

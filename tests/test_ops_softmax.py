@@ -6,7 +6,6 @@ Triton interpreter on CPU when there is no GPU, as conftest arranges); ``@pytest
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import pytest
@@ -14,6 +13,8 @@ import torch
 
 import bi_compile.ops.softmax  # noqa: F401  (registers torch.ops.bi.softmax / log_softmax)
 from bi_compile.ops.library import BIInputError
+
+from .row_helpers import batch_draws, cpu_threads
 
 OPS = ("softmax", "log_softmax")
 # (rtol, atol) of outputs rounded to each dtype against the float64 reference.
@@ -32,23 +33,6 @@ def assert_matches_reference(name: str, x: torch.Tensor, dim: int, half_to_float
     expected = getattr(torch, name)(x.double(), dim)
     rtol, atol = TOL[out_dtype]
     torch.testing.assert_close(y.double(), expected, rtol=rtol, atol=atol, equal_nan=True)
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def batch_draws(rng: random.Random, n_draws: int, base_rows: int, max_rows: int = 512):
-    """(start, M, pos): a batch base[start:start + M] with M in 1..max_rows, and a row position inside it."""
-    for _ in range(n_draws):
-        m = rng.randint(1, max_rows)
-        yield rng.randint(0, base_rows - m), m, rng.randrange(m)
 
 
 # ---------------------------------------------------------------- CPU path: values
