@@ -7,7 +7,7 @@ Two inner compilers:
 - ``"inductor"`` (default): Inductor with a decomposition table that keeps every op the pipeline rewrites whole
   (no mm, softmax or sum is turned into pointwise loops before the pass sees it), the pipeline installed as
   ``post_grad_custom_pre_pass``, and Inductor's own ``batch_invariant`` / ``deterministic`` switches on where the
-  torch version has them (2.13 does, 2.11 does not). Inductor still fuses the pointwise code around the bi ops.
+  torch version has them (2.13 does, 2.11 does not), with ``emulate_precision_casts``. Inductor still fuses the pointwise code around the bi ops.
   ``cudagraphs=True`` (or ``mode="reduce-overhead"``) captures the compiled graph with Inductor's CUDA-graph trees.
 - ``"eager"``: aot_autograd's functionalized ATen graph, rewritten, run op by op with no code generation — the
   shape of Ascend's aclgraph path, and the way to debug a rewrite.
@@ -65,8 +65,14 @@ class BackendOptions:
         return parsed
 
 
+# batch_invariant / deterministic: Inductor's own switches (torch 2.13 has them, 2.11 not). emulate_precision_casts:
+# round bf16/fp16 intermediates where eager does, so pointwise bits do not depend on how Inductor fused them for
+# one graph or another (Dynamo compiles batch 1 and the symbolic batch as two graphs).
+INDUCTOR_SWITCHES = ("batch_invariant", "deterministic", "emulate_precision_casts")
+
+
 def inductor_invariance_switches() -> dict[str, bool]:
-    return {name: True for name in ("batch_invariant", "deterministic") if hasattr(inductor_config, name)}
+    return {name: True for name in INDUCTOR_SWITCHES if hasattr(inductor_config, name)}
 
 
 def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
