@@ -7,7 +7,8 @@ Two inner compilers:
 - ``"inductor"`` (default): Inductor with a decomposition table that keeps every op the pipeline rewrites whole
   (no mm, softmax or sum is turned into pointwise loops before the pass sees it), the pipeline installed as
   ``post_grad_custom_pre_pass``, and Inductor's own ``batch_invariant`` / ``deterministic`` switches on where the
-  torch version has them (2.13 does, 2.11 does not), with ``emulate_precision_casts``. Inductor still fuses the pointwise code around the bi ops.
+  torch version has them (2.13 does, 2.11 does not), plus ``emulate_precision_casts``. Inductor still fuses the
+  pointwise code around the bi ops.
   ``cudagraphs=True`` (or ``mode="reduce-overhead"``) captures the compiled graph with Inductor's CUDA-graph trees.
 - ``"eager"``: aot_autograd's functionalized ATen graph, rewritten, run op by op with no code generation — the
   shape of Ascend's aclgraph path, and the way to debug a rewrite.
