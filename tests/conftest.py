@@ -9,6 +9,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def triton_device():
+    """Where the Triton kernels run: the GPU, or the CPU under Triton's interpreter."""
+    pytest.importorskip("triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

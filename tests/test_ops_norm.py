@@ -190,12 +190,6 @@ def test_compiled_with_dynamic_batch_matches_eager_without_recompiling():
 # ---------------------------------------------------------------- the Triton kernel (interpreter on CPU)
 
 
-@pytest.fixture
-def triton_device():
-    pytest.importorskip("triton")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf - inf
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n", [1, 128, 300, 16500])  # packed rows, one padded chunk, the looped path
