@@ -46,7 +46,7 @@ ORDER_FREE = frozenset(
         "masked_fill where amax amin max min argmax argmin aminmax any all topk sort argsort tril triu iota repeat "
         "repeat_interleave split_with_sizes split unbind flip roll lift_fresh_copy fill zero fill_ index_put scatter "
         "view reshape _unsafe_view _reshape_alias _unsafe_index _unsafe_index_put _assert_scalar _assert_tensor_metadata sym_size sym_stride sym_numel "
-        "sym_storage_offset resize_ set_ detach alias convert_element_type device_put"
+        "sym_storage_offset resize_ set_ detach alias convert_element_type device_put floor_divide histc bincount"
     ).split()
 )
 ACCUMULATING = {"index_put": "accumulate", "_unsafe_index_put": "accumulate", "scatter": "reduce"}

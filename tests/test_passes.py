@@ -222,3 +222,14 @@ def test_sdpa_becomes_bi_attention(gqa):
     gm, report, out = rewritten(fn, q, k, v, mask)
     assert targets(gm)["bi.attention.default"] == 1 and report.findings == []
     torch.testing.assert_close(out, fn(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_audit_counts_exact_routing_arithmetic_as_invariant():
+    """MoE routing: expert counts (histc/bincount) and integer divisions are exact whatever the order."""
+
+    def fn(expert_ids, scores):
+        counts = torch.histc(expert_ids.float(), bins=8, min=0, max=7)
+        return counts, torch.bincount(expert_ids.flatten(), minlength=8), torch.floor_divide(expert_ids, 2), scores.amax(-1)
+
+    _, report, _ = rewritten(fn, torch.randint(0, 8, (6, 2)), torch.randn(6, 8))
+    assert report.findings == []
