@@ -12,7 +12,6 @@ The audit changes nothing; its ``Report`` is what ``strict=True`` raises on and 
 from __future__ import annotations
 
 import operator
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import bi_compile.ops.norm  # noqa: F401  (registers torch.ops.bi.rms_norm / add_rms_norm)
 from bi_compile.ops.library import BIInputError
 
-from .row_helpers import batch_draws, cpu_threads
+from .row_helpers import assert_same_rows_in_any_buffer, batch_draws, cpu_threads
 
 EPS = 1e-6
 # (rtol, atol) of outputs rounded to each dtype against the float64 reference.
@@ -267,20 +267,8 @@ def test_gpu_batch_invariance(dtype, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [4096, 4097])
 def test_gpu_same_row_in_any_buffer(n):
-    """The same row read from a contiguous batch, a row-strided batch, a 1-D tensor and a misaligned view
-    gets the same bits (the kernel's vector width must not follow the buffer's alignment)."""
-    x = torch.randn(33, n, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    expected = torch.ops.bi.rms_norm(x, weight, EPS)[0]
-    padded = torch.zeros(33, n + 15, device="cuda", dtype=x.dtype)
-    padded[:, :n] = x
-    flat = torch.zeros(33 * n + 1, device="cuda", dtype=x.dtype)
-    flat[1:] = x.flatten()
-    assert torch.equal(torch.ops.bi.rms_norm(padded[:, :n], weight, EPS)[0], expected)
-    assert torch.equal(torch.ops.bi.rms_norm(flat[1:].view(33, n), weight, EPS)[0], expected)
-    for i in (0, 5, 32):
-        assert torch.equal(torch.ops.bi.rms_norm(x[i], weight, EPS)[0], expected[i])
-        assert torch.equal(torch.ops.bi.rms_norm(padded[i : i + 1, :n], weight, EPS)[0], expected[i : i + 1])
+    assert_same_rows_in_any_buffer(lambda rows: torch.ops.bi.rms_norm(rows, weight, EPS)[0], n)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import torch
 import bi_compile.ops.reduce  # noqa: F401  (registers torch.ops.bi.sum / mean)
 from bi_compile.ops.library import BIInputError
 
-from .row_helpers import batch_draws, cpu_threads
+from .row_helpers import assert_same_rows_in_any_buffer, batch_draws, cpu_threads
 
 OPS = ("sum", "mean")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -217,20 +217,8 @@ def test_gpu_batch_invariance(dtype, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [4096, 4097])
 def test_gpu_same_row_in_any_buffer(n):
-    """The same row read from a contiguous batch, a row-strided batch, a 1-D tensor and a misaligned view
-    gets the same bits (the kernel's vector width must not follow the buffer's alignment)."""
-    x = torch.randn(33, n, device="cuda", dtype=torch.bfloat16)
-    padded = torch.zeros(33, n + 15, device="cuda", dtype=x.dtype)
-    padded[:, :n] = x
-    flat = torch.zeros(33 * n + 1, device="cuda", dtype=x.dtype)
-    flat[1:] = x.flatten()
     for name in OPS:
-        expected = bi_op(name)(x, [-1], dtype=torch.float32)
-        assert torch.equal(bi_op(name)(padded[:, :n], [-1], dtype=torch.float32), expected)
-        assert torch.equal(bi_op(name)(flat[1:].view(33, n), [-1], dtype=torch.float32), expected)
-        for i in (0, 5, 32):
-            assert torch.equal(bi_op(name)(x[i], [-1], dtype=torch.float32), expected[i])
-            assert torch.equal(bi_op(name)(padded[i : i + 1, :n], [-1], dtype=torch.float32), expected[i : i + 1])
+        assert_same_rows_in_any_buffer(lambda rows: bi_op(name)(rows, [-1], dtype=torch.float32), n)
 
 
 @pytest.mark.gpu
