@@ -168,9 +168,25 @@ def equal_length_prompts(batch: int, context: int, vocab: int, probe: torch.Tens
     return [p.to(probe.device) for p in prompts], row
 
 
+def profile_steps(decode: Step, batch: int, position: int, device: torch.device, path: Path, title: str) -> None:
+    """Kernel-time table of 10 decode steps at ``position`` (an unused cache slot past the generated ones)."""
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    positions = torch.full((batch, 1), position, dtype=torch.long, device=device)
+    decode(tokens, positions)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(10):
+            decode(tokens, positions)
+        torch.cuda.synchronize()
+    table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
+    with path.open("a") as out:
+        out.write(f"## {title} (10 steps)\n\n{table}\n")
+
+
 def run_variant(model, cache: RowCache, model_name: str, variant: Variant, batch_sizes: Sequence[int],
-                prompts_for: Callable[[int], tuple[list, int]], steps: int) -> list[Result]:
-    """Every batch size of one variant, batch 1 first (the reference of the invariance check)."""
+                prompts_for: Callable[[int], tuple[list, int]], steps: int,
+                profile: Path | None = None, profile_batches: Sequence[int] = ()) -> list[Result]:
+    """Every batch size of one variant, batch 1 first (the reference of the invariance check); with ``profile``,
+    appends a kernel-time table for each batch in ``profile_batches`` (CUDA only)."""
     device = cache.layers[0].keys.device
     capture = variant.graph and device.type == "cuda"
     results, reference = [], None
@@ -209,6 +225,8 @@ def run_variant(model, cache: RowCache, model_name: str, variant: Variant, batch
                              (("peak GiB", peak, 2), ("compile+capture s", setup_s, 1)) if value is not None)
             print(f"  {variant.name:16s} batch {batch:3d}: TPOT {result.tpot_ms:8.3f} ms  {result.tokens_per_s:9.1f} tok/s"
                   f"{extras}  invariant {result.invariance}", flush=True)
+            if profile and batch in profile_batches and device.type == "cuda":
+                profile_steps(decode, batch, cache.max_len - 1, device, profile, f"{model_name} {variant.name} batch {batch}")
             del decode
     torch._dynamo.reset()
     gc.collect()
@@ -300,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", type=Path, help="append the tables to this file")
     parser.add_argument("--plot", type=Path, help="write TPOT vs batch size to this PNG")
+    parser.add_argument("--profile", type=Path, help="append per-kernel CUDA time tables of decode steps to this file")
+    parser.add_argument("--profile-batches", nargs="+", type=int, default=[1, 64], help="batch sizes to profile")
     args = parser.parse_args(argv)
     if args.steps < 3 or min(args.batch_sizes) < 1 or args.context < 1:
         parser.error("need --steps >= 3, batch sizes >= 1 and --context >= 1")
@@ -322,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
                 bi_compile.clear_reports()
                 results += run_variant(model, cache, name, VARIANTS[variant], args.batch_sizes,
                                        lambda b: equal_length_prompts(b, args.context, config.vocab_size, probe, args.seed),
-                                       args.steps)
+                                       args.steps, args.profile, args.profile_batches)
                 if VARIANTS[variant].backend == "bi_ascend":
                     audit = bi_compile.passes.Report.merge(bi_compile.reports()).format()
             table = markdown(title, env, results, audit)
