@@ -29,6 +29,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
 
 import bi_compile.ops  # noqa: F401  (registers torch.ops.bi.*)
+from bi_compile.passes.fx_utils import views_as_reshapes
 from bi_compile.passes.pipeline import BatchInvariantPass, decompositions_keeping_rewritten_ops
 from bi_compile.vllm_plugin import check_running_vllm
 
@@ -83,11 +84,7 @@ def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = N
     if opts.inner == "eager":
         def rewrite_and_run(graph_module, _inputs):
             pipeline(graph_module.graph)
-            # A bi op may lay its output out differently from the op it replaced (SDPA's output is a transposed
-            # view, bi.attention's is contiguous): views traced against the old strides become reshapes, which
-            # are the same views where the strides allow and copy only where they don't. Inductor does this itself.
-            for node in graph_module.graph.find_nodes(op="call_function", target=torch.ops.aten.view.default):
-                node.target = torch.ops.aten.reshape.default
+            views_as_reshapes(graph_module.graph)  # Inductor does this itself
             graph_module.recompile()
             return graph_module
 

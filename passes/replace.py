@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fx_utils import OpCall, fake_value, getitem, insert_call, op_call, outputs_covered, rewire
 
@@ -99,6 +100,32 @@ def reduction(a):
     return {"self": a["self"], "dim": a.get("dim"), "keepdim": a.get("keepdim", False), "dtype": a.get("dtype")}
 
 
+def producer(arg: Any, *targets) -> Node | None:
+    """``arg`` when it is a node calling one of ``targets``."""
+    return arg if isinstance(arg, Node) and arg.op == "call_function" and arg.target in targets else None
+
+
+def widened_from(x: Node) -> Node:
+    """The lower-precision float tensor that ``x`` is an fp32 copy of (an exact widening), else ``x``."""
+    convert = producer(x, torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+    source = convert.args[0] if convert is not None else None
+    if source is not None and fake_value(source).dtype in (torch.float16, torch.bfloat16) and fake_value(x).dtype == torch.float32:
+        return source
+    return x
+
+
+def mean_of_squares(a):
+    """mean(x ** 2) of an fp32 x (an RMSNorm's variance, written out) -> bi.mean_square of x, read in the dtype
+    it was widened from."""
+    square = producer(a["self"], aten.pow.Tensor_Scalar, aten.mul.Tensor)
+    if a["dtype"] is not None or square is None or fake_value(square).dtype != torch.float32:
+        return None
+    x = square.args[0]
+    if square.target is aten.pow.Tensor_Scalar and square.args[1] != 2 or square.target is aten.mul.Tensor and square.args[1] is not x:
+        return None
+    return {"self": widened_from(x), "dim": a["dim"], "keepdim": a["keepdim"]}
+
+
 def rms_norm_of(x, weight, eps, normalized_shape=None):
     if normalized_shape is not None and len(normalized_shape) != 1:
         return None
@@ -107,12 +134,35 @@ def rms_norm_of(x, weight, eps, normalized_shape=None):
     return {"input": x, "weight": weight, "eps": float(eps)}
 
 
+def unrepeated_kv(kv: Any) -> tuple[Node, int] | None:
+    """(kv, n) for a [B, Hkv * n, S, D] tensor built as kv[:, :, None].expand(B, Hkv, n, S, D).reshape(...)
+    (transformers' ``repeat_kv``): head h of it is head h // n of kv, which is what GQA reads."""
+    view = producer(kv, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+    clone = producer(view.args[0], aten.clone.default) if view is not None else None
+    expand = producer(clone.args[0], aten.expand.default) if clone is not None else None
+    unsqueeze = producer(expand.args[0], aten.unsqueeze.default) if expand is not None else None
+    if unsqueeze is None or unsqueeze.args[1] != 2:
+        return None
+    base, expanded, repeated = (fake_value(n).shape for n in (unsqueeze.args[0], expand, view))
+    if len(base) != 4 or len(expanded) != 5:
+        return None
+    n = expanded[2]
+    expected = (base[0], base[1] * n, base[2], base[3])
+    if not all(statically_known_true(a == b) for a, b in zip(repeated, expected)):
+        return None
+    return unsqueeze.args[0], n
+
+
 def sdpa(a):
     if a.get("dropout_p", 0.0) != 0.0:
         return None
     mask = a.get("attn_mask", a.get("attn_bias"))
+    key, value = a["key"], a["value"]
+    unrepeated = unrepeated_kv(key), unrepeated_kv(value)
+    if all(unrepeated) and unrepeated[0][1] == unrepeated[1][1]:  # read the kv heads in place: no repeated copy
+        (key, _), (value, _) = unrepeated
     # The ATen kernels take fewer kv heads than query heads as they come (GQA); bi.attention is told so.
-    return {"query": a["query"], "key": a["key"], "value": a["value"], "attn_mask": mask,
+    return {"query": a["query"], "key": key, "value": value, "attn_mask": mask,
             "is_causal": a["is_causal"], "scale": a.get("scale"), "enable_gqa": True}
 
 
@@ -131,6 +181,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
     Replacement("aten._log_softmax.default", "bi.log_softmax", softmax),
     Replacement("aten.sum.dim_IntList", "bi.sum", reduction, note="floating inputs; integer sums are exact"),
     Replacement("aten.sum.default", "bi.sum", reduction, note="all dims"),
+    Replacement("aten.mean.dim", "bi.mean_square", mean_of_squares, note="mean(x.float() ** 2): read x, no squares in memory"),
     Replacement("aten.mean.dim", "bi.mean", reduction),
     Replacement("aten.mean.default", "bi.mean", reduction, note="all dims"),
     Replacement("aten.rms_norm.default", "bi.rms_norm",
@@ -146,7 +197,8 @@ REPLACEMENTS: tuple[Replacement, ...] = (
                 {"result": 0}, note="vLLM custom op inside auto_functionalized"),
     Replacement("npu.npu_rms_norm.default", "bi.rms_norm", lambda a: rms_norm_of(a["self"], a["gamma"], a["epsilon"]),
                 note="torch_npu; returns (y, rstd)"),
-    Replacement("aten._scaled_dot_product_flash_attention_for_cpu.default", "bi.attention", sdpa, SDPA_OUTPUT),
+    Replacement("aten._scaled_dot_product_flash_attention_for_cpu.default", "bi.attention", sdpa, SDPA_OUTPUT,
+                note="all SDPA rows: repeat_kv'd kv heads are read unrepeated"),
     Replacement("aten._scaled_dot_product_flash_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),
     Replacement("aten._scaled_dot_product_efficient_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),
     Replacement("aten._scaled_dot_product_cudnn_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),

@@ -1,4 +1,4 @@
-"""bi::sum and bi::mean: float64 references, bitwise batch invariance, layouts, errors, compile.
+"""bi::sum, bi::mean and bi::mean_square: float64 references, bitwise batch invariance, layouts, errors, compile.
 
 CPU tests run the ops' CPU path; the ``triton_device`` tests run the Triton launcher itself (under the
 Triton interpreter on CPU when there is no GPU, as conftest arranges); ``@pytest.mark.gpu`` tests need CUDA.
@@ -16,7 +16,7 @@ from bi_compile.ops.library import BIInputError
 
 from .row_helpers import assert_same_rows_in_any_buffer, batch_draws, cpu_threads
 
-OPS = ("sum", "mean")
+OPS = ("sum", "mean", "mean_square")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rounding of the output to its dtype (relative), on top of the fp32 accumulation error.
 OUT_RTOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -28,14 +28,31 @@ def bi_op(name: str):
     return getattr(torch.ops.bi, name)
 
 
+def reduce(name: str, x, dim, keepdim=False, dtype=None):
+    """The op with sum/mean's arguments; mean_square has no dtype argument (it is fp32), so only None or fp32."""
+    if name == "mean_square":
+        assert dtype in (None, torch.float32)
+        return torch.ops.bi.mean_square(x, dim, keepdim)
+    return bi_op(name)(x, dim, keepdim, dtype=dtype)
+
+
+def out_dtypes(name: str) -> tuple:
+    return (None, torch.float32) if name == "mean_square" else (None, *DTYPES)
+
+
+def reference(name: str, x, dim, keepdim=False):
+    """torch's reduction of the same name (mean_square: mean of the squares)."""
+    return (x * x).mean(dim, keepdim=keepdim) if name == "mean_square" else getattr(torch, name)(x, dim, keepdim=keepdim)
+
+
 def assert_matches_reference(name, x, dim, keepdim, dtype, out):
     """Against aten's float64 reduction of the input's values cast to the output dtype (as aten casts)."""
-    out_dtype = dtype or x.dtype
+    out_dtype = torch.float32 if name == "mean_square" else dtype or x.dtype
     x64 = x.to(out_dtype).double()
-    expected = getattr(torch, name)(x64, dim, keepdim=keepdim)
-    scale = getattr(torch, name)(x64.abs(), dim, keepdim=keepdim)
+    expected = reference(name, x64, dim, keepdim)
+    scale = reference(name, x64.abs(), dim, keepdim)
     assert out.dtype == out_dtype and out.shape == expected.shape and out.is_contiguous()
-    assert out.shape == getattr(torch, name)(x.to(out_dtype), dim, keepdim=keepdim).shape  # aten's shape rules
+    assert out.shape == reference(name, x.to(out_dtype), dim, keepdim).shape  # aten's shape rules
     error = (out.double() - expected).abs()
     bound = ACC_TOL * scale + OUT_RTOL[out_dtype] * expected.abs()
     assert ((error <= bound) | (out.isnan() & expected.isnan()) | (out == expected)).all(), (error - bound).max()
@@ -52,8 +69,8 @@ def assert_matches_reference(name, x, dim, keepdim, dtype, out):
 @pytest.mark.parametrize("keepdim", [False, True])
 def test_matches_float64(name, dtype, shape, dim, keepdim):
     x = torch.randn(shape).to(dtype)
-    for out_dtype in (None, *DTYPES):
-        assert_matches_reference(name, x, dim, keepdim, out_dtype, bi_op(name)(x, dim, keepdim, dtype=out_dtype))
+    for out_dtype in out_dtypes(name):
+        assert_matches_reference(name, x, dim, keepdim, out_dtype, reduce(name, x, dim, keepdim, dtype=out_dtype))
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -76,7 +93,7 @@ def test_nan_and_inf_like_torch(name):
     x[3, 5], x[3, 6] = float("inf"), float("-inf")
     x[4, 7] = float("-inf")
     out = bi_op(name)(x, [-1])
-    torch.testing.assert_close(out, getattr(torch, name)(x, -1), rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(out, reference(name, x, -1), rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 # ---------------------------------------------------------------- CPU path: batch invariance
@@ -90,13 +107,13 @@ def test_cpu_row_alone_equals_row_in_batch(name):
     bases = {(n, dtype): torch.randn(600, n).to(dtype) for n in (1, 7, 128, 1000) for dtype in DTYPES}
     for start, m, pos in batch_draws(rng, 200, 600):
         x = bases[rng.choice(list(bases))]
-        out_dtype, keepdim = rng.choice((None, *DTYPES)), rng.random() < 0.5
+        out_dtype, keepdim = rng.choice(out_dtypes(name)), rng.random() < 0.5
         if rng.random() < 0.5:
-            batch = bi_op(name)(x[start : start + m], [-1], keepdim, dtype=out_dtype)[pos]
-            alone = bi_op(name)(x[start + pos : start + pos + 1], [-1], keepdim, dtype=out_dtype)[0]
+            batch = reduce(name, x[start : start + m], [-1], keepdim, dtype=out_dtype)[pos]
+            alone = reduce(name, x[start + pos : start + pos + 1], [-1], keepdim, dtype=out_dtype)[0]
         else:  # rows are the columns of a transposed view
-            batch = bi_op(name)(x.t()[:, start : start + m], [0], keepdim, dtype=out_dtype)[..., pos]
-            alone = bi_op(name)(x.t()[:, start + pos : start + pos + 1], [0], keepdim, dtype=out_dtype)[..., 0]
+            batch = reduce(name, x.t()[:, start : start + m], [0], keepdim, dtype=out_dtype)[..., pos]
+            alone = reduce(name, x.t()[:, start + pos : start + pos + 1], [0], keepdim, dtype=out_dtype)[..., 0]
         assert torch.equal(batch, alone), (name, start, m, pos, x.shape, x.dtype, out_dtype)
 
 
@@ -130,6 +147,8 @@ def test_bad_inputs_raise_bi_input_error():
     ]
     for name in OPS:
         for args, kwargs, needle in cases:
+            if name == "mean_square" and kwargs:
+                continue  # it has no dtype argument
             with pytest.raises(BIInputError) as info:
                 bi_op(name)(*args, **kwargs)
             message = str(info.value)
@@ -168,11 +187,12 @@ def test_kernel_matches_reference_and_is_row_invariant(triton_device, dtype, n):
 
     rows = 24 if n <= 300 else 4
     x = torch.randn(rows, n, device=triton_device).to(dtype)
-    for name, out_dtype in (("sum", dtype), ("mean", torch.float32), ("sum", torch.float16)):
-        out = row_sum(x, out_dtype, mean=name == "mean")
+    for name, out_dtype in (("sum", dtype), ("mean", torch.float32), ("sum", torch.float16), ("mean_square", torch.float32)):
+        flags = {"mean": name != "sum", "square": name == "mean_square"}
+        out = row_sum(x, out_dtype, **flags)
         assert_matches_reference(name, x.cpu(), [-1], False, out_dtype, out.cpu())
         for start, m in ((0, 1), (3, 2), (1, rows - 1)):
-            assert torch.equal(out[start : start + m], row_sum(x[start : start + m], out_dtype, mean=name == "mean"))
+            assert torch.equal(out[start : start + m], row_sum(x[start : start + m], out_dtype, **flags))
     transposed = x.t()  # rows at stride 1, elements at stride n: the launcher copies
     assert_matches_reference("sum", transposed.cpu(), [-1], False, None, row_sum(transposed, dtype).cpu())
 
@@ -180,17 +200,20 @@ def test_kernel_matches_reference_and_is_row_invariant(triton_device, dtype, n):
 @pytest.mark.parametrize("name", OPS)
 def test_op_triton_path_layouts(triton_device, name):
     """The op's Triton entry (checks, moving the reduced dims last, launch) on the layouts the CPU tests use."""
-    from bi_compile.ops.reduce import _triton
+    from bi_compile.ops import reduce as ops
+
+    kind = {"sum": ops.SUM, "mean": ops.MEAN, "mean_square": ops.MEAN_SQUARE}[name]
 
     x = torch.randn(3, 5, 64, device=triton_device)
     cases = [(x, [-1], False, None), (x, [0, 2], True, None), (x.half(), None, False, torch.float32), (x, [], True, None),
              (x.transpose(0, 2), [1], False, torch.float16), (torch.randn(7, 0, device=triton_device), [-1], False, None),
              (torch.tensor(2.0, device=triton_device), [0], True, None), (torch.randn(0, 3, device=triton_device), [1], False, None)]
     for inp, dim, keepdim, dtype in cases:
-        out = _triton(name == "mean", inp, dim, keepdim, dtype)
+        dtype = torch.float32 if name == "mean_square" else dtype  # what the op passes for it
+        out = ops._triton(kind, inp, dim, keepdim, dtype)
         assert_matches_reference(name, inp.cpu(), dim, keepdim, dtype, out.cpu())
     with pytest.raises(BIInputError, match="appears more than once"):
-        _triton(name == "mean", x, [0, -3], False, None)
+        ops._triton(kind, x, [0, -3], False, None)
 
 
 # ---------------------------------------------------------------- GPU
@@ -207,9 +230,9 @@ def test_gpu_batch_invariance(dtype, n):
     for name in OPS:
         for out_dtype in (None, torch.float32):
             for start in (0, 3, 77):
-                whole = bi_op(name)(base[start : start + 8192], [-1], True, dtype=out_dtype)
+                whole = reduce(name, base[start : start + 8192], [-1], True, dtype=out_dtype)
                 for m in GPU_BATCHES:
-                    part = bi_op(name)(base[start : start + m], [-1], True, dtype=out_dtype)
+                    part = reduce(name, base[start : start + m], [-1], True, dtype=out_dtype)
                     assert torch.equal(whole[:m], part), (name, n, dtype, out_dtype, start, m)
         assert_matches_reference(name, base[:64].cpu(), [-1], False, None, bi_op(name)(base[:64], [-1]).cpu())
 
@@ -218,7 +241,7 @@ def test_gpu_batch_invariance(dtype, n):
 @pytest.mark.parametrize("n", [4096, 4097])
 def test_gpu_same_row_in_any_buffer(n):
     for name in OPS:
-        assert_same_rows_in_any_buffer(lambda rows: bi_op(name)(rows, [-1], dtype=torch.float32), n)
+        assert_same_rows_in_any_buffer(lambda rows: reduce(name, rows, [-1], dtype=torch.float32), n)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 from bi_compile.ops.library import LAYOUT_CONTRACTS
 from bi_compile.passes import run_pipeline
-from bi_compile.passes.fx_utils import fake_value
+from bi_compile.passes.fx_utils import fake_value, views_as_reshapes
 
 from . import foreign_ops
 
@@ -26,6 +26,7 @@ def rewritten(fn, *args, dynamic=False):
 
     def forward(gm, _inputs):
         seen.append((gm, run_pipeline(gm.graph)))
+        views_as_reshapes(gm.graph)
         gm.recompile()
         return gm
 
@@ -233,3 +234,47 @@ def test_audit_counts_exact_routing_arithmetic_as_invariant():
 
     _, report, _ = rewritten(fn, torch.randint(0, 8, (6, 2)), torch.randn(6, 8))
     assert report.findings == []
+
+
+def test_written_out_rms_norm_variance_becomes_mean_square_of_the_narrow_input():
+    """x.float().pow(2).mean(-1, True) (transformers' norms) and x * x: bi.mean_square reads x itself; any
+    other mean stays bi.mean (a cube, or squares taken in bf16, which round unlike fp32 ones)."""
+
+    def fn(x, y):
+        return (x.float().pow(2).mean(-1, keepdim=True), (y * y).mean([-1]), x.float().pow(3).mean(-1),
+                x.pow(2).mean(-1))
+
+    x, y = torch.randn(3, 5, 64).bfloat16(), torch.randn(7, 33)
+    gm, report, out = rewritten(fn, x, y)
+    assert report.rewrites == {"aten.mean.dim -> bi.mean_square": 2, "aten.mean.dim -> bi.mean": 2}
+    squares = [n for n in gm.graph.nodes if n.target is torch.ops.bi.mean_square.default]
+    assert {fake_value(n.kwargs["self"]).dtype for n in squares} == {torch.bfloat16, torch.float32}
+    assert not any(n.target is torch.ops.aten.pow.Tensor_Scalar and n.args[1] == 2 and fake_value(n).dtype == torch.float32
+                   for n in gm.graph.nodes)  # the fp32 squares are gone from the graph
+    for got, want in zip(out, fn(x, y)):
+        torch.testing.assert_close(got, want, rtol=2e-2 if got.dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_repeated_kv_heads_reach_bi_attention_unrepeated():
+    """transformers' repeat_kv (expand + reshape of the kv heads, taken when a mask is given) is undone: bi.attention
+    reads the [B, Hkv, S, D] tensors with GQA, and the repeated copies leave the graph."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    ids, attention_mask = torch.randint(0, 97, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    attention_mask[1, 5:] = 0  # a padded row: transformers builds a mask, so it repeats the kv heads itself
+
+    def logits(ids, attention_mask):
+        return model(ids, attention_mask=attention_mask, use_cache=False).logits
+
+    gm, report, out = rewritten(logits, ids, attention_mask)
+    attentions = [n for n in gm.graph.nodes if n.target is torch.ops.bi.attention.default]
+    assert len(attentions) == 2 and report.findings == []
+    assert all(fake_value(n.kwargs[kv]).shape[1] == 2 for n in attentions for kv in ("key", "value"))
+    assert not any(n.target is torch.ops.aten.expand.default and fake_value(n).dim() == 5 for n in gm.graph.nodes)
+    assert report.rewrites["aten.mean.dim -> bi.mean_square"] == 2 * 4 + 1  # input, post-attention, q and k norms; final
+    torch.testing.assert_close(out[0], logits(ids, attention_mask)[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1, :5], logits(ids, attention_mask)[1, :5], rtol=1e-4, atol=1e-4)

@@ -138,10 +138,10 @@ def row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner):
 @triton.jit(do_not_specialize=["n_rows"])
 def _row_sum_kernel(
     x_ptr, out_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
-    MEAN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    MEAN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """out[r] = sum_j x[r, j] (or the mean), each element first cast to out's dtype as aten does, fp32 sums
-    in chunks of BLOCK, folded by one tl.sum."""
+    """out[r] = sum_j x[r, j] (or the mean; SQUARE: of x[r, j] ** 2), each element first cast to out's dtype
+    as aten does, fp32 sums in chunks of BLOCK, folded by one tl.sum."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
@@ -150,17 +150,22 @@ def _row_sum_kernel(
     for start in range(0, n_cols, BLOCK):
         mask = row_mask[:, None] & (start + cols < n_cols)
         x = tl.load(x_rows + start + cols, mask=mask, other=0.0)
-        acc += x.to(out_ptr.dtype.element_ty).to(tl.float32)
+        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
+        if SQUARE:
+            x = x * x
+        acc += x
     total = tl.sum(acc, axis=1)
     if MEAN:
         total = total / n_cols
     tl.store(out_ptr + rows.to(tl.int64), total.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False) -> torch.Tensor:
-    """Sum (or mean) of ``x`` [..., R] over its last dim -> fresh contiguous [...] in ``out_dtype``.
+def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square: bool = False) -> torch.Tensor:
+    """Sum (or mean) of ``x`` [..., R] (``square``: of its squares) over its last dim -> fresh contiguous [...]
+    in ``out_dtype``.
 
-    As aten's sum/mean with ``dtype=``: each element is cast to ``out_dtype``, the sum is accumulated in fp32.
+    As aten's sum/mean with ``dtype=``: each element is cast to ``out_dtype`` (then squared), the sum is
+    accumulated in fp32.
     """
     out = torch.empty(x.shape[:-1], dtype=out_dtype, device=x.device)
     if out.numel() == 0:
@@ -170,6 +175,6 @@ def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False) -> torc
     (stride_outer, stride_inner), = grid.strides
     _row_sum_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
         x, out, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
-        MEAN=mean, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
+        MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
     )
     return out

@@ -1,6 +1,12 @@
-"""``bi::sum`` and ``bi::mean``: aten ``sum.dim_IntList`` / ``mean.dim`` with a fixed reduction order.
+"""``bi::sum``, ``bi::mean`` and ``bi::mean_square``: aten ``sum.dim_IntList`` / ``mean.dim`` with a fixed
+reduction order.
 
     sum(self, dim, keepdim=False, dtype=None), mean(self, dim, keepdim=False, dtype=None)
+    mean_square(self, dim, keepdim=False) = mean(self.float() ** 2, dim, keepdim), fp32
+
+``mean_square`` is the variance of an RMSNorm written out in a model (``x.float().pow(2).mean(-1, True)``,
+transformers' norms): it reads x in its own dtype, so the squares never go through memory, and the rest of the
+norm stays the model's own elementwise code, which Inductor fuses around it.
 
 ``dim``: a list of dims (negative ones wrap; None or [] reduces every dim). ``dtype``: the output dtype; as
 in aten each element is cast to it first, and the sum is accumulated in fp32 whatever it is. mean = sum / R.
@@ -26,6 +32,7 @@ from .library import FLOAT_DTYPES, Layout, check_dtype, layout_contract, map_row
 # so the graph pass never has to insert one.
 layout_contract("bi::sum", self=Layout.ANY)
 layout_contract("bi::mean", self=Layout.ANY)
+layout_contract("bi::mean_square", self=Layout.ANY)
 
 
 class _Plan(NamedTuple):
@@ -64,33 +71,39 @@ def _as_rows(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return moved.reshape(*moved.shape[: plan.n_kept], math.prod(moved.shape[plan.n_kept:]))
 
 
-def _qualname(mean: bool) -> str:
-    return "bi::mean" if mean else "bi::sum"
+class _Kind(NamedTuple):
+    name: str
+    mean: bool
+    square: bool
 
 
-def _fake(mean: bool, x, dim, keepdim=False, dtype=None):
-    plan = _plan(_qualname(mean), x, dim, keepdim, dtype)
+SUM, MEAN, MEAN_SQUARE = _Kind("bi::sum", False, False), _Kind("bi::mean", True, False), _Kind("bi::mean_square", True, True)
+
+
+def _fake(kind: _Kind, x, dim, keepdim=False, dtype=None):
+    plan = _plan(kind.name, x, dim, keepdim, dtype)
     return x.new_empty(plan.out_shape, dtype=plan.out_dtype)
 
 
-def _cpu(mean: bool, x, dim, keepdim=False, dtype=None):
+def _cpu(kind: _Kind, x, dim, keepdim=False, dtype=None):
     """CPU path: fp32 sums of fixed [tile, R] blocks (library.map_row_tiles)."""
-    plan = _plan(_qualname(mean), x, dim, keepdim, dtype)
+    plan = _plan(kind.name, x, dim, keepdim, dtype)
     rows = _as_rows(x, plan)
     n_cols = rows.shape[-1]
 
     def tile_sums(tile: torch.Tensor) -> torch.Tensor:
-        total = tile.to(plan.out_dtype).float().sum(-1)
-        return (total / n_cols if mean else total).to(plan.out_dtype)
+        values = tile.to(plan.out_dtype).float()
+        total = (values * values if kind.square else values).sum(-1)
+        return (total / n_cols if kind.mean else total).to(plan.out_dtype)
 
     return map_row_tiles(tile_sums, rows.reshape(math.prod(rows.shape[:-1]), n_cols)).reshape(plan.out_shape)
 
 
-def _triton(mean: bool, x, dim, keepdim=False, dtype=None):
-    plan = _plan(_qualname(mean), x, dim, keepdim, dtype)
+def _triton(kind: _Kind, x, dim, keepdim=False, dtype=None):
+    plan = _plan(kind.name, x, dim, keepdim, dtype)
     from ..kernels.reduce import row_sum
 
-    return row_sum(_as_rows(x, plan), plan.out_dtype, mean=mean).reshape(plan.out_shape)
+    return row_sum(_as_rows(x, plan), plan.out_dtype, mean=kind.mean, square=kind.square).reshape(plan.out_shape)
 
 
 _SCHEMA = "(Tensor self, int[]? dim, bool keepdim=False, ScalarType? dtype=None) -> Tensor"
@@ -106,6 +119,13 @@ def reduce_mean(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = F
     raise no_kernel("bi::mean", self)
 
 
-for _op, _mean in ((reduce_sum, False), (reduce_mean, True)):
-    _op.register_fake(functools.partial(_fake, _mean))
-    register_kernels(_op, cpu=functools.partial(_cpu, _mean), triton=functools.partial(_triton, _mean))
+@torch.library.custom_op("bi::mean_square", mutates_args=(), schema="(Tensor self, int[]? dim, bool keepdim=False) -> Tensor")
+def reduce_mean_square(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False) -> torch.Tensor:
+    raise no_kernel("bi::mean_square", self)
+
+
+for _op, _kind, _dtype in ((reduce_sum, SUM, None), (reduce_mean, MEAN, None), (reduce_mean_square, MEAN_SQUARE, torch.float32)):
+    # mean_square always computes and returns fp32: it passes that as the dtype argument of its sum/mean siblings.
+    _fixed = {} if _dtype is None else {"dtype": _dtype}
+    _op.register_fake(functools.partial(_fake, _kind, **_fixed))
+    register_kernels(_op, cpu=functools.partial(_cpu, _kind, **_fixed), triton=functools.partial(_triton, _kind, **_fixed))
