@@ -26,10 +26,10 @@ GPU).
 
 **Rows.** A program owns one (sequence, kv head) and ``BLOCK_M`` packed query rows ``r = position * G + g``
 (G = H / Hkv query heads share a kv head: GQA/MQA decode fills the tile with the group). Rows of a tile are
-independent in ``tl.dot``: the tile height decides which program computes a row, not how. Decode
-(q_len * G <= ``DECODE_ROWS``) takes a 16-row tile instead of 64, so a GQA group does not pay for 64 rows;
-the key chunks (``BLOCK_N``, ``SPLIT_N``) are those of the 64-row config, so the order over keys is the same,
-and the GPU tests check that a row decoded alone equals the same row inside an 8000-row prefill.
+independent in ``tl.dot``; ``BLOCK_M`` is fixed per config, so the query length only changes how many tiles
+there are. It must not follow the query length: a chunked prefill pads every sequence to the batch's longest
+chunk, so q_len depends on the other sequences, and on the H100 a 16-row tile (mma.sync) gave other bf16 bits
+than the 64-row one (wgmma) for head dim 128, G = 4 (measured 2026-11-23; they agreed for head dim 64, G = 2).
 
 **Masked keys are exact no-ops**: a chunk or split whose keys are all masked for a row leaves (m, l, acc)
 bit-identical (exp(0) = 1, exp(-inf) = 0). So causal tiles stop at their last visible key, and a static KV
@@ -89,17 +89,9 @@ def head_block(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-# Packed query rows per (sequence, kv head) up to which the 16-row decode tile is used.
-DECODE_ROWS = 16
-
-
-def attention_config(head_dim: int, value_dim: int, dtype: torch.dtype, rows_per_pair: int) -> AttentionConfig:
-    """The config for head dims up to 256 (16 and 32 share the 64 entry: same order, smaller blocks) and
-    ``rows_per_pair`` = q_len * G packed query rows per (sequence, kv head)."""
-    cfg = _CONFIGS[(max(64, head_block(max(head_dim, value_dim))), dtype == torch.float32)]
-    if rows_per_pair <= DECODE_ROWS:
-        return AttentionConfig(DECODE_ROWS, cfg.block_n, cfg.split_n, num_warps=4, num_stages=max(2, cfg.num_stages))
-    return cfg
+def attention_config(head_dim: int, value_dim: int, dtype: torch.dtype) -> AttentionConfig:
+    """The config for head dims up to 256; 16 and 32 share the 64 entry (same order, smaller blocks)."""
+    return _CONFIGS[(max(64, head_block(max(head_dim, value_dim))), dtype == torch.float32)]
 
 
 @triton.jit
@@ -303,8 +295,8 @@ def attention(
     out = torch.empty((batch, num_heads, q_len, value_dim), dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
+    cfg = attention_config(head_dim, value_dim, query.dtype)
     rows_per_pair = q_len * (num_heads // num_kv_heads)
-    cfg = attention_config(head_dim, value_dim, query.dtype, rows_per_pair)
     m_tiles = triton.cdiv(rows_per_pair, cfg.block_m)
     programs = m_tiles * batch * num_kv_heads
     num_splits = triton.cdiv(kv_len, cfg.split_n)
