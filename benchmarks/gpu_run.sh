@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU runs, cut to fit one device call (10 minutes) each. Run from the repository root; results go to $OUT
+# (or ./out). Stages, in the order a session should take them:
+#
+#   tests-ops      pytest -m gpu on the op files                                  (~7 min)
+#   tests-models   pytest -m gpu on the backend and the model suite               (~6 min)
+#   warm           compile the decode step of both compiled variants, in parallel processes, to fill the Inductor
+#                  cache (cold: 110-175 s per batch class and variant; the measured run then loads the graphs)
+#   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
+#   kernels        benchmarks/kernels.py, every op under CUDA graphs
+#
+# `warm` and `decode` must run on the same machine (the cache lives in /tmp there): call them back to back, or
+# together (`benchmarks/gpu_run.sh warm decode`) when the model is small enough to fit 10 minutes.
+# Extra arguments for decode.py go in DECODE_ARGS, e.g. DECODE_ARGS="--models qwen3-8b --layers 8".
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+for stage in "$@"; do
+  case $stage in
+    tests-ops | tests-models | warm | decode | kernels) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, kernels)" >&2; exit 2 ;;
+  esac
+done
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
+DECODE=(python3 benchmarks/decode.py --context 256 --steps 32 ${DECODE_ARGS:-})
+
+for stage in "$@"; do
+  case $stage in
+    tests-ops)
+      python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
+    tests-models)
+      python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
+    warm)
+      i=0
+      for variant in inductor+graph bi_ascend+graph; do  # same cache shapes as `decode`: batch 1 and max batch 64
+        i=$((i + 1))
+        "${DECODE[@]}" --batch-sizes 1 64 --variants "$variant" >"$OUT/warm_$i.log" 2>&1 &
+      done
+      wait
+      grep -h "TPOT" "$OUT"/warm_*.log ;;
+    decode)
+      "${DECODE[@]}" --batch-sizes 1 8 32 64 --markdown "$OUT/decode.md" --plot "$OUT/decode.png" \
+        --profile "$OUT/profile.txt" 2>&1 | grep -v -i warn | tee "$OUT/decode.log" | tail -40 ;;
+    kernels)
+      python3 benchmarks/kernels.py --cuda-graph --markdown "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
+      tail -5 "$OUT/kernels.md" ;;
+  esac
+done
