@@ -97,11 +97,13 @@ class Report:
 
 
 def integer_arithmetic(call) -> bool:
-    """Sums, cumsums and products of integers are exact, so their order cannot change the result."""
+    """Sums, cumsums and products of integers are exact, so their order cannot change the result. The arithmetic
+    runs in ``dtype`` when given (the input is cast first: MoE routing takes cumsum(float counts, dtype=int32))."""
     val = fake_value(call.arguments.get("self", call.arguments.get("input")))
-    dtype = call.arguments.get("dtype")
-    return (isinstance(val, torch.Tensor) and not val.is_floating_point() and not val.is_complex()
-            and (dtype is None or not dtype.is_floating_point))
+    if not isinstance(val, torch.Tensor):
+        return False
+    dtype = call.arguments.get("dtype") or val.dtype
+    return not dtype.is_floating_point and not dtype.is_complex
 
 
 def classify(node: Node) -> tuple[str, str]:

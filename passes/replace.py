@@ -90,6 +90,16 @@ def addmm(a):
     return {"self": a["self"], "mat1": a["mat1"], "mat2": a["mat2"], "beta": float(a["beta"]), "alpha": float(a["alpha"])}
 
 
+def grouped_mm(a):
+    """The 2-D x 3-D form with offsets (MoE experts), no bias, output in the input dtype."""
+    self, mat2, offs = (fake_value(a[name]) for name in ("self", "mat2", "offs"))
+    if offs is None or a["bias"] is not None or self.dim() != 2 or mat2.dim() != 3:
+        return None
+    if a["out_dtype"] not in (None, self.dtype):
+        return None
+    return {"self": a["self"], "mat2": a["mat2"], "offs": a["offs"]}
+
+
 def softmax(a):
     return {"self": a["self"], "dim": a["dim"], "half_to_float": a["half_to_float"]}
 
@@ -177,6 +187,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
     Replacement("aten.addmm.out", "bi.addmm", addmm, note="result copied into `out`"),
     Replacement("aten.bmm.default", "bi.bmm", mm),
     Replacement("aten.bmm.out", "bi.bmm", mm, note="result copied into `out`"),
+    Replacement("aten._grouped_mm.default", "bi.grouped_mm", grouped_mm, note="MoE experts: 2-D x 3-D with offs, no bias"),
     Replacement("aten._softmax.default", "bi.softmax", softmax),
     Replacement("aten._log_softmax.default", "bi.log_softmax", softmax),
     Replacement("aten.sum.dim_IntList", "bi.sum", reduction, note="floating inputs; integer sums are exact"),

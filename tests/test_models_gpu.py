@@ -78,6 +78,8 @@ MODELS = {
     # Short prompts: batched_mm gathers one [2 * 768, 2048] weight copy per (token, expert) pair, 8 pairs a token.
     # A looser tolerance: a near-tie in the router may pick another expert in bf16 than in the eager reference.
     "qwen3-30b-a3b": Case(qwen3_moe_config, (2, 6), 1e-1, experts="batched_mm"),
+    # transformers' default experts: torch._grouped_mm over the tokens sorted by expert -> bi.grouped_mm.
+    "qwen3-30b-a3b-grouped-mm": Case(qwen3_moe_config, (3, 17), 1e-1),
     "llama-3.1-8b": Case(llama3_config, (3, 17), 3e-2),
     "gemma-3-1b": Case(gemma3_config, (3, 17), 3e-2),
 }
@@ -91,9 +93,7 @@ def models():
         if name not in built:
             case = MODELS[name]
             model = build_causal_lm(case.config(), device=DEVICE)
-            if case.experts:
-                # transformers' default "grouped_mm" becomes aten._grouped_mm, which has no bi op yet (the audit
-                # reports it unknown); "batched_mm" is bmm + sum, which the pipeline rewrites.
+            if case.experts:  # "batched_mm": bmm + sum, the other path transformers offers
                 model.set_experts_implementation(case.experts)
             built[name] = model
         return built[name]

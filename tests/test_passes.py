@@ -278,3 +278,23 @@ def test_repeated_kv_heads_reach_bi_attention_unrepeated():
     assert report.rewrites["aten.mean.dim -> bi.mean_square"] == 2 * 4 + 1  # input, post-attention, q and k norms; final
     torch.testing.assert_close(out[0], logits(ids, attention_mask)[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1, :5], logits(ids, attention_mask)[1, :5], rtol=1e-4, atol=1e-4)
+
+
+def test_qwen3_moe_with_grouped_mm_experts_leaves_nothing_variant():
+    """transformers' default MoE experts in bf16: torch._grouped_mm over tokens sorted by expert, with offsets
+    from cumsum(histc(...), dtype=int32) (integer arithmetic: exact), becomes bi.grouped_mm."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[])
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).eval().bfloat16()
+    ids = torch.randint(0, 97, (2, 7))
+
+    def logits(ids):
+        return model(ids, use_cache=False).logits
+
+    gm, report, out = rewritten(logits, ids)
+    assert report.findings == [] and report.rewrites["aten._grouped_mm.default -> bi.grouped_mm"] == 2  # gate_up, down
+    assert "aten._grouped_mm.default" not in targets(gm)
+    torch.testing.assert_close(out, logits(ids), rtol=2e-2, atol=2e-2)  # bf16 logits, another summation order

@@ -89,6 +89,32 @@ def processor_count(device: torch.device) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["num_aicore"]
 
 
+@triton.jit
+def _accumulate_k(
+    a_ptr, b_ptr, offs_m, offs_n, in_m, in_n, K, stride_am, stride_bk, stride_bn,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 [BLOCK_M, BLOCK_N] = A[offs_m, :] @ B[:, offs_n], one tl.dot per BLOCK_K chunk from k = 0 upwards:
+    the one K order of every bi matrix product. Rows outside ``in_m`` and columns outside ``in_n`` read zeros."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=in_n[None, :], other=0.0)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=in_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & in_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
 # M and BATCH are not specialised (Triton would compile a variant per M % 16): every M with the same tiles
 # runs one binary.
 @triton.jit(do_not_specialize=["M", "BATCH"])
@@ -115,7 +141,6 @@ def _matmul_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles_per_matrix = num_pid_m * num_pid_n
     tiles_per_group = GROUP_M * num_pid_n
-    offs_k = tl.arange(0, BLOCK_K)
     for tile in range(tl.program_id(0), BATCH * tiles_per_matrix, tl.num_programs(0)):
         batch = (tile // tiles_per_matrix).to(tl.int64)
         tile_in_matrix = tile % tiles_per_matrix
@@ -128,22 +153,8 @@ def _matmul_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_m = offs_m < M
         in_n = offs_n < N
-        a_ptrs = a_ptr + batch * stride_ab + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = b_ptr + batch * stride_bb + offs_k[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=in_n[None, :], other=0.0)
-            else:
-                k_left = K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=in_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & in_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K * stride_bk
-
+        acc = _accumulate_k(a_ptr + batch * stride_ab, b_ptr + batch * stride_bb, offs_m, offs_n, in_m, in_n,
+                            K, stride_am, stride_bk, stride_bn, EVEN_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         out = acc * alpha
         mask = in_m[:, None] & in_n[None, :]
         if HAS_BIAS:
@@ -201,5 +212,78 @@ def matmul(
         GROUP_M=tiles.group_m,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+    )
+    return out
+
+
+# grouped_matmul's tiles: the groups' sizes are data (routing), so one config per dtype, chosen for the few rows
+# per expert of MoE decode.
+GROUPED_TILES = {torch.float16: TileConfig(64, 64, num_warps=4, num_stages=4),
+                 torch.bfloat16: TileConfig(64, 64, num_warps=4, num_stages=4),
+                 torch.float32: TileConfig(16, 64, num_warps=4, num_stages=3)}
+
+
+@triton.jit(do_not_specialize=["N_GROUPS"])
+def _grouped_matmul_kernel(
+    a_ptr, b_ptr, ends_ptr, c_ptr,
+    N, K, N_GROUPS,
+    stride_am, stride_bg, stride_bk, stride_bn, stride_cm,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Group g owns rows [ends[g - 1], ends[g]) (ends[-1] = 0) and multiplies them by B[g]. Each group's rows are
+    cut into BLOCK_M tiles from its first row; row tile p of the grid is the p-th tile of all groups in group
+    order, found by a walk over ``ends`` (device data: no host sync, so it can be captured in a CUDA graph).
+    Grid rows past the last tile have nothing to do."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.full((), -1, tl.int32)
+    first_row = tl.full((), 0, tl.int32)
+    end_row = tl.full((), 0, tl.int32)
+    start = tl.full((), 0, tl.int32)
+    tiles_before = tl.full((), 0, tl.int32)
+    for g in range(0, N_GROUPS):
+        end = tl.load(ends_ptr + g)
+        tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
+        hit = (pid_m >= tiles_before) & (pid_m < tiles_before + tiles)
+        group = tl.where(hit, g, group)
+        first_row = tl.where(hit, start + (pid_m - tiles_before) * BLOCK_M, first_row)
+        end_row = tl.where(hit, end, end_row)
+        tiles_before += tiles
+        start = tl.maximum(start, end)
+    if group >= 0:
+        offs_m = first_row + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_m = offs_m < end_row
+        in_n = offs_n < N
+        acc = _accumulate_k(a_ptr, b_ptr + group.to(tl.int64) * stride_bg, offs_m, offs_n, in_m, in_n,
+                            K, stride_am, stride_bk, stride_bn, EVEN_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows [ends[g - 1], ends[g]) of ``a`` [T, K] times ``b[g]`` [K, N], for each group g, as a new contiguous
+    [T, N] tensor in ``a.dtype``; rows past ``ends[-1]`` are zero. ``a`` has unit stride along K, ``b`` [G, K, N]
+    unit stride along K or N, ``ends`` [G] int32 non-decreasing (as torch._grouped_mm's ``offs``).
+    A row's bits depend only on the row and its group's matrix: its tile is cut from its group's first row, but
+    rows are independent in ``tl.dot`` and K runs in the one order of ``_accumulate_k``."""
+    t, k = a.shape
+    groups, _, n = b.shape
+    out = torch.zeros((t, n), device=a.device, dtype=a.dtype)
+    if out.numel() == 0 or groups == 0:
+        return out
+    tiles = GROUPED_TILES[a.dtype]
+    block_k = BLOCK_K[a.dtype]
+    # Each group adds at most one partial tile: cdiv(T, BLOCK_M) + G row tiles cover any routing.
+    grid = (triton.cdiv(t, tiles.block_m) + groups, triton.cdiv(n, tiles.block_n))
+    _grouped_matmul_kernel[grid](
+        a, b, ends, out,
+        n, k, groups,
+        a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
+        EVEN_K=k % block_k == 0,
+        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -1,6 +1,7 @@
-"""Batch-invariant matrix products: ``bi::mm``, ``bi::addmm``, ``bi::bmm``, ``bi::linear``.
+"""Batch-invariant matrix products: ``bi::mm``, ``bi::addmm``, ``bi::bmm``, ``bi::linear``, ``bi::grouped_mm``.
 
-All four compute ``alpha * (A @ B) + beta * bias`` with fp32 accumulation and return a new contiguous
+All compute ``alpha * (A @ B) + beta * bias`` (grouped_mm: per group of rows, its own B, as
+``torch._grouped_mm`` does for MoE experts) with fp32 accumulation and return a new contiguous
 tensor in the input dtype. A row's bits depend only on that row, B, the bias and (K, dtype):
 
 - CUDA / Ascend: the Triton kernel in ``bi_compile.kernels.matmul`` (a fixed K order per dtype; the tile
@@ -26,6 +27,7 @@ library.layout_contract("bi::mm", self=Layout.UNIT_STRIDE_ROWS, mat2=Layout.UNIT
 library.layout_contract("bi::addmm", self=Layout.ANY, mat1=Layout.UNIT_STRIDE_ROWS, mat2=Layout.UNIT_STRIDE_ANY)
 library.layout_contract("bi::bmm", self=Layout.UNIT_STRIDE_ROWS, mat2=Layout.UNIT_STRIDE_ANY)
 library.layout_contract("bi::linear", input=Layout.UNIT_STRIDE_ROWS, weight=Layout.UNIT_STRIDE_ANY, bias=Layout.ANY)
+library.layout_contract("bi::grouped_mm", self=Layout.UNIT_STRIDE_ROWS, mat2=Layout.UNIT_STRIDE_ANY, offs=Layout.CONTIGUOUS)
 
 
 # ---- checks (run by the fake impls at trace time and by the kernels at run time) ----
@@ -237,3 +239,50 @@ def _linear_triton(input, weight, bias=None):
 
 
 library.register_kernels(linear, cpu=_linear_cpu, triton=_linear_triton)
+
+
+@torch.library.custom_op("bi::grouped_mm", mutates_args=())
+def grouped_mm(self: torch.Tensor, mat2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows [offs[g - 1], offs[g]) of self [T, K] times mat2[g] [K, N] -> [T, N] (rows past offs[-1] are 0): the
+    2-D x 3-D form of ``torch._grouped_mm`` with which MoE layers run their experts. ``offs`` [G] int32, the
+    cumulative row ends, non-decreasing and at most T (as torch requires; on the GPU they are read as data)."""
+    raise library.no_kernel("bi::grouped_mm", self, mat2, offs)
+
+
+def _check_grouped_mm(self, mat2, offs) -> None:
+    _check_operands("bi::grouped_mm", 2, 3, self=self, mat2=mat2)
+    _check_inner("bi::grouped_mm", self.shape[1], mat2.shape[1], self=self, mat2=mat2)
+    library.check_dtype("bi::grouped_mm", (torch.int32,), offs=offs)
+    library.check_rank("bi::grouped_mm", (1,), offs=offs)
+    if offs.shape[0] != mat2.shape[0] or offs.device != self.device:
+        raise library.reject("bi::grouped_mm", "'offs' needs one entry per group of 'mat2', on the inputs' device",
+                             offs=offs, mat2=mat2)
+    library.check_layout("bi::grouped_mm", self=self, mat2=mat2, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(self, mat2, offs):
+    _check_grouped_mm(self, mat2, offs)
+    return self.new_empty((self.shape[0], mat2.shape[2]))
+
+
+def _grouped_mm_cpu(self, mat2, offs):
+    _check_grouped_mm(self, mat2, offs)
+    out = self.new_zeros((self.shape[0], mat2.shape[2]))
+    start = 0
+    for group, end in enumerate(offs.tolist()):
+        end = min(end, self.shape[0])
+        if end > start:  # each group through the fixed-tile CPU product: a row's bits ignore the group's size
+            out[start:end] = _cpu_product(self[start:end], mat2[group], None, 1.0, 1.0)
+        start = max(start, end)
+    return out
+
+
+def _grouped_mm_triton(self, mat2, offs):
+    from bi_compile.kernels import matmul as kernels
+
+    _check_grouped_mm(self, mat2, offs)
+    return kernels.grouped_matmul(self, mat2, offs)
+
+
+library.register_kernels(grouped_mm, cpu=_grouped_mm_cpu, triton=_grouped_mm_triton)
