@@ -130,8 +130,8 @@ def mean_of_squares(a):
     square = producer(a["self"], aten.pow.Tensor_Scalar, aten.mul.Tensor)
     if a["dtype"] is not None or square is None or fake_value(square).dtype != torch.float32:
         return None
-    x = square.args[0]
-    if square.target is aten.pow.Tensor_Scalar and square.args[1] != 2 or square.target is aten.mul.Tensor and square.args[1] is not x:
+    x, other = square.args[:2]
+    if not (other == 2 if square.target is aten.pow.Tensor_Scalar else other is x):
         return None
     return {"self": widened_from(x), "dim": a["dim"], "keepdim": a["keepdim"]}
 
@@ -169,7 +169,7 @@ def sdpa(a):
     mask = a.get("attn_mask", a.get("attn_bias"))
     key, value = a["key"], a["value"]
     unrepeated = unrepeated_kv(key), unrepeated_kv(value)
-    if all(unrepeated) and unrepeated[0][1] == unrepeated[1][1]:  # read the kv heads in place: no repeated copy
+    if all(unrepeated) and statically_known_true(unrepeated[0][1] == unrepeated[1][1]):  # read kv heads in place
         (key, _), (value, _) = unrepeated
     # The ATen kernels take fewer kv heads than query heads as they come (GQA); bi.attention is told so.
     return {"query": a["query"], "key": key, "value": value, "attn_mask": mask,
