@@ -193,13 +193,18 @@ def test_audit_names_unknown_custom_ops_by_source_line():
     assert "torch.ops.bi_test.opaque(x)" in finding.source
 
 
-def test_qwen3_decoder_leaves_nothing_variant():
+def tiny_qwen3(attn_implementation: str):
+    """A 2-layer transformers Qwen3 (4 query heads, 2 kv heads), seeded random weights, fp32."""
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      attn_implementation="eager")
+                                      attn_implementation=attn_implementation)
     torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(config).eval()
+    return transformers.Qwen3ForCausalLM(config).eval()
+
+
+def test_qwen3_decoder_leaves_nothing_variant():
+    model = tiny_qwen3("eager")
     ids = torch.randint(0, 97, (2, 7))
 
     def logits(ids):
@@ -258,12 +263,7 @@ def test_written_out_rms_norm_variance_becomes_mean_square_of_the_narrow_input()
 def test_repeated_kv_heads_reach_bi_attention_unrepeated():
     """transformers' repeat_kv (expand + reshape of the kv heads, taken when a mask is given) is undone: bi.attention
     reads the [B, Hkv, S, D] tensors with GQA, and the repeated copies leave the graph."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(config).eval()
+    model = tiny_qwen3("sdpa")
     ids, attention_mask = torch.randint(0, 97, (2, 7)), torch.ones(2, 7, dtype=torch.long)
     attention_mask[1, 5:] = 0  # a padded row: transformers builds a mask, so it repeats the kv heads itself
 
