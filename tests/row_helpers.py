@@ -1,4 +1,5 @@
-"""Helpers the row-op tests share: a scoped CPU thread count, and random (batch, row) draws."""
+"""Helpers the row-op tests share: a scoped CPU thread count, random (batch, row) draws, and the GPU checks
+(same row in any buffer, CUDA-graph replay)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,25 @@ def assert_same_rows_in_any_buffer(row_op, n: int, device: str = "cuda", dtype=t
     for i in (0, 5, rows - 1):
         assert torch.equal(row_op(x[i]), expected[i])
         assert torch.equal(row_op(padded[i : i + 1, :n]), expected[i : i + 1])
+
+
+def assert_graph_replays_eager_bits(op, *inputs: torch.Tensor):
+    """``op(*inputs)`` captured in a CUDA graph (compiled and warmed up on a side stream first), replayed on new
+    random data in the same buffers, gives the bits of an eager call on that data (a tensor or a tuple of them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op(*inputs)
+    for t in inputs:
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = op(*inputs)
+    if not isinstance(eager, tuple):
+        captured, eager = (captured,), (eager,)
+    for got, want in zip(captured, eager, strict=True):
+        assert torch.equal(got, want)

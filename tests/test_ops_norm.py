@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import bi_compile.ops.norm  # noqa: F401  (registers torch.ops.bi.rms_norm / add_rms_norm)
 from bi_compile.ops.library import BIInputError
 
-from .row_helpers import assert_same_rows_in_any_buffer, batch_draws, cpu_threads
+from .row_helpers import assert_graph_replays_eager_bits, assert_same_rows_in_any_buffer, batch_draws, cpu_threads
 
 EPS = 1e-6
 # (rtol, atol) of outputs rounded to each dtype against the float64 reference.
@@ -294,22 +294,8 @@ def test_gpu_control_stock_reduction_is_batch_variant():
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_replays_eager_bits():
     x1 = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
-    x2 = torch.randn_like(x1)
     weight = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        torch.ops.bi.add_rms_norm(x1, x2, weight, EPS)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.bi.add_rms_norm(x1, x2, weight, EPS)
-    x1.copy_(torch.randn_like(x1))
-    x2.copy_(torch.randn_like(x2))
-    graph.replay()
-    torch.cuda.synchronize()
-    for got, want in zip(captured, torch.ops.bi.add_rms_norm(x1, x2, weight, EPS)):
-        assert torch.equal(got, want)
+    assert_graph_replays_eager_bits(lambda a, b: torch.ops.bi.add_rms_norm(a, b, weight, EPS), x1, torch.randn_like(x1))
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import torch
 import bi_compile.ops.reduce  # noqa: F401  (registers torch.ops.bi.sum / mean)
 from bi_compile.ops.library import BIInputError
 
-from .row_helpers import assert_same_rows_in_any_buffer, batch_draws, cpu_threads
+from .row_helpers import assert_graph_replays_eager_bits, assert_same_rows_in_any_buffer, batch_draws, cpu_threads
 
 OPS = ("sum", "mean", "mean_square")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -256,18 +256,7 @@ def test_gpu_control_stock_sum_is_batch_variant():
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_replays_eager_bits():
     hidden = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        torch.ops.bi.mean(hidden, [-1], True, dtype=torch.float32)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.bi.mean(hidden, [-1], True, dtype=torch.float32)
-    hidden.copy_(torch.randn_like(hidden))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, torch.ops.bi.mean(hidden, [-1], True, dtype=torch.float32))
+    assert_graph_replays_eager_bits(lambda x: torch.ops.bi.mean(x, [-1], True, dtype=torch.float32), hidden)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import torch
 import bi_compile.ops.softmax  # noqa: F401  (registers torch.ops.bi.softmax / log_softmax)
 from bi_compile.ops.library import BIInputError
 
-from .row_helpers import assert_same_rows_in_any_buffer, batch_draws, cpu_threads
+from .row_helpers import assert_graph_replays_eager_bits, assert_same_rows_in_any_buffer, batch_draws, cpu_threads
 
 OPS = ("softmax", "log_softmax")
 # (rtol, atol) of outputs rounded to each dtype against the float64 reference.
@@ -246,18 +246,7 @@ def test_gpu_control_decomposed_softmax_is_batch_variant():
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_replays_eager_bits():
     logits = torch.randn(32, 151936, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        torch.ops.bi.log_softmax(logits, -1, True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.bi.log_softmax(logits, -1, True)
-    logits.copy_(torch.randn_like(logits))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, torch.ops.bi.log_softmax(logits, -1, True))
+    assert_graph_replays_eager_bits(lambda x: torch.ops.bi.log_softmax(x, -1, True), logits)
 
 
 @pytest.mark.gpu
