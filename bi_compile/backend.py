@@ -30,7 +30,7 @@ from torch._inductor.decomposition import select_decomp_table
 
 import bi_compile.ops  # noqa: F401  (registers torch.ops.bi.*)
 from bi_compile.passes.fx_utils import views_as_reshapes
-from bi_compile.passes.pipeline import BatchInvariantPass, decompositions_keeping_rewritten_ops
+from bi_compile.passes.pipeline import BatchInvariantPass, decompositions_keeping_rewritten_ops, note_cached_graph, reports
 from bi_compile.vllm_plugin import check_running_vllm
 
 INNER_COMPILERS = ("inductor", "eager")
@@ -77,6 +77,20 @@ def inductor_invariance_switches() -> dict[str, bool]:
     return {name: True for name in INDUCTOR_SWITCHES if hasattr(inductor_config, name)}
 
 
+class InductorDecompositions(dict):
+    """Inductor's decomposition table less the ops the pipeline rewrites. torch 2.13 puts the table in the FX graph
+    cache key, and some entries are C++ functions that do not pickle (the cache is then bypassed on every compile).
+    It pickles as the call that rebuilds it: its contents follow from the torch version, Inductor's config and the
+    pipeline's source, and the key holds all three already (the last through ``BatchInvariantPass.uuid()``)."""
+
+    def __reduce__(self):
+        return inductor_decompositions, ()
+
+
+def inductor_decompositions() -> InductorDecompositions:
+    return InductorDecompositions(decompositions_keeping_rewritten_ops(select_decomp_table()))
+
+
 def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     opts = BackendOptions.parse(options, mode)
     check_running_vllm()  # vLLM's whole-graph route: refuse engine settings that break invariance (else a no-op)
@@ -92,8 +106,12 @@ def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = N
         return aot_autograd(fw_compiler=rewrite_and_run, bw_compiler=rewrite_and_run, decompositions={})(gm, example_inputs)
     patches = {"post_grad_custom_pre_pass": pipeline, "triton.cudagraphs": opts.cudagraphs,
                **inductor_invariance_switches()}
-    return compile_fx(gm, example_inputs, config_patches=patches,
-                      decompositions=decompositions_keeping_rewritten_ops(select_decomp_table()))
+    graphs_before = len(reports())
+    compiled = compile_fx(gm, example_inputs, config_patches=patches,
+                          decompositions=inductor_decompositions())
+    if len(reports()) == graphs_before:  # a cache hit: Inductor ran no passes, so say so in the reports
+        note_cached_graph()
+    return compiled
 
 
 # After `pip install` the torch_dynamo_backends entry point provides the name; from a source tree, this does.

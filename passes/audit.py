@@ -66,6 +66,7 @@ class Report:
     copied_inputs: list[str] = field(default_factory=list)  # graph inputs copied on every call (should be none)
     counts: dict[str, int] = field(default_factory=lambda: {"invariant": 0, "variant": 0, "unknown": 0})
     findings: list[Finding] = field(default_factory=list)
+    cached_graphs: int = 0  # graphs Inductor loaded from its cache: the pipeline ran on them when they were compiled
 
     @property
     def invariant(self) -> bool:
@@ -81,6 +82,7 @@ class Report:
                     mine[key] = mine.get(key, 0) + n
             merged.copied_inputs += report.copied_inputs
             merged.findings += report.findings
+            merged.cached_graphs += report.cached_graphs
         return merged
 
     def to_dict(self) -> dict:
@@ -93,6 +95,10 @@ class Report:
         lines += [f"  copied  {n:4d} x {where} (layout contract)" for where, n in sorted(self.copies.items())]
         lines += [f"  copies graph input {name} on every call" for name in self.copied_inputs]
         lines += [f"  {f.kind:8s} {f.target}  ({f.node})  {f.source or 'no source line'}" for f in self.findings]
+        if self.cached_graphs:
+            lines.append(f"  {self.cached_graphs} graph(s) loaded from Inductor's cache, not counted above: rewritten and "
+                         "audited (strict mode included) when first compiled; TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 audits "
+                         "them again")
         return "\n".join(lines)
 
 

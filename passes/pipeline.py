@@ -99,6 +99,12 @@ def audit_exported(exported: torch.export.ExportedProgram) -> Report:
     return run_pipeline(module.graph)
 
 
+def note_cached_graph() -> None:
+    """Record a graph Inductor served from its cache: the pipeline did not run on it in this process. It did when
+    the graph was compiled, under the same ``uuid()`` (source hash and strictness), which is part of the cache key."""
+    _REPORTS.append(Report(cached_graphs=1))
+
+
 def reports() -> list[Report]:
     """The report of every graph the pipeline ran on since the last ``clear_reports()``."""
     return list(_REPORTS)

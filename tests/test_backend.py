@@ -106,6 +106,25 @@ def test_one_symbolic_compile_serves_every_batch_size_bitwise(inner):
     torch.testing.assert_close(alone, block(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_graph_from_inductors_cache_is_reported_as_cached():
+    """On a cache hit Inductor runs no passes, so no audit: the report must say the graph came from the cache
+    rather than show an empty, clean-looking audit."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import fresh_cache
+
+    x = torch.randn(4, 8)
+    with fresh_cache(), inductor_config.patch(fx_graph_cache=True):
+        reports = []
+        for _ in range(2):
+            bi_compile.clear_reports()
+            compiled(lambda t: torch.softmax(t @ t.t(), -1))(x)
+            reports.append(bi_compile.passes.Report.merge(bi_compile.reports()))
+    first, second = reports
+    assert first.cached_graphs == 0 and first.rewrites and first.counts["invariant"] > 0
+    assert second.cached_graphs == 1 and not second.rewrites and second.counts["invariant"] == 0
+    assert "1 graph(s) loaded from Inductor's cache" in second.format()
+
+
 def test_backend_name_resolves_from_the_entry_point_without_importing_the_package():
     code = ("import sys, torch\n"
             "f = torch.compile(lambda x: torch.softmax(x @ x.t(), -1), backend='bi_ascend')\n"

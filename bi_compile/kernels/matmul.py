@@ -47,10 +47,12 @@ TILE_CANDIDATES: dict[torch.dtype, tuple[tuple[int, tuple[TileConfig, ...]], ...
         # Small M streams the weight: narrow column strips give enough programs to keep the memory busy
         # without splitting K, and 6 stages keep enough bytes in flight per SM.
         (64, (TileConfig(64, 32, num_warps=4, num_stages=6), TileConfig(64, 64, num_warps=4, num_stages=6))),
+        # From M = 65: 6 stages on the 64x64 tile and 4 on 128x128 measured 1.2-1.3x cuBLAS at M = 128 and
+        # 512 where 4 and 3 stages gave 1.45-1.6x (benchmarks/tiles.py, docs/benchmarks.md).
         (1 << 62, (
-            TileConfig(64, 64, num_warps=4, num_stages=4),
+            TileConfig(64, 64, num_warps=4, num_stages=6),
             TileConfig(64, 128, num_warps=4, num_stages=4),
-            TileConfig(128, 128, num_warps=8, num_stages=3),
+            TileConfig(128, 128, num_warps=8, num_stages=4),
             TileConfig(128, 256, num_warps=8, num_stages=4),
         )),
     ),

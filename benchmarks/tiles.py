@@ -1,0 +1,113 @@
+"""Search the matmul tile table: time candidate tiles of the bi matmul kernel against cuBLAS, and check their bits.
+
+    PYTHONPATH=. python benchmarks/tiles.py --json tiles.json --markdown tiles.md
+    PYTHONPATH=. python benchmarks/tiles.py --ms 1 8 32 --shapes 4096x4096
+
+For each linear shape (K -> N) and M, every candidate ``TileConfig`` runs on the same L2-cold inputs under CUDA-graph
+replay (the timing of ``benchmarks/kernels.py --cuda-graph``), beside ``F.linear``. BLOCK_K and the K order never
+change, so every candidate must give the current pick's bits; the table says where one does not (such a candidate
+must never enter ``TILE_CANDIDATES``). The best candidate per row is what a tile table could reach at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from kernels import DEFAULT_MS, DEFAULT_SHAPES, graph_sets, time_us
+
+from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, processor_count
+
+# Few rows: weight streaming, so narrow strips and deep pipelines; many rows: wgmma tiles.
+FEW_ROWS = [TileConfig(bm, bn, w, s) for bm, bn, w, s in [
+    (16, 32, 4, 4), (16, 32, 4, 6), (16, 64, 4, 4), (16, 64, 4, 6), (16, 128, 4, 4), (32, 32, 4, 6), (32, 64, 4, 6),
+    (64, 32, 4, 6), (64, 64, 4, 6), (64, 128, 4, 4), (16, 32, 2, 6), (16, 64, 2, 6)]]
+MANY_ROWS = [TileConfig(bm, bn, w, s) for bm, bn, w, s in [
+    (64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4),
+    (64, 256, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4)]]
+FEW_ROWS_MAX_M = 128
+
+
+def label(tiles: TileConfig) -> str:
+    return f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}"
+
+
+def sweep(k: int, n: int, m: int, dtype: torch.dtype) -> dict:
+    weight = lambda: (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)  # noqa: E731
+    first = (torch.randn(m, k, device="cuda").to(dtype), weight())
+    arg_sets = [first] + [(torch.randn(m, k, device="cuda").to(dtype), weight()) for _ in range(graph_sets(first) - 1)]
+    current = pick_tiles(m, n, dtype, processor_count(first[0].device))
+    candidates = (FEW_ROWS if m <= FEW_ROWS_MAX_M else []) + (MANY_ROWS if m >= FEW_ROWS_MAX_M else [])
+    candidates = [current] + [t for t in candidates if t != current]
+
+    def bi(tiles: TileConfig):
+        return lambda x, w: matmul(x[None], w.t()[None], tiles=tiles)
+
+    reference = bi(current)(*first)
+    row = {"k": k, "n": n, "m": m, "cublas_us": time_us(F.linear, arg_sets, True), "current": label(current),
+           "candidates": {}, "different_bits": []}
+    for tiles in candidates:
+        try:
+            same_bits = torch.equal(bi(tiles)(*first), reference)
+        except triton.runtime.errors.OutOfResources as error:  # too much shared memory for this GPU
+            print(f"skip {label(tiles)}: {error}")
+            continue
+        if not same_bits:
+            row["different_bits"].append(label(tiles))
+            continue
+        row["candidates"][label(tiles)] = time_us(bi(tiles), arg_sets, True)
+    return row
+
+
+def summary(rows: list[dict]) -> str:
+    current = [r["candidates"][r["current"]] / r["cublas_us"] for r in rows]
+    best = [min(r["candidates"].values()) / r["cublas_us"] for r in rows]
+    return (f"bi/cuBLAS over {len(rows)} rows: current table median {statistics.median(current):.2f}, worst "
+            f"{max(current):.2f}; best candidate per row median {statistics.median(best):.2f}, worst {max(best):.2f}")
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [title, "", "| K->N | M | cuBLAS us | current | us | ratio | best | us | ratio | different bits |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        best = min(r["candidates"], key=r["candidates"].get)
+        cur_us, best_us = r["candidates"][r["current"]], r["candidates"][best]
+        lines.append(f"| {r['k']}->{r['n']} | {r['m']} | {r['cublas_us']:.1f} | {r['current']} | {cur_us:.1f} | "
+                     f"{cur_us / r['cublas_us']:.2f} | {best} | {best_us:.1f} | {best_us / r['cublas_us']:.2f} | "
+                     f"{', '.join(r['different_bits']) or 'none'} |")
+    return "\n".join(lines + ["", summary(rows)]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ms", nargs="+", type=int, default=list(DEFAULT_MS))
+    parser.add_argument("--shapes", nargs="+", metavar="KxN", help="default: the Qwen3-8B projections and the 0.6B lm_head")
+    parser.add_argument("--json", help="write every timing to this file")
+    parser.add_argument("--markdown", help="append the table to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/tiles.py needs a CUDA GPU")
+    from tqdm import tqdm
+
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else list(DEFAULT_SHAPES.matmuls)
+    rows = [sweep(k, n, m, torch.bfloat16) for k, n in tqdm(shapes, desc="shapes") for m in args.ms]
+    title = (f"### Tile search, bf16, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, triton {triton.__version__}; median of do_bench over CUDA-graph replays, L2-cold")
+    table = markdown(rows, title)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
