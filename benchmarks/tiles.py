@@ -32,10 +32,15 @@ MANY_ROWS = [TileConfig(bm, bn, w, s) for bm, bn, w, s in [
     (64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4),
     (64, 256, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4)]]
 FEW_ROWS_MAX_M = 128
+# A longer K chunk: more bytes in flight per stage. The tensor cores still add K in steps of 16 into one fp32
+# accumulator, so the bits may not change with it; the bit check says whether they do.
+LONG_K = [TileConfig(bm, bn, w, s, block_k=bk) for bm, bn, w, s, bk in [
+    (16, 32, 4, 4, 128), (16, 64, 4, 4, 128), (64, 32, 4, 4, 128), (64, 64, 4, 4, 128), (16, 32, 4, 3, 256),
+    (128, 128, 8, 3, 128), (128, 256, 8, 2, 128)]]
 
 
 def label(tiles: TileConfig) -> str:
-    return f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}"
+    return f"{tiles.block_m}x{tiles.block_n}{f'x{tiles.block_k}' if tiles.block_k else ''} w{tiles.num_warps} s{tiles.num_stages}"
 
 
 def sweep(k: int, n: int, m: int, dtype: torch.dtype) -> dict:
@@ -44,7 +49,7 @@ def sweep(k: int, n: int, m: int, dtype: torch.dtype) -> dict:
     arg_sets = [first] + [(torch.randn(m, k, device="cuda").to(dtype), weight()) for _ in range(graph_sets(first) - 1)]
     current = pick_tiles(m, n, dtype, processor_count(first[0].device))
     candidates = (FEW_ROWS if m <= FEW_ROWS_MAX_M else []) + (MANY_ROWS if m >= FEW_ROWS_MAX_M else [])
-    candidates = [current] + [t for t in candidates if t != current]
+    candidates = [current] + [t for t in candidates + LONG_K if t != current]
 
     def bi(tiles: TileConfig):
         return lambda x, w: matmul(x[None], w.t()[None], tiles=tiles)

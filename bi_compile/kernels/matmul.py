@@ -35,6 +35,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8  # tiles sharing a column strip run together, so the B strip stays in L2
+    block_k: int = 0  # K chunk per pipeline stage; 0: the dtype's BLOCK_K. Only with benchmarks/tiles.py's bit check
 
 
 # The K chunk each fp32 accumulator takes per step: a function of the dtype only.
@@ -190,7 +191,7 @@ def matmul(
         return out
     processors = processor_count(a.device)
     tiles = tiles or pick_tiles(m, n, a.dtype, processors, batch)
-    block_k = BLOCK_K[a.dtype]
+    block_k = tiles.block_k or BLOCK_K[a.dtype]
     num_tiles = batch * triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
     # CUDA: one program per tile. Ascend wants at most one program per AI core, so there (and in the
     # interpreter) the programs loop over the tiles.
