@@ -8,6 +8,7 @@
 #                  cache (cold: 110-175 s per batch class and variant; the measured run then loads the graphs)
 #   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
 #   kernels        benchmarks/kernels.py, every op under CUDA graphs
+#   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~5 min)
 #
 # `warm` and `decode` must run on the same machine (the cache lives in /tmp there): call them back to back, or
 # together (`benchmarks/gpu_run.sh warm decode`) when the model is small enough to fit 10 minutes.
@@ -16,8 +17,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | warm | decode | kernels) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, kernels)" >&2; exit 2 ;;
+    tests-ops | tests-models | warm | decode | kernels | tiles) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, kernels, tiles)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-out}
@@ -45,5 +46,7 @@ for stage in "$@"; do
     kernels)
       python3 benchmarks/kernels.py --cuda-graph --markdown "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
       tail -5 "$OUT/kernels.md" ;;
+    tiles)
+      python3 benchmarks/tiles.py --json "$OUT/tiles.json" --markdown "$OUT/tiles.md" 2>&1 | grep -v "it/s" | tail -45 ;;
   esac
 done
