@@ -4,9 +4,10 @@
     PYTHONPATH=. python benchmarks/tiles.py --ms 1 8 32 --shapes 4096x4096
 
 For each linear shape (K -> N) and M, every candidate ``TileConfig`` runs on the same L2-cold inputs under CUDA-graph
-replay (the timing of ``benchmarks/kernels.py --cuda-graph``), beside ``F.linear``. BLOCK_K and the K order never
-change, so every candidate must give the current pick's bits; the table says where one does not (such a candidate
-must never enter ``TILE_CANDIDATES``). The best candidate per row is what a tile table could reach at most.
+replay (the timing of ``benchmarks/kernels.py --cuda-graph``), beside ``F.linear``. A candidate may change how the
+output is cut into programs and how long a K chunk each pipeline stage loads (``LONG_K``), never the K order, so it
+must give the current pick's bits; the table says where one does not (such a candidate must never enter
+``TILE_CANDIDATES``). The best candidate per row is what a tile table could reach at most.
 """
 
 from __future__ import annotations

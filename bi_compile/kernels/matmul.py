@@ -6,7 +6,9 @@ Why the result of one row cannot depend on M (the number of rows in the call) or
 
 - every output element is one fp32 accumulator that walks K from 0 upwards in chunks of ``BLOCK_K``, one
   ``tl.dot(a, b, acc)`` per chunk; ``BLOCK_K`` depends on the dtype alone, the K loop is sequential, and
-  there is no split-K or stream-K, so the chunks and their order are a function of (K, dtype);
+  there is no split-K or stream-K, so the chunks and their order are a function of (K, dtype). (The tensor
+  cores add each chunk in k16 steps into the same accumulator, so a longer chunk measured the same bits on the
+  H100; ``TileConfig.block_k`` lets benchmarks/tiles.py try that, no tile of the table uses it yet);
 - the tile shape (BLOCK_M, BLOCK_N, warps, stages) is picked from the real M (and N) at run time
   (``pick_tiles``); it decides which program computes an element, not how. On the H100, every candidate
   below gave the same bits (wgmma and mma.sync tiles alike, fp16/bf16/fp32, both B layouts, odd K), and
@@ -35,7 +37,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8  # tiles sharing a column strip run together, so the B strip stays in L2
-    block_k: int = 0  # K chunk per pipeline stage; 0: the dtype's BLOCK_K. Only with benchmarks/tiles.py's bit check
+    block_k: int = 0  # K chunk per pipeline stage; 0: the dtype's BLOCK_K (the only value the table uses)
 
 
 # The K chunk each fp32 accumulator takes per step: a function of the dtype only.
@@ -181,7 +183,8 @@ def matmul(
     a: [batch, M, K] with unit stride along K (rows and batches may be strided, batch stride 0 is fine);
     b: [batch, K, N] with unit stride along K or along N, same dtype; bias: [batch, M, N] of any strides
     (a broadcast view) or None. ``beta == 0`` ignores bias, NaNs included, as torch.addmm does.
-    ``tiles`` overrides ``pick_tiles`` (tests and tuning); the K order never changes.
+    ``tiles`` overrides ``pick_tiles`` (tests and tuning); the K order never changes (its ``block_k`` only with the
+    bit check of benchmarks/tiles.py).
     The op layer validates inputs; this launcher assumes them valid.
     """
     batch, m, k = a.shape
