@@ -30,7 +30,8 @@ from torch._inductor.decomposition import select_decomp_table
 
 import bi_compile.ops  # noqa: F401  (registers torch.ops.bi.*)
 from bi_compile.passes.fx_utils import views_as_reshapes
-from bi_compile.passes.pipeline import BatchInvariantPass, decompositions_keeping_rewritten_ops, note_cached_graph, reports
+from bi_compile.passes.pipeline import BatchInvariantPass, decompositions_keeping_rewritten_ops, reports
+from bi_compile.report_cache import graph_key, replay_reports, save_reports
 from bi_compile.vllm_plugin import check_running_vllm
 
 INNER_COMPILERS = ("inductor", "eager")
@@ -106,11 +107,14 @@ def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = N
         return aot_autograd(fw_compiler=rewrite_and_run, bw_compiler=rewrite_and_run, decompositions={})(gm, example_inputs)
     patches = {"post_grad_custom_pre_pass": pipeline, "triton.cudagraphs": opts.cudagraphs,
                **inductor_invariance_switches()}
+    key = graph_key(gm, example_inputs, opts, inductor_invariance_switches())  # before Inductor changes gm
     graphs_before = len(reports())
     compiled = compile_fx(gm, example_inputs, config_patches=patches,
                           decompositions=inductor_decompositions())
-    if len(reports()) == graphs_before:  # a cache hit: Inductor ran no passes, so say so in the reports
-        note_cached_graph()
+    if len(reports()) > graphs_before:
+        save_reports(key, reports()[graphs_before:])
+    else:  # a cache hit: Inductor ran no passes
+        replay_reports(key, strict=opts.strict)
     return compiled
 
 

@@ -66,7 +66,8 @@ class Report:
     copied_inputs: list[str] = field(default_factory=list)  # graph inputs copied on every call (should be none)
     counts: dict[str, int] = field(default_factory=lambda: {"invariant": 0, "variant": 0, "unknown": 0})
     findings: list[Finding] = field(default_factory=list)
-    cached_graphs: int = 0  # graphs Inductor loaded from its cache: the pipeline ran on them when they were compiled
+    cached_graphs: int = 0  # graphs Inductor loaded from its cache, audited when compiled (counted above)
+    unaudited_graphs: int = 0  # graphs Inductor loaded from its cache with no audit on record (not counted)
 
     @property
     def invariant(self) -> bool:
@@ -83,10 +84,15 @@ class Report:
             merged.copied_inputs += report.copied_inputs
             merged.findings += report.findings
             merged.cached_graphs += report.cached_graphs
+            merged.unaudited_graphs += report.unaudited_graphs
         return merged
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> Report:
+        return cls(**{**fields, "findings": [Finding(**finding) for finding in fields["findings"]]})
 
     def format(self) -> str:
         lines = [f"nodes: {self.counts['invariant']} invariant, {self.counts['variant']} variant, "
@@ -96,9 +102,11 @@ class Report:
         lines += [f"  copies graph input {name} on every call" for name in self.copied_inputs]
         lines += [f"  {f.kind:8s} {f.target}  ({f.node})  {f.source or 'no source line'}" for f in self.findings]
         if self.cached_graphs:
-            lines.append(f"  {self.cached_graphs} graph(s) loaded from Inductor's cache, not counted above: rewritten and "
-                         "audited (strict mode included) when first compiled; TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 audits "
-                         "them again")
+            lines.append(f"  {self.cached_graphs} graph(s) loaded from Inductor's cache: counted above as audited "
+                         "when they were compiled")
+        if self.unaudited_graphs:
+            lines.append(f"  {self.unaudited_graphs} graph(s) loaded from Inductor's cache with no audit on record, "
+                         "not counted above: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 audits them again")
         return "\n".join(lines)
 
 

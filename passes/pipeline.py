@@ -51,6 +51,12 @@ def run_pipeline(graph: Graph, *, strict: bool = False) -> Report:
     report = audit_pass(graph)
     report.rewrites, report.copies, report.copied_inputs = dict(rewrites), dict(copies), copied_inputs
     graph.lint()
+    return record_report(report, strict=strict)
+
+
+def record_report(report: Report, *, strict: bool) -> Report:
+    """Keep ``report`` for ``reports()``; raise in strict mode if it has findings, else warn about them and about a
+    graph served from a cache with no audit on record (strict mode never caches a graph that failed its audit)."""
     _REPORTS.append(report)
     if report.findings and strict:
         raise BatchInvarianceError(report)
@@ -58,7 +64,11 @@ def run_pipeline(graph: Graph, *, strict: bool = False) -> Report:
         names = ", ".join(sorted({f.target for f in report.findings}))
         warnings.warn(f"bi_compile: {len(report.findings)} node(s) left batch-variant or unknown ({names}); "
                       "bi_compile.last_report().format() lists them by source line", BatchInvarianceWarning,
-                      stacklevel=2)
+                      stacklevel=3)
+    if report.unaudited_graphs and not strict:
+        warnings.warn("bi_compile: a graph was loaded from Inductor's cache with no batch-invariance report on record; "
+                      "TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 compiles and audits it again", BatchInvarianceWarning,
+                      stacklevel=3)
     return report
 
 
@@ -97,12 +107,6 @@ def audit_exported(exported: torch.export.ExportedProgram) -> Report:
     table = decompositions_keeping_rewritten_ops(torch.export.default_decompositions())
     module = copy.deepcopy(exported).run_decompositions(table).graph_module
     return run_pipeline(module.graph)
-
-
-def note_cached_graph() -> None:
-    """Record a graph Inductor served from its cache: the pipeline did not run on it in this process. It did when
-    the graph was compiled, under the same ``uuid()`` (source hash and strictness), which is part of the cache key."""
-    _REPORTS.append(Report(cached_graphs=1))
 
 
 def reports() -> list[Report]:
