@@ -2,8 +2,12 @@
 
 On a cache hit Inductor runs no passes: the cached code already is the rewritten graph, but the audit that came with
 it is gone, and with it the warning about nodes left variant. So the backend keeps each compiled graph's reports next
-to Inductor's cache, under a key of the Dynamo graph (code and source lines), its example inputs and everything else
-that decides what the pipeline sees, and replays them on a hit: same report, same warning.
+to Inductor's cache, under a key of the Dynamo graph, its example inputs and everything else that decides what the
+pipeline sees, and replays them on a hit: same report, same warning.
+
+The key leaves out source lines, as Inductor's does: the same code compiled from another checkout, or a copy of a
+function elsewhere, is a hit in Inductor's cache, so it must find its report too. Its findings then name the source
+lines of the compile that first produced the graph.
 """
 
 from __future__ import annotations
@@ -24,8 +28,6 @@ def graph_key(gm: torch.fx.GraphModule, example_inputs, *settings) -> str:
     digest = hashlib.sha256()
     for part in (torch.__version__, source_hash(), *settings, gm.graph):
         digest.update(str(part).encode())
-    for node in gm.graph.nodes:
-        digest.update(str(node.meta.get("stack_trace")).encode())  # the report's source lines
     for value in example_inputs:
         if isinstance(value, torch.Tensor):
             value = (value.shape, value.stride(), value.dtype, value.device, value.requires_grad)
