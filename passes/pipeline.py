@@ -86,13 +86,17 @@ class BatchInvariantPass(CustomGraphPass):
 
 
 def source_hash() -> str:
-    """A hash of everything that decides the rewritten graph: the passes and the op definitions with their contracts."""
+    """A hash of everything that decides the rewritten graph and its report: the passes, the op definitions with their
+    contracts, and how reports are kept for cached graphs (a graph cached before that changed has none on record)."""
     import bi_compile.ops
+    import bi_compile.report_cache
 
     digest = hashlib.sha256()
+    paths = [Path(bi_compile.report_cache.__file__)]
     for folder in (Path(__file__).parent, Path(bi_compile.ops.__file__).parent):
-        for path in sorted(folder.glob("*.py")):
-            digest.update(path.name.encode() + path.read_bytes())
+        paths += sorted(folder.glob("*.py"))
+    for path in paths:
+        digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:32]
 
 
