@@ -106,36 +106,45 @@ def test_one_symbolic_compile_serves_every_batch_size_bitwise(inner):
     torch.testing.assert_close(alone, block(x), rtol=1e-5, atol=1e-5)
 
 
-def compile_twice_through_inductors_cache(fn, x, between=lambda: None) -> list[bi_compile.Report]:
-    """The merged reports of two compiles of ``fn`` in a fresh Inductor cache: the second is a cache hit."""
+def compile_twice_through_inductors_cache(fn, x, between=lambda: None) -> list[tuple[bi_compile.Report, list[str]]]:
+    """The merged report and the BatchInvarianceWarnings of each of two compiles of ``fn`` in a fresh Inductor cache:
+    the second is a cache hit."""
+    import warnings
+
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import fresh_cache
 
-    merged = []
+    results = []
     with fresh_cache(), inductor_config.patch(fx_graph_cache=True):
         for compile_number in range(2):
             if compile_number:
                 between()
             bi_compile.clear_reports()
-            compiled(fn)(x)
-            merged.append(bi_compile.Report.merge(bi_compile.reports()))
-    return merged
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                compiled(fn)(x)
+            messages = [str(w.message) for w in caught if issubclass(w.category, BatchInvarianceWarning)]
+            results.append((bi_compile.Report.merge(bi_compile.reports()), messages))
+    return results
 
 
 def test_a_graph_from_inductors_cache_brings_back_its_report():
     """On a cache hit Inductor runs no passes, so no audit: the report recorded at compile time stands in for it."""
-    first, second = compile_twice_through_inductors_cache(lambda t: torch.softmax(t @ t.t(), -1), torch.randn(4, 8))
-    assert first.cached_graphs == 0 and {"aten.mm.default -> bi.linear", "aten._softmax.default -> bi.softmax"} <= set(first.rewrites)
+    (first, _), (second, _) = compile_twice_through_inductors_cache(lambda t: torch.softmax(t @ t.t(), -1),
+                                                                    torch.randn(4, 8))
+    assert first.cached_graphs == 0
+    assert {"aten.mm.default -> bi.linear", "aten._softmax.default -> bi.softmax"} <= set(first.rewrites)
     assert second.cached_graphs == 1
     assert (second.rewrites, second.counts, second.findings) == (first.rewrites, first.counts, first.findings)
     assert "1 graph(s) loaded from Inductor's cache: counted above" in second.format()
 
 
 def test_a_cached_graph_warns_again_about_what_it_left_variant():
-    with pytest.warns(BatchInvarianceWarning, match=r"aten\.cumsum\.default"):
-        first, second = compile_twice_through_inductors_cache(variance_by_cumsum, torch.randn(4, 4))
-    assert second.cached_graphs == 1 and [f.source for f in second.findings] == [f.source for f in first.findings]
+    (first, first_warnings), (second, second_warnings) = compile_twice_through_inductors_cache(variance_by_cumsum,
+                                                                                               torch.randn(4, 4))
+    assert second.cached_graphs == 1 and second.findings == first.findings
     assert "return torch.cumsum(x, -1) @ x.t()" in second.findings[0].source
+    assert second_warnings == first_warnings and "aten.cumsum.default" in second_warnings[0]
 
 
 def test_a_cached_graph_without_its_report_is_flagged_not_passed_as_clean():
@@ -146,8 +155,10 @@ def test_a_cached_graph_without_its_report_is_flagged_not_passed_as_clean():
     def lose_the_reports():
         shutil.rmtree(f"{cache_dir()}/bi_compile_reports")
 
-    with pytest.warns(BatchInvarianceWarning, match="no batch-invariance report on record"):
-        _, second = compile_twice_through_inductors_cache(lambda t: t @ t.t(), torch.randn(4, 8), lose_the_reports)
+    (_, first_warnings), (second, second_warnings) = compile_twice_through_inductors_cache(
+        lambda t: t @ t.t(), torch.randn(4, 8), lose_the_reports)
+    assert first_warnings == [] and len(second_warnings) == 1
+    assert "no batch-invariance report on record" in second_warnings[0]
     assert second.unaudited_graphs == 1 and second.counts["invariant"] == 0
     assert "1 graph(s) loaded from Inductor's cache with no audit on record" in second.format()
 
