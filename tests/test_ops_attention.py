@@ -454,6 +454,7 @@ GPU_MODES = [
     Mode("decode", 32, 8, 128, "bool"),  # Llama-3-8B / Qwen3-8B attention
     Mode("decode", 16, 8, 128, "min"),  # Qwen3-0.6B, HF-style float mask
     Mode("decode", 8, 1, 64, "additive"),
+    Mode("decode", 4, 1, 256, "bool"),  # gemma-3-1b: one kv head, head dim 256
     Mode("chunk", 32, 8, 128, "bool"),
     Mode("causal", 16, 8, 128, None),
 ]
