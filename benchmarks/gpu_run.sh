@@ -12,7 +12,8 @@
 #
 # `warm` and `decode` must run on the same machine (the cache lives in /tmp there): call them back to back, or
 # together (`benchmarks/gpu_run.sh warm decode`) when the model is small enough to fit 10 minutes.
-# Extra arguments for decode.py go in DECODE_ARGS, e.g. DECODE_ARGS="--models qwen3-8b --layers 8".
+# Extra arguments for decode.py go in DECODE_ARGS, e.g. DECODE_ARGS="--models qwen3-8b --layers 8", and for tiles.py
+# in TILES_ARGS, e.g. TILES_ARGS="--shapes 1024x2048 1024x1024 2048x1024 1024x3072 3072x1024" (the 0.6B projections).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
@@ -47,6 +48,6 @@ for stage in "$@"; do
       python3 benchmarks/kernels.py --cuda-graph --markdown "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
       tail -5 "$OUT/kernels.md" ;;
     tiles)
-      python3 benchmarks/tiles.py --json "$OUT/tiles.json" --markdown "$OUT/tiles.md" 2>&1 | grep -v "it/s" | tail -45 ;;
+      python3 benchmarks/tiles.py ${TILES_ARGS:-} --json "$OUT/tiles.json" --markdown "$OUT/tiles.md" 2>&1 | grep -v "it/s" | tail -45 ;;
   esac
 done
