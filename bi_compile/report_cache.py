@@ -51,9 +51,10 @@ def replay_reports(key: str, *, strict: bool) -> None:
     """Record the reports saved for ``key`` as graphs from the cache; without them, record (and warn about) a graph
     that nobody can vouch for. In strict mode the cached graph passed the strict audit: ``strict`` is in the key of
     Inductor's cache (through ``BatchInvariantPass.uuid()``), and a failed audit raises before anything is cached."""
-    path = _path(key)
-    if not path.exists():
+    try:
+        saved_reports = json.loads(_path(key).read_text())
+    except (OSError, ValueError):  # missing, unreadable or cut short: the same as no report
         record_report(Report(unaudited_graphs=1), strict=strict)
         return
-    for saved in json.loads(path.read_text()):
+    for saved in saved_reports:
         record_report(Report.from_dict({**saved, "cached_graphs": 1}), strict=strict)

@@ -147,16 +147,21 @@ def test_a_cached_graph_warns_again_about_what_it_left_variant():
     assert second_warnings == first_warnings and "aten.cumsum.default" in second_warnings[0]
 
 
-def test_a_cached_graph_without_its_report_is_flagged_not_passed_as_clean():
-    import shutil
+@pytest.mark.parametrize("damage", ["removed", "truncated"])
+def test_a_cached_graph_without_its_report_is_flagged_not_passed_as_clean(damage):
+    from pathlib import Path
 
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    def lose_the_reports():
-        shutil.rmtree(f"{cache_dir()}/bi_compile_reports")
+    def damage_the_reports():
+        for path in Path(cache_dir(), "bi_compile_reports").glob("*.json"):
+            if damage == "removed":
+                path.unlink()
+            else:
+                path.write_text(path.read_text()[:10])
 
     (_, first_warnings), (second, second_warnings) = compile_twice_through_inductors_cache(
-        lambda t: t @ t.t(), torch.randn(4, 8), lose_the_reports)
+        lambda t: t @ t.t(), torch.randn(4, 8), damage_the_reports)
     assert first_warnings == [] and len(second_warnings) == 1
     assert "no batch-invariance report on record" in second_warnings[0]
     assert second.unaudited_graphs == 1 and second.counts["invariant"] == 0
