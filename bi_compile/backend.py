@@ -105,9 +105,9 @@ def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = N
 
         # No decompositions: aot_autograd only functionalizes, so every op reaches the pipeline whole.
         return aot_autograd(fw_compiler=rewrite_and_run, bw_compiler=rewrite_and_run, decompositions={})(gm, example_inputs)
-    patches = {"post_grad_custom_pre_pass": pipeline, "triton.cudagraphs": opts.cudagraphs,
-               **inductor_invariance_switches()}
-    key = graph_key(gm, example_inputs, opts, inductor_invariance_switches())  # before Inductor changes gm
+    switches = inductor_invariance_switches()
+    patches = {"post_grad_custom_pre_pass": pipeline, "triton.cudagraphs": opts.cudagraphs, **switches}
+    key = graph_key(gm, example_inputs, opts, switches)  # before Inductor changes gm
     graphs_before = len(reports())
     compiled = compile_fx(gm, example_inputs, config_patches=patches,
                           decompositions=inductor_decompositions())
