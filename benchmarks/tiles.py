@@ -25,23 +25,29 @@ from kernels import DEFAULT_MS, DEFAULT_SHAPES, graph_sets, time_us
 
 from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, processor_count
 
-# Few rows: weight streaming, so narrow strips and deep pipelines; many rows: wgmma tiles.
+# Few rows: weight streaming, so narrow strips and deep pipelines; many rows: wgmma tiles. (Pruned to the tiles that
+# won a row or came within 3% in the searches of 2026-11-23, docs/benchmarks.md.)
 FEW_ROWS = [TileConfig(bm, bn, w, s) for bm, bn, w, s in [
-    (16, 32, 4, 4), (16, 32, 4, 6), (16, 64, 4, 4), (16, 64, 4, 6), (16, 128, 4, 4), (32, 32, 4, 6), (32, 64, 4, 6),
-    (64, 32, 4, 6), (64, 64, 4, 6), (64, 128, 4, 4), (16, 32, 2, 6), (16, 64, 2, 6)]]
+    (16, 32, 4, 6), (16, 64, 4, 6), (64, 32, 4, 6), (64, 64, 4, 6), (16, 32, 2, 6), (16, 64, 2, 6)]]
 MANY_ROWS = [TileConfig(bm, bn, w, s) for bm, bn, w, s in [
-    (64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4),
-    (64, 256, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4)]]
+    (64, 64, 4, 6), (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (128, 256, 8, 4)]]
 FEW_ROWS_MAX_M = 128
 # A longer K chunk: more bytes in flight per stage. The tensor cores still add K in steps of 16 into one fp32
 # accumulator, so the bits may not change with it; the bit check says whether they do.
 LONG_K = [TileConfig(bm, bn, w, s, block_k=bk) for bm, bn, w, s, bk in [
-    (16, 32, 4, 4, 128), (16, 64, 4, 4, 128), (64, 32, 4, 4, 128), (64, 64, 4, 4, 128), (16, 32, 4, 3, 256),
-    (128, 128, 8, 3, 128), (128, 256, 8, 2, 128)]]
+    (16, 32, 4, 3, 256), (16, 32, 4, 4, 128), (16, 64, 4, 3, 128), (64, 32, 4, 4, 128), (64, 64, 4, 4, 128),
+    (16, 32, 2, 3, 256)]]
+# Hopper: TMA loads, alone or with persistent programs whose flattened loop overlaps a tile's epilogue with the next
+# tile's loads.
+HOPPER = [TileConfig(bm, bn, w, s, block_k=bk, tma=True, persistent=p) for bm, bn, w, s, bk, p in [
+    (128, 128, 8, 4, 0, False), (128, 256, 8, 3, 0, False), (128, 256, 8, 4, 0, False),
+    (128, 128, 8, 4, 0, True), (128, 256, 8, 3, 0, True), (128, 256, 8, 4, 0, True), (64, 256, 4, 4, 0, True),
+    (128, 256, 8, 2, 128, True)]]
 
 
 def label(tiles: TileConfig) -> str:
-    return f"{tiles.block_m}x{tiles.block_n}{f'x{tiles.block_k}' if tiles.block_k else ''} w{tiles.num_warps} s{tiles.num_stages}"
+    flags = " tma" * tiles.tma + " persistent" * tiles.persistent
+    return f"{tiles.block_m}x{tiles.block_n}{f'x{tiles.block_k}' if tiles.block_k else ''} w{tiles.num_warps} s{tiles.num_stages}{flags}"
 
 
 def sweep(k: int, n: int, m: int, dtype: torch.dtype) -> dict:
@@ -50,19 +56,21 @@ def sweep(k: int, n: int, m: int, dtype: torch.dtype) -> dict:
     arg_sets = [first] + [(torch.randn(m, k, device="cuda").to(dtype), weight()) for _ in range(graph_sets(first) - 1)]
     current = pick_tiles(m, n, dtype, processor_count(first[0].device))
     candidates = (FEW_ROWS if m <= FEW_ROWS_MAX_M else []) + (MANY_ROWS if m >= FEW_ROWS_MAX_M else [])
-    candidates = [current] + [t for t in candidates + LONG_K if t != current]
+    candidates += LONG_K if m <= FEW_ROWS_MAX_M else HOPPER
+    candidates = [current] + [t for t in candidates if t != current]
 
     def bi(tiles: TileConfig):
         return lambda x, w: matmul(x[None], w.t()[None], tiles=tiles)
 
     reference = bi(current)(*first)
     row = {"k": k, "n": n, "m": m, "cublas_us": time_us(F.linear, arg_sets, True), "current": label(current),
-           "candidates": {}, "different_bits": []}
+           "candidates": {}, "different_bits": [], "failed": {}}
     for tiles in candidates:
         try:
             same_bits = torch.equal(bi(tiles)(*first), reference)
-        except triton.runtime.errors.OutOfResources as error:  # too much shared memory for this GPU
-            print(f"skip {label(tiles)}: {error}")
+        except Exception as error:  # noqa: BLE001 - too much shared memory, or a lowering this Triton lacks
+            row["failed"][label(tiles)] = f"{type(error).__name__}: {str(error)[:200]}"
+            print(f"skip {label(tiles)}: {row['failed'][label(tiles)]}")
             continue
         if not same_bits:
             row["different_bits"].append(label(tiles))
@@ -79,14 +87,14 @@ def summary(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    lines = [title, "", "| K->N | M | cuBLAS us | current | us | ratio | best | us | ratio | different bits |",
-             "|---|---:|---:|---|---:|---:|---|---:|---:|---|"]
+    lines = [title, "", "| K->N | M | cuBLAS us | current | us | ratio | best | us | ratio | different bits | failed |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---|---|"]
     for r in rows:
         best = min(r["candidates"], key=r["candidates"].get)
         cur_us, best_us = r["candidates"][r["current"]], r["candidates"][best]
         lines.append(f"| {r['k']}->{r['n']} | {r['m']} | {r['cublas_us']:.1f} | {r['current']} | {cur_us:.1f} | "
                      f"{cur_us / r['cublas_us']:.2f} | {best} | {best_us:.1f} | {best_us / r['cublas_us']:.2f} | "
-                     f"{', '.join(r['different_bits']) or 'none'} |")
+                     f"{', '.join(r['different_bits']) or 'none'} | {', '.join(r['failed']) or 'none'} |")
     return "\n".join(lines + ["", summary(rows)]) + "\n"
 
 
@@ -102,14 +110,17 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else list(DEFAULT_SHAPES.matmuls)
-    rows = [sweep(k, n, m, torch.bfloat16) for k, n in tqdm(shapes, desc="shapes") for m in args.ms]
+    rows = []
+    for k, n in tqdm(shapes, desc="shapes"):
+        for m in args.ms:
+            rows.append(sweep(k, n, m, torch.bfloat16))
+            if args.json:  # row by row, so that a run cut short by a time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
     title = (f"### Tile search, bf16, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{torch.cuda.get_device_name()}, "
              f"torch {torch.__version__}, triton {triton.__version__}; median of do_bench over CUDA-graph replays, L2-cold")
     table = markdown(rows, title)
     print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(table + "\n")

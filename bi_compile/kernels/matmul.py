@@ -38,6 +38,12 @@ class TileConfig:
     num_stages: int
     group_m: int = 8  # tiles sharing a column strip run together, so the B strip stays in L2
     block_k: int = 0  # K chunk per pipeline stage; 0: the dtype's BLOCK_K (the only value the table uses)
+    # Hopper's tensor memory accelerator loads the A and B tiles (out-of-bounds reads are zeros, as the masked
+    # loads'), where ``tma_ready`` allows it; elsewhere the same tiles run with pointer loads.
+    tma: bool = False
+    # One program per processor looping over the tiles, its loop flattened so that the next tile's loads overlap
+    # this tile's epilogue (CUDA; Ascend and the interpreter always loop, unflattened).
+    persistent: bool = False
 
 
 # The K chunk each fp32 accumulator takes per step: a function of the dtype only.
@@ -83,6 +89,15 @@ def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int =
     return min(reversed(candidates), key=streamed)
 
 
+def tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether TMA descriptors can describe these operands: one matrix each (batch 1), Hopper or newer (or the
+    interpreter), 16-byte aligned bases and row strides."""
+    if a.shape[0] != 1 or not (a.device.type == "cpu" or (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] >= 9)):
+        return False
+    b_row_stride = b.stride(2) if b.stride(1) == 1 else b.stride(1)
+    return all(t.data_ptr() % 16 == 0 for t in (a, b)) and all(s * a.element_size() % 16 == 0 for s in (a.stride(1), b_row_stride))
+
+
 @functools.cache
 def processor_count(device: torch.device) -> int:
     """Programs that run at once: SMs on CUDA, AI cores on Ascend."""
@@ -120,6 +135,64 @@ def _accumulate_k(
     return acc
 
 
+@triton.jit
+def _accumulate_k_tma(
+    a_desc, b_desc, first_m, first_n, K, B_UNIT_STRIDE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``_accumulate_k`` with the tiles loaded by TMA: the same chunks in the same order, zeros past M, N and K."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([first_m, k * BLOCK_K])
+        if B_UNIT_STRIDE_K:
+            b = b_desc.load([first_n, k * BLOCK_K]).T
+        else:
+            b = b_desc.load([k * BLOCK_K, first_n])
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+# M and BATCH are not specialised (Triton would compile a variant per M % 16): every M with the same tiles
+# runs one binary.
+@triton.jit
+def _matmul_tile(
+    tile, a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
+    stride_ab, stride_am, stride_bb, stride_bk, stride_bn, stride_biasb, stride_biasm, stride_biasn, stride_cb, stride_cm,
+    alpha, beta, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, B_UNIT_STRIDE_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Output tile number ``tile``: GROUP_M row tiles at a time down each column strip, matrix by matrix."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_matrix = num_pid_m * num_pid_n
+    tiles_per_group = GROUP_M * num_pid_n
+    batch = (tile // tiles_per_matrix).to(tl.int64)
+    tile_in_matrix = tile % tiles_per_matrix
+    first_m = (tile_in_matrix // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_in_matrix % tiles_per_group) % group_rows
+    pid_n = (tile_in_matrix % tiles_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    if TMA:  # one matrix (tma_ready)
+        acc = _accumulate_k_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, K, B_UNIT_STRIDE_K, INPUT_PRECISION,
+                                BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = _accumulate_k(a_ptr + batch * stride_ab, b_ptr + batch * stride_bb, offs_m, offs_n, in_m, in_n,
+                            K, stride_am, stride_bk, stride_bn, EVEN_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    out = acc * alpha
+    mask = in_m[:, None] & in_n[None, :]
+    if HAS_BIAS:
+        bias_ptrs = bias_ptr + batch * stride_biasb + offs_m.to(tl.int64)[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
+        out += beta * tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+    c_ptrs = c_ptr + batch * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 # M and BATCH are not specialised (Triton would compile a variant per M % 16): every M with the same tiles
 # runs one binary.
 @triton.jit(do_not_specialize=["M", "BATCH"])
@@ -133,6 +206,9 @@ def _matmul_kernel(
     alpha, beta,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    TMA: tl.constexpr,
+    B_UNIT_STRIDE_K: tl.constexpr,
+    FLATTEN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -140,33 +216,20 @@ def _matmul_kernel(
     GROUP_M: tl.constexpr,
 ):
     """A has unit stride along K; B has unit stride along K or N (Triton specialises a stride of 1, so both
-    layouts get coalesced loads from one source); C is contiguous per batch. Program p computes the output
-    tiles p, p + programs, ... (on CUDA one each), GROUP_M row tiles at a time down each column strip."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_matrix = num_pid_m * num_pid_n
-    tiles_per_group = GROUP_M * num_pid_n
-    for tile in range(tl.program_id(0), BATCH * tiles_per_matrix, tl.num_programs(0)):
-        batch = (tile // tiles_per_matrix).to(tl.int64)
-        tile_in_matrix = tile % tiles_per_matrix
-        first_m = (tile_in_matrix // tiles_per_group) * GROUP_M
-        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile_in_matrix % tiles_per_group) % group_rows
-        pid_n = (tile_in_matrix % tiles_per_group) // group_rows
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_m = offs_m < M
-        in_n = offs_n < N
-        acc = _accumulate_k(a_ptr + batch * stride_ab, b_ptr + batch * stride_bb, offs_m, offs_n, in_m, in_n,
-                            K, stride_am, stride_bk, stride_bn, EVEN_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        out = acc * alpha
-        mask = in_m[:, None] & in_n[None, :]
-        if HAS_BIAS:
-            bias_ptrs = bias_ptr + batch * stride_biasb + offs_m.to(tl.int64)[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
-            out += beta * tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
-        c_ptrs = c_ptr + batch * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+    layouts get coalesced loads from one source); C is contiguous per batch. With TMA, a_ptr and b_ptr are
+    descriptors of A [M, K] and of B as [N, K] (B_UNIT_STRIDE_K) or [K, N]. Program p computes the output tiles
+    p, p + programs, ... (on CUDA one each unless persistent)."""
+    total = BATCH * tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    if FLATTEN:  # tl.range's flatten needs Triton >= 3.3 (not triton-ascend's): only a CUDA launch sets it
+        for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+            _matmul_tile(tile, a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, stride_ab, stride_am, stride_bb, stride_bk, stride_bn,
+                         stride_biasb, stride_biasm, stride_biasn, stride_cb, stride_cm, alpha, beta, HAS_BIAS, EVEN_K,
+                         TMA, B_UNIT_STRIDE_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+            _matmul_tile(tile, a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, stride_ab, stride_am, stride_bb, stride_bk, stride_bn,
+                         stride_biasb, stride_biasm, stride_biasn, stride_cb, stride_cm, alpha, beta, HAS_BIAS, EVEN_K,
+                         TMA, B_UNIT_STRIDE_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def matmul(
@@ -196,13 +259,23 @@ def matmul(
     tiles = tiles or pick_tiles(m, n, a.dtype, processors, batch)
     block_k = tiles.block_k or BLOCK_K[a.dtype]
     num_tiles = batch * triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
-    # CUDA: one program per tile. Ascend wants at most one program per AI core, so there (and in the
-    # interpreter) the programs loop over the tiles.
-    grid = num_tiles if a.device.type == "cuda" else min(num_tiles, processors)
+    # CUDA: one program per tile, unless the tiles are persistent. Ascend wants at most one program per AI core,
+    # so there (and in the interpreter) the programs loop over the tiles.
+    persistent = tiles.persistent or a.device.type != "cuda"
+    grid = min(num_tiles, processors) if persistent else num_tiles
+    use_tma = tiles.tma and tma_ready(a, b)
+    b_unit_stride_k = b.stride(1) == 1
+    a_arg, b_arg = a, b
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_arg = TensorDescriptor.from_tensor(a[0], [tiles.block_m, block_k])
+        b_arg = (TensorDescriptor.from_tensor(b[0].t(), [tiles.block_n, block_k]) if b_unit_stride_k
+                 else TensorDescriptor.from_tensor(b[0], [block_k, tiles.block_n]))
     has_bias = bias is not None and beta != 0.0
     bias_arg = bias if has_bias else out  # never read when HAS_BIAS is False
     _matmul_kernel[(grid,)](
-        a, b, bias_arg, out,
+        a_arg, b_arg, bias_arg, out,
         m, n, k, batch,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), b.stride(2),
@@ -211,6 +284,9 @@ def matmul(
         alpha, beta,
         HAS_BIAS=has_bias,
         EVEN_K=k % block_k == 0,
+        TMA=use_tma,
+        B_UNIT_STRIDE_K=b_unit_stride_k,
+        FLATTEN=tiles.persistent and a.device.type == "cuda",
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
