@@ -5,9 +5,10 @@
 
 For each linear shape (K -> N) and M, every candidate ``TileConfig`` runs on the same L2-cold inputs under CUDA-graph
 replay (the timing of ``benchmarks/kernels.py --cuda-graph``), beside ``F.linear``. A candidate may change how the
-output is cut into programs and how long a K chunk each pipeline stage loads (``LONG_K``), never the K order, so it
-must give the current pick's bits; the table says where one does not (such a candidate must never enter
-``TILE_CANDIDATES``). The best candidate per row is what a tile table could reach at most.
+output is cut into programs, how long a K chunk each pipeline stage loads (``LONG_K``) and how tiles are loaded and
+scheduled (``HOPPER``: TMA, persistent programs), never the K order, so it
+must give the current pick's bits; the table says where one does not (such a candidate must never enter a tile
+table). The best candidate per row is what a tile table could reach at most.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 import triton
 from kernels import DEFAULT_MS, DEFAULT_SHAPES, graph_sets, time_us
 
-from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, processor_count
+from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, processor_count, tile_table
 
 # Few rows: weight streaming, so narrow strips and deep pipelines; many rows: wgmma tiles. (Pruned to the tiles that
 # won a row or came within 3% in the searches of 2026-11-23, docs/benchmarks.md.)
@@ -54,7 +55,8 @@ def sweep(k: int, n: int, m: int, dtype: torch.dtype) -> dict:
     weight = lambda: (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)  # noqa: E731
     first = (torch.randn(m, k, device="cuda").to(dtype), weight())
     arg_sets = [first] + [(torch.randn(m, k, device="cuda").to(dtype), weight()) for _ in range(graph_sets(first) - 1)]
-    current = pick_tiles(m, n, dtype, processor_count(first[0].device))
+    device = first[0].device
+    current = pick_tiles(m, n, dtype, processor_count(device), table=tile_table(device))
     candidates = (FEW_ROWS if m <= FEW_ROWS_MAX_M else []) + (MANY_ROWS if m >= FEW_ROWS_MAX_M else [])
     candidates += LONG_K if m <= FEW_ROWS_MAX_M else HOPPER
     candidates = [current] + [t for t in candidates if t != current]

@@ -297,8 +297,10 @@ def _kernels():
 
 
 def _candidates(kernels, dtype: torch.dtype) -> list:
-    """Every tile config the kernel may pick for ``dtype``, whatever M and N."""
-    return [tiles for _, candidates in kernels.TILE_CANDIDATES[dtype] for tiles in candidates]
+    """Every tile config the kernel may pick for ``dtype``, whatever M, N and device (both tables; on the CPU the
+    interpreter runs the TMA loads too)."""
+    tables = (kernels.TILE_CANDIDATES, kernels.HOPPER_TILE_CANDIDATES)
+    return list(dict.fromkeys(tiles for table in tables for _, candidates in table[dtype] for tiles in candidates))
 
 
 @interpreter_only
@@ -367,8 +369,9 @@ def _sample_ms(n: int, dtype: torch.dtype) -> list[int]:
     """M in 1..8192 on both sides of every M where the kernel's tile choice changes for this N, plus a few others."""
     from bi_compile.kernels import matmul as kernels
 
-    processors = kernels.processor_count(torch.device("cuda", torch.cuda.current_device()))
-    picks = [kernels.pick_tiles(m, n, dtype, processors) for m in range(1, M_MAX + 1)]
+    device = torch.device("cuda", torch.cuda.current_device())
+    processors, table = kernels.processor_count(device), kernels.tile_table(device)
+    picks = [kernels.pick_tiles(m, n, dtype, processors, table=table) for m in range(1, M_MAX + 1)]
     edges = [m for m in range(1, M_MAX) if picks[m - 1] != picks[m]]  # picks[m - 1] is M = m
     ms = {1, 2, 3, 8, 31, 100, 1000, 4097, M_MAX} | {e + d for e in edges for d in (-1, 0, 1, 2)}
     return sorted(m for m in ms if 1 <= m <= M_MAX)
@@ -406,14 +409,18 @@ def test_gpu_control_stock_linear_is_not_batch_invariant():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_tile_configs_give_the_same_bits(dtype):
-    """Forcing each candidate's tiles on one input (both B layouts, odd K, odd N) gives identical bits."""
+    """Forcing each candidate's tiles of both tables on one input (both B layouts, odd K, odd N) gives identical
+    bits: K = 4104 takes the TMA loads on Hopper (zeros past K from the descriptor), K = 4097 cannot (rows not
+    16-byte aligned) and falls back to pointer loads with the same tiles."""
     from bi_compile.kernels import matmul as kernels
 
     g = torch.Generator(device="cuda").manual_seed(9)
-    for k, n in [(4096, 4096), (4097, 1000)]:
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    for k, n in [(4096, 4096), (4104, 1000), (4097, 1000)]:
         a = torch.randn(1, 300, k, device="cuda", generator=g).to(dtype)
         w = torch.randn(n, k, device="cuda", generator=g).to(dtype)
         for b in (w.t()[None], w.t().contiguous()[None]):
+            assert kernels.tma_ready(a, b) == (hopper and k != 4097)
             outs = [kernels.matmul(a, b, tiles=tiles) for tiles in _candidates(kernels, dtype)]
             assert all(torch.equal(outs[0], out) for out in outs[1:]), f"K={k} N={n} stride={b.stride()}"
 

@@ -4,15 +4,18 @@
 
 Why the result of one row cannot depend on M (the number of rows in the call) or on where the row sits:
 
-- every output element is one fp32 accumulator that walks K from 0 upwards in chunks of ``BLOCK_K``, one
-  ``tl.dot(a, b, acc)`` per chunk; ``BLOCK_K`` depends on the dtype alone, the K loop is sequential, and
-  there is no split-K or stream-K, so the chunks and their order are a function of (K, dtype). (The tensor
-  cores add each chunk in k16 steps into the same accumulator, so a longer chunk measured the same bits on the
-  H100; ``TileConfig.block_k`` lets benchmarks/tiles.py try that, no tile of the table uses it yet);
-- the tile shape (BLOCK_M, BLOCK_N, warps, stages) is picked from the real M (and N) at run time
-  (``pick_tiles``); it decides which program computes an element, not how. On the H100, every candidate
-  below gave the same bits (wgmma and mma.sync tiles alike, fp16/bf16/fp32, both B layouts, odd K), and
-  the GPU tests check it again at every M where the choice changes; a candidate may only be added with them;
+- every output element is one fp32 accumulator that walks K from 0 upwards, one ``tl.dot(a, b, acc)`` per K chunk;
+  the K loop is sequential, there is no split-K or stream-K, and rows never share an accumulator. For fp16/bf16
+  the tensor cores add each chunk in k16 steps, in order, into that accumulator, so the chunk length does not
+  change the order: the K order is a function of K alone. (The portable table keeps one chunk per dtype,
+  ``BLOCK_K``, since an Ascend cube's order for other chunks is unmeasured; the Hopper table streams the weight
+  in 256-long chunks at few rows.) TMA loads and persistent programs change how tiles are fetched and which
+  program computes them, not the arithmetic;
+- the tile shape (BLOCK_M, BLOCK_N, chunk, warps, stages, loads) is picked from the real M (and N) at run time
+  (``pick_tiles`` over the device's table, ``tile_table``); it decides which program computes an element, not
+  how. On the H100, every candidate below gave the same bits (mma.sync and wgmma tiles, 64- and 256-long chunks,
+  pointer and TMA loads, fp16/bf16/fp32, both B layouts, odd K), and the GPU tests check it again at every M
+  where the choice changes; a candidate may only be added with them;
 - fp32 inputs use ``input_precision="ieee"`` (plain FMA), never TF32, so fp32 means fp32.
 
 Rows past M and columns past N are masked (zero-filled loads, no stores): they never reach a stored element.
@@ -37,7 +40,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8  # tiles sharing a column strip run together, so the B strip stays in L2
-    block_k: int = 0  # K chunk per pipeline stage; 0: the dtype's BLOCK_K (the only value the table uses)
+    block_k: int = 0  # K chunk per pipeline stage; 0: the dtype's BLOCK_K
     # Hopper's tensor memory accelerator loads the A and B tiles (out-of-bounds reads are zeros, as the masked
     # loads'), where ``tma_ready`` allows it; elsewhere the same tiles run with pointer loads.
     tma: bool = False
@@ -46,7 +49,7 @@ class TileConfig:
     persistent: bool = False
 
 
-# The K chunk each fp32 accumulator takes per step: a function of the dtype only.
+# The K chunk a tile loads per pipeline stage unless its TileConfig says otherwise.
 BLOCK_K = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
 
 # (largest M of the range, candidate tiles from small to large), ascending in M; the last range takes
@@ -73,14 +76,35 @@ TILE_CANDIDATES: dict[torch.dtype, tuple[tuple[int, tuple[TileConfig, ...]], ...
 }
 TILE_CANDIDATES[torch.bfloat16] = TILE_CANDIDATES[torch.float16]
 
+# CUDA devices with TMA (Hopper and newer). Measured on the H100 (bf16, 2026-11-23, benchmarks/tiles.py): a long K
+# chunk streams the weight at few rows (within 0.94-1.09x cuBLAS at M <= 32), and from M = 257 TMA loads with
+# persistent programs reach 1.00-1.09x at M >= 2048 where the pointer-load tiles stayed at 1.13-1.27x.
+HOPPER_TILE_CANDIDATES = {
+    torch.float16: (
+        (64, (TileConfig(16, 32, num_warps=4, num_stages=3, block_k=256),)),
+        (256, (TileConfig(64, 64, num_warps=4, num_stages=6), TileConfig(128, 256, num_warps=8, num_stages=4))),
+        (1 << 62, (TileConfig(128, 128, num_warps=8, num_stages=4, tma=True, persistent=True),
+                   TileConfig(128, 256, num_warps=8, num_stages=4, tma=True, persistent=True))),
+    ),
+    torch.float32: TILE_CANDIDATES[torch.float32],
+}
+HOPPER_TILE_CANDIDATES[torch.bfloat16] = HOPPER_TILE_CANDIDATES[torch.float16]
 
-def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int = 1) -> TileConfig:
+
+def tile_table(device: torch.device) -> dict:
+    """The tile table of this device: every candidate in it gave the same bits there (the GPU tests check it)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return HOPPER_TILE_CANDIDATES
+    return TILE_CANDIDATES
+
+
+def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int = 1, table: dict = TILE_CANDIDATES) -> TileConfig:
     """The tiles for this call, chosen from the real M inside the op, never at trace time.
 
     Among the candidates for ``m``, the one whose busiest processor streams the fewest operand rows:
     waves * (rows of A + columns of B per tile), waves = ceil(tiles / processors); ties go to the larger tile.
     """
-    candidates = next(tiles for max_m, tiles in TILE_CANDIDATES[dtype] if m <= max_m)
+    candidates = next(tiles for max_m, tiles in table[dtype] if m <= max_m)
 
     def streamed(tiles: TileConfig) -> int:
         count = batch * triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
@@ -246,8 +270,8 @@ def matmul(
     a: [batch, M, K] with unit stride along K (rows and batches may be strided, batch stride 0 is fine);
     b: [batch, K, N] with unit stride along K or along N, same dtype; bias: [batch, M, N] of any strides
     (a broadcast view) or None. ``beta == 0`` ignores bias, NaNs included, as torch.addmm does.
-    ``tiles`` overrides ``pick_tiles`` (tests and tuning); the K order never changes (its ``block_k`` only with the
-    bit check of benchmarks/tiles.py).
+    ``tiles`` overrides ``pick_tiles`` (tests and tuning); no tile changes the K order (a new one enters a table only
+    with the bit checks of benchmarks/tiles.py and the GPU tests).
     The op layer validates inputs; this launcher assumes them valid.
     """
     batch, m, k = a.shape
@@ -256,7 +280,7 @@ def matmul(
     if out.numel() == 0:
         return out
     processors = processor_count(a.device)
-    tiles = tiles or pick_tiles(m, n, a.dtype, processors, batch)
+    tiles = tiles or pick_tiles(m, n, a.dtype, processors, batch, tile_table(a.device))
     block_k = tiles.block_k or BLOCK_K[a.dtype]
     num_tiles = batch * triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
     # CUDA: one program per tile, unless the tiles are persistent. Ascend wants at most one program per AI core,
