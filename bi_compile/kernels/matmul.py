@@ -77,12 +77,18 @@ TILE_CANDIDATES: dict[torch.dtype, tuple[tuple[int, tuple[TileConfig, ...]], ...
 TILE_CANDIDATES[torch.bfloat16] = TILE_CANDIDATES[torch.float16]
 
 # CUDA devices with TMA (Hopper and newer). Measured on the H100 (bf16, 2026-11-23, benchmarks/tiles.py): a long K
-# chunk streams the weight at few rows (within 0.94-1.09x cuBLAS at M <= 32), and from M = 257 TMA loads with
-# persistent programs reach 1.00-1.09x at M >= 2048 where the pointer-load tiles stayed at 1.13-1.27x.
+# chunk streams the weight at few rows (0.94-1.09x cuBLAS at M <= 64), and TMA loads with persistent programs reach
+# 1.00-1.09x at M >= 2048 where the pointer-load tiles stayed at 1.13-1.27x (docs/benchmarks.md).
 HOPPER_TILE_CANDIDATES = {
     torch.float16: (
-        (64, (TileConfig(16, 32, num_warps=4, num_stages=3, block_k=256),)),
-        (256, (TileConfig(64, 64, num_warps=4, num_stages=6), TileConfig(128, 256, num_warps=8, num_stages=4))),
+        # Up to 32 rows, 16-row tiles read the weight in 256-long chunks (rows 17-32 re-read it from L2); 33-64
+        # rows take one 64-row tile (16-row tiles measured 1.3-1.8x at M = 64).
+        (32, (TileConfig(16, 32, num_warps=4, num_stages=3, block_k=256),)),
+        (64, (TileConfig(64, 32, num_warps=4, num_stages=4, block_k=128),)),
+        (128, (TileConfig(64, 64, num_warps=4, num_stages=6), TileConfig(128, 256, num_warps=8, num_stages=4))),
+        (256, (TileConfig(64, 64, num_warps=4, num_stages=6),
+               TileConfig(64, 256, num_warps=4, num_stages=4, tma=True, persistent=True),
+               TileConfig(128, 256, num_warps=8, num_stages=4, tma=True, persistent=True))),
         (1 << 62, (TileConfig(128, 128, num_warps=8, num_stages=4, tma=True, persistent=True),
                    TileConfig(128, 256, num_warps=8, num_stages=4, tma=True, persistent=True))),
     ),
