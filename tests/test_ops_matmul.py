@@ -355,6 +355,38 @@ def test_interpreted_tile_configs_compute_the_same_function(dtype):
         assert torch.equal(kernels.matmul(a, b, tiles=tiles), expected)
 
 
+def test_tma_ready_only_for_one_aligned_matrix():
+    """TMA descriptors need one matrix (batch 1) with 16-byte aligned bases and row strides; otherwise the same
+    tiles run with pointer loads. (On CUDA before Hopper, and on Ascend, never.)"""
+    kernels = _kernels()
+    a, w = torch.zeros(1, 5, 72, dtype=torch.float16), torch.zeros(40, 72, dtype=torch.float16)
+    assert kernels.tma_ready(a, w.t()[None]) and kernels.tma_ready(a, w.t().contiguous()[None])
+    assert not kernels.tma_ready(a.expand(2, 5, 72), w.t()[None].expand(2, 72, 40))  # batch 2
+    assert not kernels.tma_ready(torch.zeros(1, 5, 70, dtype=torch.float16), torch.zeros(40, 70, dtype=torch.float16).t()[None])
+    assert not kernels.tma_ready(a, torch.zeros(72, 41, dtype=torch.float16)[None, :, :40])  # K-row stride 82 bytes
+    assert not kernels.tma_ready(torch.zeros(1, 5, 73, dtype=torch.float16)[..., 1:], w.t()[None])  # base off by 2 bytes
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, k, n", [(5, 72, 40), (130, 200, 136)])
+def test_interpreted_tma_loads_match_pointer_loads(dtype, m, k, n):
+    """The descriptor path (zeros past M, N and K from the descriptor, both B layouts, bias, alpha and beta) against the
+    reference and against the pointer path with the same tiles, persistent or not."""
+    kernels = _kernels()
+    g = torch.Generator().manual_seed(12)
+    a = randn(1, m, k, dtype=dtype, device="cpu", generator=g)
+    w = randn(n, k, dtype=dtype, device="cpu", generator=g)
+    bias = randn(n, dtype=dtype, device="cpu", generator=g).expand(1, m, n)
+    for b in (w.t()[None], w.t().contiguous()[None]):
+        assert kernels.tma_ready(a, b)
+        pointer = kernels.matmul(a, b, bias, alpha=1.5, beta=-0.5, tiles=kernels.TileConfig(64, 64, 4, 3))
+        assert_matches_reference(pointer, 1.5 * torch.bmm(a.double(), b.double()) - 0.5 * bias.double(), dtype)
+        for persistent in (False, True):
+            tiles = kernels.TileConfig(64, 64, 4, 3, tma=True, persistent=persistent)
+            assert torch.equal(kernels.matmul(a, b, bias, alpha=1.5, beta=-0.5, tiles=tiles), pointer)
+
+
 # ---- GPU: bitwise invariance on Qwen3 shapes, control, CUDA graphs ----
 
 QWEN3_PROJECTIONS = [  # (K, N)

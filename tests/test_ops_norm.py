@@ -284,11 +284,19 @@ def test_gpu_head_split_view_matches_contiguous():
 
 @pytest.mark.gpu
 def test_gpu_control_stock_reduction_is_batch_variant():
-    """The comparisons above can fail: the stock mean of squares (what an unreplaced RMSNorm computes) on
-    151936-wide fp32 rows gives row 0 other bits in some batch than alone."""
-    x = torch.randn(4096, 151936, device="cuda")
-    alone = x[:1].square().mean(-1)
-    assert any(not torch.equal(x[:m].square().mean(-1)[:1], alone) for m in (2, 3, 16, 64, 512, 4096))
+    """The comparisons above can fail: the stock mean of squares (what an unreplaced RMSNorm computes) gives the
+    first rows of a batch other bits than the same rows inside a 4096-row batch. On 2026-11-23 (torch 2.11, H100)
+    row 0 of unseeded 151936-wide fp32 data kept its bits in every batch once, so the check now compares whole
+    prefixes of seeded data at three widths; if stock still keeps every bit, the measured fact is a skip, and
+    test_control_stock_rms_norm_is_batch_variant_where_ours_is_not is the control that shows the check can fail."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    differ = []
+    for n in (1024, 4096, 151936):
+        x = torch.randn(4096, n, device="cuda", generator=g)
+        whole = x.square().mean(-1)
+        differ += [(n, m) for m in (1, 2, 3, 16, 64, 512) if not torch.equal(x[:m].square().mean(-1), whole[:m])]
+    if not differ:
+        pytest.skip(f"stock mean of squares kept every row's bits at widths 1024/4096/151936 (torch {torch.__version__})")
 
 
 @pytest.mark.gpu
