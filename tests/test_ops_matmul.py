@@ -356,8 +356,8 @@ def test_interpreted_tile_configs_compute_the_same_function(dtype):
 
 
 def test_tma_ready_only_for_one_aligned_matrix():
-    """TMA descriptors need one matrix (batch 1) with 16-byte aligned bases and row strides; otherwise the same
-    tiles run with pointer loads. (On CUDA before Hopper, and on Ascend, never.)"""
+    """TMA descriptors need one matrix (batch 1) with 16-byte aligned bases and row strides, rows not overlapping;
+    otherwise the same tiles run with pointer loads. (On CUDA before Hopper, and on Ascend, never.)"""
     kernels = _kernels()
     a, w = torch.zeros(1, 5, 72, dtype=torch.float16), torch.zeros(40, 72, dtype=torch.float16)
     assert kernels.tma_ready(a, w.t()[None]) and kernels.tma_ready(a, w.t().contiguous()[None])
@@ -365,6 +365,7 @@ def test_tma_ready_only_for_one_aligned_matrix():
     assert not kernels.tma_ready(torch.zeros(1, 5, 70, dtype=torch.float16), torch.zeros(40, 70, dtype=torch.float16).t()[None])
     assert not kernels.tma_ready(a, torch.zeros(72, 41, dtype=torch.float16)[None, :, :40])  # K-row stride 82 bytes
     assert not kernels.tma_ready(torch.zeros(1, 5, 73, dtype=torch.float16)[..., 1:], w.t()[None])  # base off by 2 bytes
+    assert not kernels.tma_ready(torch.zeros(1, 1, 72, dtype=torch.float16).expand(1, 5, 72), w.t()[None])  # row stride 0
 
 
 @interpreter_only

@@ -121,11 +121,14 @@ def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int =
 
 def tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether TMA descriptors can describe these operands: one matrix each (batch 1), Hopper or newer (or the
-    interpreter), 16-byte aligned bases and row strides."""
+    interpreter), 16-byte aligned bases and row strides, rows that do not overlap (no broadcast views)."""
     if a.shape[0] != 1 or not (a.device.type == "cpu" or (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] >= 9)):
         return False
-    b_row_stride = b.stride(2) if b.stride(1) == 1 else b.stride(1)
-    return all(t.data_ptr() % 16 == 0 for t in (a, b)) and all(s * a.element_size() % 16 == 0 for s in (a.stride(1), b_row_stride))
+    k, n = b.shape[1:]
+    b_rows = (b.stride(2), k) if b.stride(1) == 1 else (b.stride(1), n)  # (row stride, row length) of B's 2-D view
+    rows = ((a.stride(1), k), b_rows)
+    return (all(t.data_ptr() % 16 == 0 for t in (a, b))
+            and all(stride >= length and stride * a.element_size() % 16 == 0 for stride, length in rows))
 
 
 @functools.cache
@@ -182,8 +185,6 @@ def _accumulate_k_tma(
     return acc
 
 
-# M and BATCH are not specialised (Triton would compile a variant per M % 16): every M with the same tiles
-# runs one binary.
 @triton.jit
 def _matmul_tile(
     tile, a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
