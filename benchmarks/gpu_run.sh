@@ -8,18 +8,21 @@
 #                  cache (cold: 110-175 s per batch class and variant; the measured run then loads the graphs)
 #   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
 #   kernels        benchmarks/kernels.py, every op under CUDA graphs
-#   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~5 min)
+#   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~2 min)
+#   rows           benchmarks/rows.py, row-kernel configs where the bandwidth target is missed, with an invariance
+#                  check each (not yet run: its time is unknown, so it runs under a 9-minute timeout)
 #
 # `warm` and `decode` must run on the same machine (the cache lives in /tmp there): call them back to back, or
 # together (`benchmarks/gpu_run.sh warm decode`) when the model is small enough to fit 10 minutes.
 # Extra arguments for decode.py go in DECODE_ARGS, e.g. DECODE_ARGS="--models qwen3-8b --layers 8", and for tiles.py
-# in TILES_ARGS, e.g. TILES_ARGS="--shapes 1024x2048 1024x1024 2048x1024 1024x3072 3072x1024" (the 0.6B projections).
+# in TILES_ARGS, e.g. TILES_ARGS="--shapes 1024x2048 1024x1024 2048x1024 1024x3072 3072x1024" (the 0.6B projections),
+# and for rows.py in ROWS_ARGS, e.g. ROWS_ARGS="--ops sum mean --ms 8192".
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | warm | decode | kernels | tiles) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, kernels, tiles)" >&2; exit 2 ;;
+    tests-ops | tests-models | warm | decode | kernels | tiles | rows) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, kernels, tiles, rows)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-out}
@@ -49,5 +52,7 @@ for stage in "$@"; do
       tail -5 "$OUT/kernels.md" ;;
     tiles)
       python3 benchmarks/tiles.py ${TILES_ARGS:-} --json "$OUT/tiles.json" --markdown "$OUT/tiles.md" 2>&1 | grep -v "it/s" | tail -45 ;;
+    rows)
+      timeout 540 python3 benchmarks/rows.py ${ROWS_ARGS:-} --json "$OUT/rows.json" --markdown "$OUT/rows.md" 2>&1 | grep -v "it/s" | tail -30 ;;
   esac
 done

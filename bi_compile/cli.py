@@ -3,7 +3,7 @@
 - ``check``: does a request get the same tokens and logprobs alone and inside batches, under stock
   torch.compile and under ``bi_ascend``? Exit 0 only when ``bi_ascend`` is invariant.
 - ``audit``: what the pass pipeline rewrote in a model or an exported program, and what it left.
-- ``bench``: the kernel, decode and matmul-tile benchmarks of a source checkout.
+- ``bench``: the kernel, decode, matmul-tile and row-kernel benchmarks of a source checkout.
 - ``ops``: the replacement table (``--markdown`` is the table in docs/design.md).
 
 Usage errors (bad arguments, unknown models, a device that is not there) print one line on stderr and
@@ -377,8 +377,8 @@ def build_parser() -> Parser:
     audit.add_argument("--strict", action="store_true", help="exit 1 if any node is left variant or unknown")
     audit.set_defaults(run=run_audit)
 
-    bench = commands.add_parser("bench", help="run benchmarks/kernels.py, decode.py or tiles.py with ARGS")
-    bench.add_argument("which", choices=["kernels", "decode", "tiles"])
+    bench = commands.add_parser("bench", help="run benchmarks/kernels.py, decode.py, tiles.py or rows.py with ARGS")
+    bench.add_argument("which", choices=["kernels", "decode", "tiles", "rows"])
     bench.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed on to the benchmark script")
     bench.set_defaults(run=run_bench)
 

@@ -197,6 +197,21 @@ def test_kernel_matches_reference_and_is_row_invariant(triton_device, dtype, n):
     assert_matches_reference("sum", transposed.cpu(), [-1], False, None, row_sum(transposed, dtype).cpu())
 
 
+def test_kernel_blocking_override_is_exact_and_row_invariant(triton_device):
+    """benchmarks/rows.py's knob: more rows per program is another fixed order per row, exact on small integers
+    and the same for a row in any batch."""
+    from bi_compile.kernels.reduce import RowBlocking, row_sum
+
+    x = torch.randint(-3, 4, (37, 300), device=triton_device).float()
+    for rows, warps in ((1, 1), (8, 4), (16, 8)):
+        blocking = RowBlocking(block=512, rows=rows, fused=True, num_warps=warps)
+        out = row_sum(x, torch.float32, blocking=blocking)
+        assert torch.equal(out.cpu(), x.cpu().double().sum(-1).float())
+        y = torch.randn(37, 300, device=triton_device)
+        full = row_sum(y, torch.float32, mean=True, blocking=blocking)
+        assert torch.equal(row_sum(y[5:7], torch.float32, mean=True, blocking=blocking), full[5:7])
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_op_triton_path_layouts(triton_device, name):
     """The op's Triton entry (checks, moving the reduced dims last, launch) on the layouts the CPU tests use."""

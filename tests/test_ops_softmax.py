@@ -183,6 +183,28 @@ def test_kernel_matches_reference_and_is_row_invariant(triton_device, log, dtype
     assert_matches_reference(name, x.cpu(), -1, True, softmax(x, torch.float32, log=log).cpu())
 
 
+@pytest.mark.parametrize("log", [False, True])
+def test_kernel_search_knobs_keep_rows_whole(triton_device, log):
+    """benchmarks/rows.py's knobs: fewer programs looping over the row tiles give the same bits (a row's arithmetic
+    does not depend on which program takes it); another blocking is another fixed order, still exact to the
+    reference and the same for a row in any batch."""
+    from bi_compile.kernels.reduce import RowBlocking, row_blocking
+    from bi_compile.kernels.softmax import softmax
+
+    name = "log_softmax" if log else "softmax"
+    for n, rows in ((300, 40), (16500, 5)):
+        x = (torch.randn(rows, n, device=triton_device) * 4).float()
+        y = softmax(x, torch.float32, log=log)
+        for programs in (1, 3):
+            assert torch.equal(softmax(x, torch.float32, log=log, programs=programs), y)
+        default = row_blocking(n)
+        other = RowBlocking(block=default.block // 2, rows=max(1, default.rows // 2), fused=default.fused and n <= default.block // 2,
+                            num_warps=default.num_warps)
+        y_other = softmax(x, torch.float32, log=log, blocking=other, programs=2)
+        assert_matches_reference(name, x.cpu(), -1, False, y_other.cpu())
+        assert torch.equal(softmax(x[1:3], torch.float32, log=log, blocking=other), y_other[1:3])
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("name", OPS)
 def test_op_triton_path_layouts(triton_device, name):

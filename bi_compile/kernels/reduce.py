@@ -160,18 +160,19 @@ def _row_sum_kernel(
     tl.store(out_ptr + rows.to(tl.int64), total.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square: bool = False) -> torch.Tensor:
+def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square: bool = False, *,
+            blocking: RowBlocking | None = None) -> torch.Tensor:
     """Sum (or mean) of ``x`` [..., R] (``square``: of its squares) over its last dim -> fresh contiguous [...]
     in ``out_dtype``.
 
     As aten's sum/mean with ``dtype=``: each element is cast to ``out_dtype`` (then squared), the sum is
-    accumulated in fp32.
+    accumulated in fp32. ``blocking`` overrides ``row_blocking(R)`` for benchmarks/rows.py's search.
     """
     out = torch.empty(x.shape[:-1], dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
     (x,), grid = row_grid(x)
-    cfg = row_blocking(x.shape[-1])
+    cfg = blocking or row_blocking(x.shape[-1])
     (stride_outer, stride_inner), = grid.strides
     _row_sum_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
         x, out, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,

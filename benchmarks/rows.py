@@ -1,0 +1,168 @@
+"""Search the row kernels' launch configs where issue 7's bandwidth target is missed, with an invariance check each.
+
+    PYTHONPATH=. python benchmarks/rows.py --json rows.json --markdown rows.md
+    PYTHONPATH=. python benchmarks/rows.py --ms 8192 --ops sum
+
+The target: at M >= 256 rows, >= 80% of the device's copy bandwidth, counting each input read once and each output
+written once. Missed on the H100 (docs/benchmarks.md) by sum/mean over hidden-width rows (latency-bound programs of
+one or two rows) and by softmax/log_softmax over the vocabulary (two reads of each row). The candidates:
+
+- sum/mean: more rows per program and other warp counts (``RowBlocking.rows``, ``num_warps``);
+- softmax/log_softmax over long rows: other chunk lengths, and fewer programs looping over the rows (``programs``),
+  so that fewer rows are in flight and the second read of a row can come from L2.
+
+A blocking is another fixed reduction order per row (a table keyed by the row length may take it); the program count
+changes no bit. Each candidate is checked for invariance here (rows of a call of M rows, and a row alone, against the
+same rows inside an 8192-row call) and timed like ``benchmarks/kernels.py --cuda-graph`` (median of do_bench over
+CUDA-graph replays, L2-cold), beside the stock op and the device's copy bandwidth, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+from kernels import graph_sets, time_us
+
+from bi_compile.kernels.reduce import RowBlocking, row_blocking, row_sum
+from bi_compile.kernels.softmax import softmax
+
+M_CHECK = 8192  # the call the invariance check compares every other M against
+
+
+@dataclass(frozen=True)
+class Candidate:
+    blocking: RowBlocking
+    programs: int | None = None  # softmax only: None is one program per row tile
+
+    def label(self) -> str:
+        b = self.blocking
+        return f"block {b.block} rows {b.rows} w{b.num_warps}" + (f" programs {self.programs}" if self.programs else "")
+
+
+def sum_candidates(width: int) -> list[Candidate]:
+    block = triton.next_power_of_2(width)
+    return [Candidate(RowBlocking(block, rows, True, warps)) for rows, warps in itertools.product((1, 2, 4, 8, 16), (4, 8, 16))
+            if block * rows // (32 * warps) <= 128]  # elements per thread the registers can hold
+
+
+def softmax_candidates(width: int, processors: int) -> list[Candidate]:
+    return [Candidate(RowBlocking(block, 1, False, warps), programs)
+            for block, warps, programs in itertools.product((2048, 4096, 8192, 16384), (8, 16), (None, processors, 2 * processors))
+            if block // (32 * warps) <= 64]
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    width: int
+    run: Callable[[torch.Tensor, Candidate | None], torch.Tensor]  # None: the current config
+    stock: Callable[[torch.Tensor], torch.Tensor]
+    candidates: Callable[[int, int], list[Candidate]]
+
+
+def row_op(mean: bool) -> Callable:
+    return lambda x, c: row_sum(x, x.dtype, mean=mean, blocking=c and c.blocking)
+
+
+def softmax_op(log: bool) -> Callable:
+    return lambda x, c: softmax(x, x.dtype, log=log, blocking=c and c.blocking, programs=c and c.programs)
+
+
+OPS = [Op(name, width, run, stock, lambda w, p: sum_candidates(w))
+       for width in (1024, 4096)
+       for name, run, stock in (("sum", row_op(False), lambda t: t.sum(-1)), ("mean", row_op(True), lambda t: t.mean(-1)))]
+OPS += [Op(name, 151936, run, stock, softmax_candidates)
+        for name, run, stock in (("softmax", softmax_op(False), lambda t: torch.softmax(t, -1)),
+                                 ("log_softmax", softmax_op(True), lambda t: torch.log_softmax(t, -1)))]
+
+
+def invariant(op: Op, candidate: Candidate | None, x: torch.Tensor, ms: list[int]) -> bool:
+    """Rows of each call of M rows (at an offset) and row 5 alone have the bits of the same rows in the M_CHECK call."""
+    full = op.run(x, candidate)
+    calls = [(7, m) for m in ms if m + 7 <= len(x)] + [(5, 1)]
+    return all(torch.equal(op.run(x[start : start + m], candidate), full[start : start + m]) for start, m in calls)
+
+
+def copy_gbs() -> float:
+    """The device's copy bandwidth (read + write) on 1 GiB, in this run."""
+    src = torch.empty(1 << 29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), [()], False)
+    return 2 * src.numel() * src.element_size() / us / 1e3
+
+
+def sweep(op: Op, m: int, dtype: torch.dtype, processors: int, check_ms: list[int]) -> dict:
+    x_check = torch.randn(M_CHECK, op.width, device="cuda").to(dtype)
+    make = lambda: (torch.randn(m, op.width, device="cuda").to(dtype),)  # noqa: E731
+    first = make()
+    arg_sets = [first] + [make() for _ in range(graph_sets(first) - 1)]
+    io_bytes = first[0].numel() * first[0].element_size() + op.stock(first[0]).numel() * first[0].element_size()
+    gbs = lambda us: io_bytes / us / 1e3  # noqa: E731
+    current = row_blocking(op.width)
+    row = {"op": op.name, "width": op.width, "m": m, "current": Candidate(current).label(),
+           "stock_gbs": gbs(time_us(op.stock, arg_sets, True)),
+           "current_gbs": gbs(time_us(lambda t: op.run(t, None), arg_sets, True)), "candidates": {}, "variant": [],
+           "failed": {}}
+    for candidate in op.candidates(op.width, processors):
+        try:
+            if not invariant(op, candidate, x_check, check_ms):
+                row["variant"].append(candidate.label())
+                continue
+            row["candidates"][candidate.label()] = gbs(time_us(lambda t, c=candidate: op.run(t, c), arg_sets, True))
+        except Exception as error:  # noqa: BLE001 - too many registers or too much shared memory for this GPU
+            row["failed"][candidate.label()] = f"{type(error).__name__}: {str(error)[:200]}"
+    return row
+
+
+def markdown(rows: list[dict], copy: float, title: str) -> str:
+    lines = [title, "", f"Copy bandwidth in this run: {copy:.0f} GB/s; the target is 80% of it, {0.8 * copy:.0f} GB/s.", "",
+             "| op | width | M | stock GB/s | current | GB/s | % copy | best | GB/s | % copy | variant | failed |",
+             "|---|---:|---:|---:|---|---:|---:|---|---:|---:|---|---|"]
+    for r in rows:
+        best = max(r["candidates"], key=r["candidates"].get, default="-")
+        best_gbs = r["candidates"].get(best, 0.0)
+        lines.append(f"| {r['op']} | {r['width']} | {r['m']} | {r['stock_gbs']:.0f} | {r['current']} | {r['current_gbs']:.0f} | "
+                     f"{100 * r['current_gbs'] / copy:.0f} | {best} | {best_gbs:.0f} | {100 * best_gbs / copy:.0f} | "
+                     f"{', '.join(r['variant']) or 'none'} | {', '.join(r['failed']) or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ms", nargs="+", type=int, default=[256, 2048, 8192])
+    parser.add_argument("--ops", nargs="+", choices=sorted({op.name for op in OPS}), help="default: all")
+    parser.add_argument("--json", help="write every measurement to this file, row by row")
+    parser.add_argument("--markdown", help="append the table to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/rows.py needs a CUDA GPU")
+    from tqdm import tqdm
+
+    processors = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    copy = copy_gbs()
+    rows = []
+    for op in tqdm([op for op in OPS if not args.ops or op.name in args.ops], desc="ops"):
+        for m in args.ms:
+            rows.append(sweep(op, m, torch.bfloat16, processors, check_ms=[1, 3, 255, 2048]))
+            if args.json:  # row by row, so that a run cut short by a time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"copy_gbs": copy, "rows": rows}, f, indent=1)
+    title = (f"### Row-kernel search, bf16, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, triton {triton.__version__}; median of do_bench over CUDA-graph replays, L2-cold")
+    table = markdown(rows, copy, title)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

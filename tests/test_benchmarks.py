@@ -1,0 +1,52 @@
+"""The GPU benchmark scripts on this CPU machine: they import and parse their arguments, and the pieces of the
+row-kernel search that need no GPU (its candidates and its invariance check, under Triton's interpreter) work.
+Their timings run on the H100 only (``benchmarks/gpu_run.sh``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script", ["kernels", "tiles", "rows"])
+def test_script_parses_its_arguments(script):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
+                          cwd=BENCHMARKS.parent, env={"PYTHONPATH": f"{BENCHMARKS.parent}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+@pytest.fixture
+def rows(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import rows
+
+    return rows
+
+
+def test_row_search_candidates_fit_the_registers(rows):
+    for width in (1024, 4096):
+        candidates = rows.sum_candidates(width)
+        assert candidates and all(c.blocking.fused and c.blocking.block >= width for c in candidates)
+    candidates = rows.softmax_candidates(151936, 132)
+    assert {c.programs for c in candidates} == {None, 132, 264}
+    assert all(not c.blocking.fused and c.blocking.rows == 1 for c in candidates)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf - inf
+def test_row_search_invariance_check_passes_the_kernels_and_catches_a_variant_op(rows):
+    x = torch.randn(40, 300, generator=torch.Generator().manual_seed(0))
+    for op in (o for o in rows.OPS if o.name in ("mean", "log_softmax")):
+        candidate = rows.Candidate(rows.RowBlocking(512, 2, True, 4), programs=3 if op.name == "log_softmax" else None)
+        assert rows.invariant(op, candidate, x, ms=[1, 3, 20])
+    # The control: a "kernel" whose sum order depends on M (halves summed apart once M > 8) fails the check.
+    variant = rows.Op("sum", 300, lambda t, c: t.sum(-1) if len(t) <= 8 else t[:, :150].sum(-1) + t[:, 150:].sum(-1),
+                      lambda t: t.sum(-1), rows.sum_candidates)
+    assert not rows.invariant(variant, None, x, ms=[1, 3, 20])
