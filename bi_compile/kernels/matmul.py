@@ -97,11 +97,15 @@ HOPPER_TILE_CANDIDATES = {
 HOPPER_TILE_CANDIDATES[torch.bfloat16] = HOPPER_TILE_CANDIDATES[torch.float16]
 
 
+@functools.cache
+def has_tma(device: torch.device) -> bool:
+    """A CUDA device with the tensor memory accelerator (Hopper or newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def tile_table(device: torch.device) -> dict:
     """The tile table of this device: every candidate in it gave the same bits there (the GPU tests check it)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-        return HOPPER_TILE_CANDIDATES
-    return TILE_CANDIDATES
+    return HOPPER_TILE_CANDIDATES if has_tma(device) else TILE_CANDIDATES
 
 
 def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int = 1, table: dict = TILE_CANDIDATES) -> TileConfig:
@@ -122,7 +126,7 @@ def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int =
 def tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether TMA descriptors can describe these operands: one matrix each (batch 1), Hopper or newer (or the
     interpreter), 16-byte aligned bases and row strides, rows that do not overlap (no broadcast views)."""
-    if a.shape[0] != 1 or not (a.device.type == "cpu" or (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] >= 9)):
+    if a.shape[0] != 1 or not (a.device.type == "cpu" or has_tma(a.device)):
         return False
     k, n = b.shape[1:]
     b_rows = (b.stride(2), k) if b.stride(1) == 1 else (b.stride(1), n)  # (row stride, row length) of B's 2-D view
