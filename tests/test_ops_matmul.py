@@ -448,7 +448,7 @@ def test_gpu_tile_configs_give_the_same_bits(dtype):
     from bi_compile.kernels import matmul as kernels
 
     g = torch.Generator(device="cuda").manual_seed(9)
-    hopper = torch.cuda.get_device_capability()[0] >= 9
+    hopper = kernels.has_tma(torch.device("cuda", torch.cuda.current_device()))
     for k, n in [(4096, 4096), (4104, 1000), (4097, 1000)]:
         a = torch.randn(1, 300, k, device="cuda", generator=g).to(dtype)
         w = torch.randn(n, k, device="cuda", generator=g).to(dtype)
