@@ -226,6 +226,22 @@ def run(cases: list[Case], ms: list[int], dtype: torch.dtype, cuda_graph: bool) 
 HEADER = ["op", "shape", "M", "bi us", "stock us", "bi/stock", "bi TFLOP/s", "stock TFLOP/s", "bi GB/s", "stock GB/s"]
 
 
+def heading(what: str, timing: str) -> str:
+    """A results heading with the date, the device and the versions, as docs/benchmarks.md records them."""
+    import triton
+
+    return (f"### {what}, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{torch.cuda.get_device_name()}, "
+            f"torch {torch.__version__}, triton {triton.__version__}; {timing}")
+
+
+def publish(table: str, markdown_path: str | None) -> None:
+    """Print a results table and append it to ``markdown_path`` (if given)."""
+    print(table)
+    if markdown_path:
+        with open(markdown_path, "a") as f:
+            f.write(table + "\n")
+
+
 def markdown(title: str, rows: list[list[str]]) -> str:
     lines = [title, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -244,23 +260,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU: torch.cuda.is_available() is False")
-    import triton
-
     import_op_modules()
     shapes = selected_shapes(args.shapes)
     cases = [c for build in CASE_BUILDERS for c in build(shapes) if not args.ops or c.op in args.ops]
     rows = run(cases, args.ms, DTYPES[args.dtype], args.cuda_graph)
     mode = "CUDA-graph replays over L2-cold inputs" if args.cuda_graph else "eager calls, L2 flushed"
-    title = (
-        f"### bi ops vs stock, {args.dtype}, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-        f"median of triton.testing.do_bench, {mode}"
-    )
-    table = markdown(title, rows)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(table + "\n")
+    publish(markdown(heading(f"bi ops vs stock, {args.dtype}", f"median of triton.testing.do_bench, {mode}"), rows),
+            args.markdown)
 
 
 if __name__ == "__main__":

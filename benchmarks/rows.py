@@ -20,7 +20,6 @@ CUDA-graph replays, L2-cold), beside the stock op and the device's copy bandwidt
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import sys
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from kernels import graph_sets, time_us
+from kernels import graph_sets, heading, publish, time_us
 
 from bi_compile.kernels.reduce import RowBlocking, row_blocking, row_sum
 from bi_compile.kernels.softmax import softmax
@@ -155,13 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.json:  # row by row, so that a run cut short by a time limit keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump({"copy_gbs": copy, "rows": rows}, f, indent=1)
-    title = (f"### Row-kernel search, bf16, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{torch.cuda.get_device_name()}, "
-             f"torch {torch.__version__}, triton {triton.__version__}; median of do_bench over CUDA-graph replays, L2-cold")
-    table = markdown(rows, copy, title)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(table + "\n")
+    title = heading("Row-kernel search, bf16", "median of do_bench over CUDA-graph replays, L2-cold")
+    publish(markdown(rows, copy, title), args.markdown)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ table). The best candidate per row is what a tile table could reach at most.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
-import triton
-from kernels import DEFAULT_MS, DEFAULT_SHAPES, graph_sets, time_us
+from kernels import DEFAULT_MS, DEFAULT_SHAPES, graph_sets, heading, publish, time_us
 
 from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, processor_count, tile_table
 
@@ -119,13 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.json:  # row by row, so that a run cut short by a time limit keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
-    title = (f"### Tile search, bf16, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{torch.cuda.get_device_name()}, "
-             f"torch {torch.__version__}, triton {triton.__version__}; median of do_bench over CUDA-graph replays, L2-cold")
-    table = markdown(rows, title)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(table + "\n")
+    title = heading("Tile search, bf16", "median of do_bench over CUDA-graph replays, L2-cold")
+    publish(markdown(rows, title), args.markdown)
 
 
 if __name__ == "__main__":
