@@ -53,8 +53,9 @@ def test_row_search_invariance_check_passes_the_kernels_and_catches_a_variant_op
 
 
 def test_row_search_table_reports_best_and_rejected(rows):
-    measured = [{"op": "sum", "width": 1024, "m": 8192, "current": "block 1024 rows 2 w8", "stock_gbs": 1600.0,
+    measured = [{"op": "sum", "width": 1024, "m": 8192, "current": "block 1024 rows 2 w8", "same_size_copy_gbs": 2100.0,
+                 "stock_gbs": 1600.0,
                  "current_gbs": 1700.0, "candidates": {"block 1024 rows 8 w8": 2500.0, "block 1024 rows 4 w8": 2200.0}}]
     table = rows.markdown(measured, {"sum 1024": {"block 1024 rows 16 w4": "variant"}}, 3000.0, "### title")
-    assert "| sum | 1024 | 8192 | 1600 | block 1024 rows 2 w8 | 1700 | 57 | block 1024 rows 8 w8 | 2500 | 83 |" in table
+    assert "| sum | 1024 | 8192 | 2100 | 1600 | block 1024 rows 2 w8 | 1700 | 57 | block 1024 rows 8 w8 | 2500 | 83 |" in table
     assert "- sum 1024: block 1024 rows 16 w4: variant" in table and "target is 80% of it, 2400 GB/s" in table

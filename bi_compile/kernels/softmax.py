@@ -8,9 +8,10 @@ and accumulates in fixed chunks (``reduce.row_blocking``):
 
 * rows up to ``reduce.FUSED_MAX``: the whole row in registers, one read and one write;
 * longer rows (vocab logits): an online pass keeps, per lane of the chunk, a running max ``m_l`` and
-  ``S_l = sum exp(x - m_l)`` (rescaled when ``m_l`` grows), folded at the end as
-  ``S = sum_l S_l * exp(m_l - m)``; then a second pass writes the output. Two reads and one write instead of
-  three reads, with an order fixed by the row length.
+  ``S_l = sum exp(x - m_l)`` (rescaled when ``m_l`` grows, with the same single exp per element), folded at the
+  end as ``S = sum_l S_l * exp(m_l - m)``; then a second pass writes the output. Two reads and one write instead
+  of three reads, with an order fixed by the row length. The first read asks L2 to keep the row and the second
+  and the write ask it not to, so that the second read can hit L2 when few rows are in flight.
 
 All -inf rows give NaN and a NaN or +inf anywhere in a row makes the whole row NaN, as in torch.
 """
@@ -59,21 +60,26 @@ def _softmax_kernel(
             lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
                 mask = row_mask & (start + cols < n_cols)
-                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                new_max = tl.maximum(lane_max, x)
-                shift = _finite_or_zero(new_max)
-                lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
-                lane_max = new_max
+                # evict_last: the second pass reads the row again, from L2 if it is still there.
+                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+                x = x.to(tl.float32)
+                # One exp per element: exp(x - max) if x does not raise the lane's max, else exp(old max - x),
+                # which rescales the running sum (and x's own term is exp(0) = 1).
+                grows = x > lane_max
+                e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - lane_max)))
+                lane_sum = tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
+                lane_max = tl.where(grows, x, lane_max)
             shift = _finite_or_zero(tl.max(lane_max, axis=1))[:, None]
             total = tl.sum(lane_sum * tl.exp(lane_max - shift), axis=1)[:, None]
             for start in range(0, n_cols, BLOCK):
                 mask = row_mask & (start + cols < n_cols)
-                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
+                x = x.to(tl.float32)
                 if LOG:
                     y = (x - shift) - tl.log(total)
                 else:
                     y = tl.exp(x - shift) / total
-                tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *, blocking: RowBlocking | None = None,
