@@ -8,8 +8,9 @@ written once. Missed on the H100 (docs/benchmarks.md) by sum/mean over hidden-wi
 one or two rows) and by softmax/log_softmax over the vocabulary (two reads of each row). The candidates:
 
 - sum/mean: more rows per program and other warp counts (``RowBlocking.rows``, ``num_warps``);
-- softmax/log_softmax over long rows: other chunk lengths, and fewer programs looping over the rows (``programs``),
-  so that fewer rows are in flight and the second read of a row can come from L2.
+- softmax/log_softmax over long rows: other chunk lengths, fewer programs looping over the rows (``programs``),
+  so that fewer rows are in flight and the second read of a row can come from L2, and software-pipelined chunk loads
+  (``stages``), so that those few programs keep enough bytes in flight.
 
 A blocking is another fixed reduction order per row (a table keyed by the row length may take it); the program count
 changes no bit. Each candidate is checked for invariance here (rows of a call of M rows, and a row alone, against the
@@ -41,10 +42,12 @@ M_CHECK = 8192  # the call the invariance check compares every other M against
 class Candidate:
     blocking: RowBlocking
     programs: int | None = None  # softmax only: None is one program per row tile
+    stages: int | None = None  # softmax only: pipelined chunk loads
 
     def label(self) -> str:
         b = self.blocking
-        return f"block {b.block} rows {b.rows} w{b.num_warps}" + (f" programs {self.programs}" if self.programs else "")
+        return (f"block {b.block} rows {b.rows} w{b.num_warps}" + (f" programs {self.programs}" if self.programs else "")
+                + (f" stages {self.stages}" if self.stages else ""))
 
 
 def sum_candidates(width: int) -> list[Candidate]:
@@ -54,8 +57,9 @@ def sum_candidates(width: int) -> list[Candidate]:
 
 
 def softmax_candidates(width: int, processors: int) -> list[Candidate]:
-    return [Candidate(RowBlocking(block, 1, False, warps), programs)
-            for block, warps, programs in itertools.product((2048, 4096, 8192, 16384), (8, 16), (None, processors, 2 * processors))
+    return [Candidate(RowBlocking(block, 1, False, warps), programs, stages)
+            for block, warps, programs, stages in itertools.product(
+                (4096, 8192, 16384), (16, 32), (None, processors, 2 * processors), (None, 3))
             if block // (32 * warps) <= 64]
 
 
@@ -74,7 +78,8 @@ def row_op(mean: bool) -> Callable:
 
 
 def softmax_op(log: bool) -> Callable:
-    return lambda x, c: softmax(x, x.dtype, log=log, blocking=c and c.blocking, programs=c and c.programs)
+    return lambda x, c: softmax(x, x.dtype, log=log, blocking=c and c.blocking, programs=c and c.programs,
+                                stages=c and c.stages)
 
 
 OPS = [Op(name, width, run, stock, lambda w, p: sum_candidates(w))
