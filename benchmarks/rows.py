@@ -8,9 +8,9 @@ written once. Missed on the H100 (docs/benchmarks.md) by sum/mean over hidden-wi
 one or two rows) and by softmax/log_softmax over the vocabulary (two reads of each row). The candidates:
 
 - sum/mean: more rows per program and other warp counts (``RowBlocking.rows``, ``num_warps``);
-- softmax/log_softmax over long rows: other chunk lengths, fewer programs looping over the rows (``programs``),
-  so that fewer rows are in flight and the second read of a row can come from L2, and software-pipelined chunk loads
-  (``stages``), so that those few programs keep enough bytes in flight.
+- rows longer than one chunk (vocab logits): other chunk lengths and warps, for sum and softmax/log_softmax, and
+  for softmax fewer programs looping over the rows (``programs``), so that fewer rows are in flight and more of
+  the second read of a row comes from L2.
 
 A blocking is another fixed reduction order per row (a table keyed by the row length may take it); the program count
 changes no bit. Each candidate is checked for invariance here (rows of a call of M rows, and a row alone, against the
@@ -32,7 +32,7 @@ import torch
 import triton
 from kernels import graph_sets, heading, publish, time_us
 
-from bi_compile.kernels.reduce import RowBlocking, row_blocking, row_sum
+from bi_compile.kernels.reduce import FUSED_MAX, RowBlocking, row_blocking, row_sum
 from bi_compile.kernels.softmax import softmax
 
 M_CHECK = 8192  # the call the invariance check compares every other M against
@@ -42,25 +42,28 @@ M_CHECK = 8192  # the call the invariance check compares every other M against
 class Candidate:
     blocking: RowBlocking
     programs: int | None = None  # softmax only: None is one program per row tile
-    stages: int | None = None  # softmax only: pipelined chunk loads
 
     def label(self) -> str:
         b = self.blocking
-        return (f"block {b.block} rows {b.rows} w{b.num_warps}" + (f" programs {self.programs}" if self.programs else "")
-                + (f" stages {self.stages}" if self.stages else ""))
+        return f"block {b.block} rows {b.rows} w{b.num_warps}" + (f" programs {self.programs}" if self.programs else "")
+
+
+def loop_blockings() -> list[RowBlocking]:
+    """Chunk lengths and warps for rows longer than one chunk (up to 64 elements per thread and chunk)."""
+    return [RowBlocking(block, 1, False, warps) for block, warps in itertools.product((4096, 8192, 16384, 32768), (16, 32))
+            if block // (32 * warps) <= 64]
 
 
 def sum_candidates(width: int) -> list[Candidate]:
+    if width > FUSED_MAX:
+        return [Candidate(b) for b in loop_blockings()]
     block = triton.next_power_of_2(width)
     return [Candidate(RowBlocking(block, rows, True, warps)) for rows, warps in itertools.product((1, 2, 4, 8, 16), (4, 8, 16))
             if block * rows // (32 * warps) <= 128]  # elements per thread the registers can hold
 
 
 def softmax_candidates(width: int, processors: int) -> list[Candidate]:
-    return [Candidate(RowBlocking(block, 1, False, warps), programs, stages)
-            for block, warps, programs, stages in itertools.product(
-                (4096, 8192, 16384), (16, 32), (None, processors, 2 * processors), (None, 3))
-            if block // (32 * warps) <= 64]
+    return [Candidate(b, programs) for b, programs in itertools.product(loop_blockings(), (None, processors))]
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,13 @@ def row_op(mean: bool) -> Callable:
 
 
 def softmax_op(log: bool) -> Callable:
-    return lambda x, c: softmax(x, x.dtype, log=log, blocking=c and c.blocking, programs=c and c.programs,
-                                stages=c and c.stages)
+    return lambda x, c: softmax(x, x.dtype, log=log, blocking=c and c.blocking, programs=c and c.programs)
 
 
 OPS = [Op(name, width, run, stock, lambda w, p: sum_candidates(w))
        for width in (1024, 4096)
        for name, run, stock in (("sum", row_op(False), lambda t: t.sum(-1)), ("mean", row_op(True), lambda t: t.mean(-1)))]
+OPS += [Op("sum", 151936, row_op(False), lambda t: t.sum(-1), lambda w, p: sum_candidates(w), max_m=8192)]
 OPS += [Op(name, 151936, run, stock, softmax_candidates, max_m=8192)
         for name, run, stock in (("softmax", softmax_op(False), lambda t: torch.softmax(t, -1)),
                                  ("log_softmax", softmax_op(True), lambda t: torch.log_softmax(t, -1)))]

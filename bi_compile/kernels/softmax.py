@@ -10,8 +10,9 @@ and accumulates in fixed chunks (``reduce.row_blocking``):
 * longer rows (vocab logits): an online pass keeps, per lane of the chunk, a running max ``m_l`` and
   ``S_l = sum exp(x - m_l)`` (rescaled when ``m_l`` grows, with the same single exp per element), folded at the
   end as ``S = sum_l S_l * exp(m_l - m)``; then a second pass writes the output. Two reads and one write instead
-  of three reads, with an order fixed by the row length. The first read asks L2 to keep the row and the second
-  and the write ask it not to, so that the second read can hit L2 when few rows are in flight.
+  of three reads, with an order fixed by the row length. The second pass walks the row backwards, from the chunks
+  the first pass read last, and the first read asks L2 to keep the row while the second and the write ask it not
+  to: with a few hundred rows in flight, part of the second read then comes from L2.
 
 All -inf rows give NaN and a NaN or +inf anywhere in a row makes the whole row NaN, as in torch.
 """
@@ -34,10 +35,10 @@ def _finite_or_zero(m):
 @triton.jit(do_not_specialize=["n_rows"])
 def _softmax_kernel(
     x_ptr, y_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
-    LOG: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+    LOG: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Program p takes the row tiles p, p + programs, ... (one each unless ``softmax`` gets ``programs``); a row's
-    arithmetic is the same whichever program takes it. STAGES (None: off) software-pipelines the chunk loads."""
+    arithmetic is the same whichever program takes it."""
     for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
         rows = tile * ROWS + tl.arange(0, ROWS)
         row_mask = rows[:, None] < n_rows
@@ -58,7 +59,7 @@ def _softmax_kernel(
         else:
             lane_max = tl.full([ROWS, BLOCK], float("-inf"), dtype=tl.float32)
             lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            for start in range(0, n_cols, BLOCK):
                 mask = row_mask & (start + cols < n_cols)
                 # evict_last: the second pass reads the row again, from L2 if it is still there.
                 x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last")
@@ -71,7 +72,10 @@ def _softmax_kernel(
                 lane_max = tl.where(grows, x, lane_max)
             shift = _finite_or_zero(tl.max(lane_max, axis=1))[:, None]
             total = tl.sum(lane_sum * tl.exp(lane_max - shift), axis=1)[:, None]
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            n_chunks = tl.cdiv(n_cols, BLOCK)
+            for chunk in range(0, n_chunks):
+                # Last chunk first: the end of the row is what the first pass read last, the likeliest still in L2.
+                start = (n_chunks - 1 - chunk) * BLOCK
                 mask = row_mask & (start + cols < n_cols)
                 x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
                 x = x.to(tl.float32)
@@ -83,11 +87,11 @@ def _softmax_kernel(
 
 
 def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *, blocking: RowBlocking | None = None,
-            programs: int | None = None, stages: int | None = None) -> torch.Tensor:
+            programs: int | None = None) -> torch.Tensor:
     """(log_)softmax of ``x`` [..., N] (unit stride along N) over its last dim -> fresh contiguous, ``out_dtype``.
 
-    ``blocking`` overrides ``row_blocking(N)``, ``programs`` caps the program count (the programs then loop over
-    the row tiles) and ``stages`` pipelines the loads of long rows: all for benchmarks/rows.py's search. A blocking is a function of N in the ops, never of M."""
+    ``blocking`` overrides ``row_blocking(N)`` and ``programs`` caps the program count (the programs then loop over
+    the row tiles): both for benchmarks/rows.py's search. A blocking is a function of N in the ops, never of M."""
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
@@ -97,6 +101,6 @@ def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *, block
     tiles = triton.cdiv(grid.n_rows, cfg.rows)
     _softmax_kernel[(min(tiles, programs or tiles),)](
         x, y, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
-        LOG=log, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, STAGES=stages, num_warps=cfg.num_warps,
+        LOG=log, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
     )
     return y
