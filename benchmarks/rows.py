@@ -10,8 +10,7 @@ one or two rows) and by softmax/log_softmax over the vocabulary (two reads of ea
 - sum/mean: more rows per program and other warp counts (``RowBlocking.rows``, ``num_warps``);
 - rows longer than one chunk (vocab logits): other chunk lengths and warps, for sum and softmax/log_softmax, and
   for softmax fewer programs looping over the rows (``programs``), so that fewer rows are in flight and more of
-  the second read of a row comes from L2, and two chunks loaded per loop step (``unroll``), so that those few
-  programs keep more bytes in flight.
+  the second read of a row comes from L2.
 
 A blocking is another fixed reduction order per row (a table keyed by the row length may take it); the program count
 changes no bit. Each candidate is checked for invariance here (rows of a call of M rows, and a row alone, against the
@@ -43,12 +42,10 @@ M_CHECK = 8192  # the call the invariance check compares every other M against
 class Candidate:
     blocking: RowBlocking
     programs: int | None = None  # softmax only: None is one program per row tile
-    unroll: int = 1  # softmax only: chunks loaded per loop step
 
     def label(self) -> str:
         b = self.blocking
-        return (f"block {b.block} rows {b.rows} w{b.num_warps}" + (f" programs {self.programs}" if self.programs else "")
-                + (f" unroll {self.unroll}" if self.unroll > 1 else ""))
+        return f"block {b.block} rows {b.rows} w{b.num_warps}" + (f" programs {self.programs}" if self.programs else "")
 
 
 def loop_blockings() -> list[RowBlocking]:
@@ -66,8 +63,7 @@ def sum_candidates(width: int) -> list[Candidate]:
 
 
 def softmax_candidates(width: int, processors: int) -> list[Candidate]:
-    return [Candidate(b, programs, unroll)
-            for b, programs, unroll in itertools.product(loop_blockings(), (None, processors), (1, 2))]
+    return [Candidate(b, programs) for b, programs in itertools.product(loop_blockings(), (None, processors))]
 
 
 @dataclass(frozen=True)
@@ -85,8 +81,7 @@ def row_op(mean: bool) -> Callable:
 
 
 def softmax_op(log: bool) -> Callable:
-    return lambda x, c: softmax(x, x.dtype, log=log, blocking=c and c.blocking, programs=c and c.programs,
-                                unroll=c.unroll if c else 1)
+    return lambda x, c: softmax(x, x.dtype, log=log, blocking=c and c.blocking, programs=c and c.programs)
 
 
 OPS = [Op(name, width, run, stock, lambda w, p: sum_candidates(w))
