@@ -7,9 +7,7 @@ The target: at M >= 256 rows, >= 80% of the device's copy bandwidth, counting ea
 written once. Missed on the H100 (docs/benchmarks.md) by sum/mean over hidden-width rows (latency-bound programs of
 one or two rows) and by softmax/log_softmax over the vocabulary (two reads of each row). The candidates:
 
-- sum/mean: more rows per program and other warp counts (``RowBlocking.rows``, ``num_warps``), and a persistent grid
-  of as many programs as the GPU holds at once, looping over the row tiles (``programs``), so that programs stream
-  rows instead of each paying its launch and one load's latency;
+- sum/mean: more rows per program and other warp counts (``RowBlocking.rows``, ``num_warps``);
 - rows longer than one chunk (vocab logits): other chunk lengths and warps, for sum and softmax/log_softmax, and
   for softmax fewer programs looping over the rows (``programs``), so that fewer rows are in flight and more of
   the second read of a row comes from L2.
@@ -43,7 +41,7 @@ M_CHECK = 8192  # the call the invariance check compares every other M against
 @dataclass(frozen=True)
 class Candidate:
     blocking: RowBlocking
-    programs: int | None = None  # None: one program per row tile
+    programs: int | None = None  # softmax only: None is one program per row tile
 
     def label(self) -> str:
         b = self.blocking
@@ -56,17 +54,11 @@ def loop_blockings() -> list[RowBlocking]:
             if block // (32 * warps) <= 64]
 
 
-def resident(num_warps: int, processors: int) -> int:
-    """Programs of ``num_warps`` warps that an H100-class GPU holds at once (64 warps, 32 programs per SM)."""
-    return processors * min(32, 64 // num_warps)
-
-
-def sum_candidates(width: int, processors: int) -> list[Candidate]:
+def sum_candidates(width: int) -> list[Candidate]:
     if width > FUSED_MAX:
         return [Candidate(b) for b in loop_blockings()]
     block = triton.next_power_of_2(width)
-    return [Candidate(RowBlocking(block, rows, True, warps), resident(warps, processors) if persistent else None)
-            for rows, warps, persistent in itertools.product((1, 2, 4, 8, 16), (4, 8, 16), (False, True))
+    return [Candidate(RowBlocking(block, rows, True, warps)) for rows, warps in itertools.product((1, 2, 4, 8, 16), (4, 8, 16))
             if block * rows // (32 * warps) <= 128]  # elements per thread the registers can hold
 
 
@@ -85,17 +77,17 @@ class Op:
 
 
 def row_op(mean: bool) -> Callable:
-    return lambda x, c: row_sum(x, x.dtype, mean=mean, blocking=c and c.blocking, programs=c and c.programs)
+    return lambda x, c: row_sum(x, x.dtype, mean=mean, blocking=c and c.blocking)
 
 
 def softmax_op(log: bool) -> Callable:
     return lambda x, c: softmax(x, x.dtype, log=log, blocking=c and c.blocking, programs=c and c.programs)
 
 
-OPS = [Op(name, width, run, stock, sum_candidates)
+OPS = [Op(name, width, run, stock, lambda w, p: sum_candidates(w))
        for width in (1024, 4096)
        for name, run, stock in (("sum", row_op(False), lambda t: t.sum(-1)), ("mean", row_op(True), lambda t: t.mean(-1)))]
-OPS += [Op("sum", 151936, row_op(False), lambda t: t.sum(-1), sum_candidates, max_m=8192)]
+OPS += [Op("sum", 151936, row_op(False), lambda t: t.sum(-1), lambda w, p: sum_candidates(w), max_m=8192)]
 OPS += [Op(name, 151936, run, stock, softmax_candidates, max_m=8192)
         for name, run, stock in (("softmax", softmax_op(False), lambda t: torch.softmax(t, -1)),
                                  ("log_softmax", softmax_op(True), lambda t: torch.log_softmax(t, -1)))]

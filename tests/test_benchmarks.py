@@ -33,20 +33,19 @@ def rows(monkeypatch):
 
 def test_row_search_candidates_fit_the_registers(rows):
     for width in (1024, 4096):
-        candidates = rows.sum_candidates(width, 132)
+        candidates = rows.sum_candidates(width)
         assert candidates and all(c.blocking.fused and c.blocking.block >= width for c in candidates)
-    for candidates in (rows.softmax_candidates(151936, 132), rows.sum_candidates(151936, 132)):
+    for candidates in (rows.softmax_candidates(151936, 132), rows.sum_candidates(151936)):
         assert candidates and all(not c.blocking.fused and c.blocking.rows == 1 for c in candidates)
         assert all(c.blocking.block // (32 * c.blocking.num_warps) <= 64 for c in candidates)
     assert {c.programs for c in rows.softmax_candidates(151936, 132)} == {None, 132}
-    assert {c.programs for c in rows.sum_candidates(4096, 132)} == {None, 132 * 16, 132 * 8, 132 * 4}
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf - inf
 def test_row_search_invariance_check_passes_the_kernels_and_catches_a_variant_op(rows):
     x = torch.randn(40, 300, generator=torch.Generator().manual_seed(0))
     for op in (o for o in rows.OPS if o.name in ("mean", "log_softmax")):
-        candidate = rows.Candidate(rows.RowBlocking(512, 2, True, 4), programs=3)
+        candidate = rows.Candidate(rows.RowBlocking(512, 2, True, 4), programs=3 if op.name == "log_softmax" else None)
         assert rows.invariant(op, candidate, x, ms=[1, 3, 20])
     # The control: a "kernel" whose sum order depends on M (halves summed apart once M > 8) fails the check.
     variant = rows.Op("sum", 300, lambda t, c: t.sum(-1) if len(t) <= 8 else t[:, :150].sum(-1) + t[:, 150:].sum(-1),

@@ -119,9 +119,8 @@ def test_cpu_row_alone_equals_row_in_batch(name):
 
 def test_control_stock_sum_is_batch_variant_where_ours_is_not():
     """The check above can fail: stock x.sum(-1) on 151936-wide fp32 rows with two CPU threads gives a row
-    other bits in a batch than alone (the row is split across threads only when it is alone). Seeded, 32 rows: a
-    single row keeps its bits often."""
-    x = torch.randn(32, 151936, generator=torch.Generator().manual_seed(0))
+    other bits in a batch than alone (the row is split across threads only when it is alone)."""
+    x = torch.randn(8, 151936)
     with cpu_threads(2):
         assert not torch.equal(x.sum(-1), torch.cat([x[i : i + 1].sum(-1) for i in range(len(x))]))
         for name in OPS:
@@ -198,9 +197,9 @@ def test_kernel_matches_reference_and_is_row_invariant(triton_device, dtype, n):
     assert_matches_reference("sum", transposed.cpu(), [-1], False, None, row_sum(transposed, dtype).cpu())
 
 
-def test_kernel_search_knobs_are_exact_and_row_invariant(triton_device):
-    """benchmarks/rows.py's knobs: more rows per program is another fixed order per row, exact on small integers
-    and the same for a row in any batch; fewer programs looping over the row tiles change no bit."""
+def test_kernel_blocking_override_is_exact_and_row_invariant(triton_device):
+    """benchmarks/rows.py's knob: more rows per program is another fixed order per row, exact on small integers
+    and the same for a row in any batch."""
     from bi_compile.kernels.reduce import RowBlocking, row_sum
 
     x = torch.randint(-3, 4, (37, 300), device=triton_device).float()
@@ -211,8 +210,6 @@ def test_kernel_search_knobs_are_exact_and_row_invariant(triton_device):
         y = torch.randn(37, 300, device=triton_device)
         full = row_sum(y, torch.float32, mean=True, blocking=blocking)
         assert torch.equal(row_sum(y[5:7], torch.float32, mean=True, blocking=blocking), full[5:7])
-        for programs in (1, 3):
-            assert torch.equal(row_sum(y, torch.float32, mean=True, blocking=blocking, programs=programs), full)
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -101,13 +101,12 @@ def test_cpu_row_alone_equals_row_in_batch(name):
 def test_control_decomposed_softmax_is_batch_variant_where_ours_is_not():
     """The check above can fail: softmax decomposed into stock ops (exp(x - max) / sum, what a graph
     decomposition computes) on 151936-wide fp32 rows with two CPU threads gives a row other bits in a batch
-    than alone (the row's sum is split across threads only when it is alone). Seeded, 32 rows: a single row
-    keeps its bits often."""
+    than alone (the row's sum is split across threads only when it is alone)."""
     def decomposed(t: torch.Tensor) -> torch.Tensor:
         e = torch.exp(t - t.amax(-1, keepdim=True))
         return e / e.sum(-1, keepdim=True)
 
-    x = torch.randn(32, 151936, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 151936)
     with cpu_threads(2):
         assert not torch.equal(decomposed(x), torch.cat([decomposed(x[i : i + 1]) for i in range(len(x))]))
         for name in OPS:

@@ -141,35 +141,32 @@ def _row_sum_kernel(
     MEAN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
     """out[r] = sum_j x[r, j] (or the mean; SQUARE: of x[r, j] ** 2), each element first cast to out's dtype
-    as aten does, fp32 sums in chunks of BLOCK, folded by one tl.sum. Program p takes the row tiles p,
-    p + programs, ... (one each unless ``row_sum`` gets ``programs``): a row's sum is the same in any program."""
-    for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        rows = tile * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < n_rows
-        x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
-        cols = tl.arange(0, BLOCK)[None, :]
-        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            mask = row_mask[:, None] & (start + cols < n_cols)
-            x = tl.load(x_rows + start + cols, mask=mask, other=0.0)
-            x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
-            if SQUARE:
-                x = x * x
-            acc += x
-        total = tl.sum(acc, axis=1)
-        if MEAN:
-            total = total / n_cols
-        tl.store(out_ptr + rows.to(tl.int64), total.to(out_ptr.dtype.element_ty), mask=row_mask)
+    as aten does, fp32 sums in chunks of BLOCK, folded by one tl.sum."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        mask = row_mask[:, None] & (start + cols < n_cols)
+        x = tl.load(x_rows + start + cols, mask=mask, other=0.0)
+        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
+        if SQUARE:
+            x = x * x
+        acc += x
+    total = tl.sum(acc, axis=1)
+    if MEAN:
+        total = total / n_cols
+    tl.store(out_ptr + rows.to(tl.int64), total.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square: bool = False, *,
-            blocking: RowBlocking | None = None, programs: int | None = None) -> torch.Tensor:
+            blocking: RowBlocking | None = None) -> torch.Tensor:
     """Sum (or mean) of ``x`` [..., R] (``square``: of its squares) over its last dim -> fresh contiguous [...]
     in ``out_dtype``.
 
     As aten's sum/mean with ``dtype=``: each element is cast to ``out_dtype`` (then squared), the sum is
-    accumulated in fp32. ``blocking`` overrides ``row_blocking(R)`` and ``programs`` caps the program count (the
-    programs then loop over the row tiles), for benchmarks/rows.py's search.
+    accumulated in fp32. ``blocking`` overrides ``row_blocking(R)`` for benchmarks/rows.py's search.
     """
     out = torch.empty(x.shape[:-1], dtype=out_dtype, device=x.device)
     if out.numel() == 0:
@@ -177,8 +174,7 @@ def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square:
     (x,), grid = row_grid(x)
     cfg = blocking or row_blocking(x.shape[-1])
     (stride_outer, stride_inner), = grid.strides
-    tiles = triton.cdiv(grid.n_rows, cfg.rows)
-    _row_sum_kernel[(min(tiles, programs or tiles),)](
+    _row_sum_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
         x, out, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
         MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
     )
