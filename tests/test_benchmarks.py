@@ -33,23 +33,22 @@ def rows(monkeypatch):
 
 def test_row_search_candidates_fit_the_registers(rows):
     for width in (1024, 4096):
-        candidates = rows.sum_candidates(width)
-        assert candidates and all(c.blocking.fused and c.blocking.block >= width for c in candidates)
-    for candidates in (rows.softmax_candidates(151936, 132), rows.sum_candidates(151936)):
-        assert candidates and all(not c.blocking.fused and c.blocking.rows == 1 for c in candidates)
-        assert all(c.blocking.block // (32 * c.blocking.num_warps) <= 64 for c in candidates)
-    assert {c.programs for c in rows.softmax_candidates(151936, 132)} == {None, 132}
+        candidates = rows.candidates(width)
+        assert candidates and all(b.fused and b.block >= width for b in candidates)
+        assert all(b.block * b.rows // (32 * b.num_warps) <= 128 for b in candidates)
+    candidates = rows.candidates(151936)
+    assert candidates and all(not b.fused and b.rows == 1 and b.block // (32 * b.num_warps) <= 64 for b in candidates)
+    assert {(o.name, o.width) for o in rows.OPS} >= {("rms_norm", 4096), ("softmax", 1024), ("sum", 151936)}
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf - inf
 def test_row_search_invariance_check_passes_the_kernels_and_catches_a_variant_op(rows):
     x = torch.randn(40, 300, generator=torch.Generator().manual_seed(0))
-    for op in (o for o in rows.OPS if o.name in ("mean", "log_softmax")):
-        candidate = rows.Candidate(rows.RowBlocking(512, 2, True, 4), programs=3 if op.name == "log_softmax" else None)
-        assert rows.invariant(op, candidate, x, ms=[1, 3, 20])
+    for op in (rows.sum_op(300, mean=True), rows.softmax_op(300, log=True), rows.rms_norm_op(300)):
+        assert rows.invariant(op, rows.RowBlocking(512, 2, True, 4), x, ms=[1, 3, 20])
     # The control: a "kernel" whose sum order depends on M (halves summed apart once M > 8) fails the check.
-    variant = rows.Op("sum", 300, lambda t, c: t.sum(-1) if len(t) <= 8 else t[:, :150].sum(-1) + t[:, 150:].sum(-1),
-                      lambda t: t.sum(-1), rows.sum_candidates)
+    variant = rows.Op("sum", 300, lambda t, b: t.sum(-1) if len(t) <= 8 else t[:, :150].sum(-1) + t[:, 150:].sum(-1),
+                      lambda t: t.sum(-1))
     assert not rows.invariant(variant, None, x, ms=[1, 3, 20])
 
 

@@ -101,12 +101,13 @@ def test_cpu_row_alone_equals_row_in_batch(name):
 def test_control_decomposed_softmax_is_batch_variant_where_ours_is_not():
     """The check above can fail: softmax decomposed into stock ops (exp(x - max) / sum, what a graph
     decomposition computes) on 151936-wide fp32 rows with two CPU threads gives a row other bits in a batch
-    than alone (the row's sum is split across threads only when it is alone)."""
+    than alone (the row's sum is split across threads only when it is alone). Seeded, 32 rows: a single row
+    keeps its bits often."""
     def decomposed(t: torch.Tensor) -> torch.Tensor:
         e = torch.exp(t - t.amax(-1, keepdim=True))
         return e / e.sum(-1, keepdim=True)
 
-    x = torch.randn(8, 151936)
+    x = torch.randn(32, 151936, generator=torch.Generator().manual_seed(0))
     with cpu_threads(2):
         assert not torch.equal(decomposed(x), torch.cat([decomposed(x[i : i + 1]) for i in range(len(x))]))
         for name in OPS:
@@ -184,9 +185,8 @@ def test_kernel_matches_reference_and_is_row_invariant(triton_device, log, dtype
 
 
 @pytest.mark.parametrize("log", [False, True])
-def test_kernel_search_knobs_keep_rows_whole(triton_device, log):
-    """benchmarks/rows.py's knobs: fewer programs looping over the row tiles give the same bits (a row's arithmetic
-    does not depend on which program takes it); another blocking is another fixed order, still exact to the
+def test_kernel_blocking_override_is_exact_and_row_invariant(triton_device, log):
+    """benchmarks/rows.py's knob: another blocking is another fixed order, still exact to the
     reference and the same for a row in any batch."""
     from bi_compile.kernels.reduce import RowBlocking, row_blocking
     from bi_compile.kernels.softmax import softmax
@@ -194,13 +194,10 @@ def test_kernel_search_knobs_keep_rows_whole(triton_device, log):
     name = "log_softmax" if log else "softmax"
     for n, rows in ((300, 40), (16500, 5)):
         x = (torch.randn(rows, n, device=triton_device) * 4).float()
-        y = softmax(x, torch.float32, log=log)
-        for programs in (1, 3):
-            assert torch.equal(softmax(x, torch.float32, log=log, programs=programs), y)
         default = row_blocking(n)
         other = RowBlocking(block=default.block // 2, rows=max(1, default.rows // 2), fused=default.fused and n <= default.block // 2,
                             num_warps=default.num_warps)
-        y_other = softmax(x, torch.float32, log=log, blocking=other, programs=2)
+        y_other = softmax(x, torch.float32, log=log, blocking=other)
         assert_matches_reference(name, x.cpu(), -1, False, y_other.cpu())
         assert torch.equal(softmax(x[1:3], torch.float32, log=log, blocking=other), y_other[1:3])
 

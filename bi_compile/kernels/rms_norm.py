@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reduce import aligned, row_blocking, row_grid, row_offsets
+from .reduce import RowBlocking, aligned, row_blocking, row_grid, row_offsets
 
 
 @triton.jit
@@ -71,7 +71,8 @@ def _rms_norm_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
 
 
-def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, eps: float):
+def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+            blocking: RowBlocking | None):
     """Shared host side: x1, x2 [..., N] (unit stride along N), weight [N] contiguous or None."""
     y = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
     s = torch.empty_like(y) if x2 is not None else None
@@ -82,7 +83,7 @@ def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | No
     tensors, grid = row_grid(x1, *(() if x2 is None else (x2,)))
     x1, x2 = tensors[0], tensors[-1]
     (x1_outer, x1_inner), (x2_outer, x2_inner) = grid.strides[0], grid.strides[-1]
-    cfg = row_blocking(n_cols)
+    cfg = blocking or row_blocking(n_cols)
     _rms_norm_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
         x1, x2, aligned(weight) if weight is not None else x1, y, s if s is not None else y, rstd,
         grid.n_rows, n_cols, grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner, eps,
@@ -92,12 +93,14 @@ def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | No
     return y, rstd, s
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim of ``x`` [..., N] -> (y [..., N] in x.dtype, rstd [..., 1] fp32)."""
-    y, rstd, _ = _launch(x, None, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
+             blocking: RowBlocking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim of ``x`` [..., N] -> (y [..., N] in x.dtype, rstd [..., 1] fp32). ``blocking``
+    overrides ``row_blocking(N)``, for benchmarks/rows.py's search."""
+    y, rstd, _ = _launch(x, None, weight, eps, blocking)
     return y, rstd
 
 
 def add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, eps: float):
     """``s = x1 + x2`` (rounded to the input dtype), then RMSNorm of s -> (y, rstd, s)."""
-    return _launch(x1, x2, weight, eps)
+    return _launch(x1, x2, weight, eps, None)

@@ -37,69 +37,65 @@ def _softmax_kernel(
     x_ptr, y_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
     LOG: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Program p takes the row tiles p, p + programs, ... (one each unless ``softmax`` gets ``programs``); a row's
-    arithmetic is the same whichever program takes it."""
-    for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        rows = tile * ROWS + tl.arange(0, ROWS)
-        row_mask = rows[:, None] < n_rows
-        x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
-        y_rows = y_ptr + rows.to(tl.int64)[:, None] * n_cols  # y is a fresh contiguous [n_rows, n_cols]
-        cols = tl.arange(0, BLOCK)[None, :]
-        if FUSED:
-            mask = row_mask & (cols < n_cols)
-            x = tl.load(x_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            shifted = x - tl.max(x, axis=1)[:, None]
-            exp = tl.exp(shifted)
-            total = tl.sum(exp, axis=1)[:, None]
-            if LOG:
-                y = shifted - tl.log(total)
-            else:
-                y = exp / total
-            tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows[:, None] < n_rows
+    x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
+    y_rows = y_ptr + rows.to(tl.int64)[:, None] * n_cols  # y is a fresh contiguous [n_rows, n_cols]
+    cols = tl.arange(0, BLOCK)[None, :]
+    if FUSED:
+        mask = row_mask & (cols < n_cols)
+        x = tl.load(x_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        shifted = x - tl.max(x, axis=1)[:, None]
+        exp = tl.exp(shifted)
+        total = tl.sum(exp, axis=1)[:, None]
+        if LOG:
+            y = shifted - tl.log(total)
         else:
-            lane_max = tl.full([ROWS, BLOCK], float("-inf"), dtype=tl.float32)
-            lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            for start in range(0, n_cols, BLOCK):
-                mask = row_mask & (start + cols < n_cols)
-                # evict_last: the second pass reads the row again, from L2 if it is still there.
-                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last")
-                x = x.to(tl.float32)
-                # One exp per element: exp(x - max) if x does not raise the lane's max, else exp(old max - x),
-                # which rescales the running sum (and x's own term is exp(0) = 1).
-                grows = x > lane_max
-                e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - lane_max)))
-                lane_sum = tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
-                lane_max = tl.where(grows, x, lane_max)
-            shift = _finite_or_zero(tl.max(lane_max, axis=1))[:, None]
-            total = tl.sum(lane_sum * tl.exp(lane_max - shift), axis=1)[:, None]
-            n_chunks = tl.cdiv(n_cols, BLOCK)
-            for chunk in range(0, n_chunks):
-                # Last chunk first: the end of the row is what the first pass read last, the likeliest still in L2.
-                start = (n_chunks - 1 - chunk) * BLOCK
-                mask = row_mask & (start + cols < n_cols)
-                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
-                x = x.to(tl.float32)
-                if LOG:
-                    y = (x - shift) - tl.log(total)
-                else:
-                    y = tl.exp(x - shift) / total
-                tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+            y = exp / total
+        tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        lane_max = tl.full([ROWS, BLOCK], float("-inf"), dtype=tl.float32)
+        lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            mask = row_mask & (start + cols < n_cols)
+            # evict_last: the second pass reads the row again, from L2 if it is still there.
+            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+            x = x.to(tl.float32)
+            # One exp per element: exp(x - max) if x does not raise the lane's max, else exp(old max - x),
+            # which rescales the running sum (and x's own term is exp(0) = 1).
+            grows = x > lane_max
+            e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - lane_max)))
+            lane_sum = tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
+            lane_max = tl.where(grows, x, lane_max)
+        shift = _finite_or_zero(tl.max(lane_max, axis=1))[:, None]
+        total = tl.sum(lane_sum * tl.exp(lane_max - shift), axis=1)[:, None]
+        n_chunks = tl.cdiv(n_cols, BLOCK)
+        for chunk in range(0, n_chunks):
+            # Last chunk first: the end of the row is what the first pass read last, the likeliest still in L2.
+            start = (n_chunks - 1 - chunk) * BLOCK
+            mask = row_mask & (start + cols < n_cols)
+            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
+            x = x.to(tl.float32)
+            if LOG:
+                y = (x - shift) - tl.log(total)
+            else:
+                y = tl.exp(x - shift) / total
+            tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
-def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *, blocking: RowBlocking | None = None,
-            programs: int | None = None) -> torch.Tensor:
+def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
+            blocking: RowBlocking | None = None) -> torch.Tensor:
     """(log_)softmax of ``x`` [..., N] (unit stride along N) over its last dim -> fresh contiguous, ``out_dtype``.
 
-    ``blocking`` overrides ``row_blocking(N)`` and ``programs`` caps the program count (the programs then loop over
-    the row tiles): both for benchmarks/rows.py's search. A blocking is a function of N in the ops, never of M."""
+    ``blocking`` overrides ``row_blocking(N)``, for benchmarks/rows.py's search. A blocking is a function of N in
+    the ops, never of M."""
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
     (x,), grid = row_grid(x)
     (stride_outer, stride_inner), = grid.strides
     cfg = blocking or row_blocking(x.shape[-1])
-    tiles = triton.cdiv(grid.n_rows, cfg.rows)
-    _softmax_kernel[(min(tiles, programs or tiles),)](
+    _softmax_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
         x, y, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
         LOG=log, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
     )
