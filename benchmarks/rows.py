@@ -140,8 +140,9 @@ def markdown(rows: list[dict], rejected: dict, copy: float, title: str) -> str:
     for r in rows:
         best = max(r["candidates"], key=r["candidates"].get, default="-")
         best_gbs = r["candidates"].get(best, 0.0)
-        lines.append(f"| {r['op']} | {r['width']} | {r['m']} | {r['same_size_copy_gbs']:.0f} | {r['stock_gbs']:.0f} | {r['current']} | {r['current_gbs']:.0f} | "
-                     f"{100 * r['current_gbs'] / copy:.0f} | {best} | {best_gbs:.0f} | {100 * best_gbs / copy:.0f} |")
+        lines.append(f"| {r['op']} | {r['width']} | {r['m']} | {r['same_size_copy_gbs']:.0f} | {r['stock_gbs']:.0f} | "
+                     f"{r['current']} | {r['current_gbs']:.0f} | {100 * r['current_gbs'] / copy:.0f} | "
+                     f"{best} | {best_gbs:.0f} | {100 * best_gbs / copy:.0f} |")
     lines += ["", "Candidates left out (a variant one must never enter a table):", ""]
     lines += [f"- {op}: {label}: {why}" for op, reasons in rejected.items() for label, why in reasons.items()] or ["- none"]
     return "\n".join(lines) + "\n"
