@@ -1,7 +1,7 @@
 """Batch-invariant softmax and log_softmax over the last dim (Triton).
 
     m = max_j x_j,   S = sum_j exp(x_j - m)    (fp32)
-    softmax = exp(x - m) / S,   log_softmax = (x - m) - log(S)
+    softmax = exp(x - m) * (1 / S),   log_softmax = (x - m) - log(S)
 
 The max is exact in any order; the sum of exponentials is what needs a fixed order. One program owns a row
 and accumulates in fixed chunks (``reduce.row_blocking``):
@@ -51,7 +51,7 @@ def _softmax_kernel(
         if LOG:
             y = shifted - tl.log(total)
         else:
-            y = exp / total
+            y = exp * (1.0 / total)
         tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         lane_max = tl.full([ROWS, BLOCK], float("-inf"), dtype=tl.float32)
@@ -69,6 +69,7 @@ def _softmax_kernel(
             lane_max = tl.where(grows, x, lane_max)
         shift = _finite_or_zero(tl.max(lane_max, axis=1))[:, None]
         total = tl.sum(lane_sum * tl.exp(lane_max - shift), axis=1)[:, None]
+        inv_total = 1.0 / total  # one IEEE division per row, not per element
         n_chunks = tl.cdiv(n_cols, BLOCK)
         for chunk in range(0, n_chunks):
             # Last chunk first: the end of the row is what the first pass read last, the likeliest still in L2.
@@ -79,7 +80,7 @@ def _softmax_kernel(
             if LOG:
                 y = (x - shift) - tl.log(total)
             else:
-                y = tl.exp(x - shift) / total
+                y = tl.exp(x - shift) * inv_total
             tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
