@@ -25,8 +25,10 @@ import triton.language as tl
 
 # Rows up to this length are reduced in one chunk, held in registers (16 warps x 32 fp32 per thread).
 FUSED_MAX = 16384
-# Longer rows (vocab-sized logits) loop over chunks of this many elements.
-LOOP_BLOCK = 4096
+# Longer rows (vocab-sized logits) loop over chunks of this many elements, 16 per thread of 32 warps: two programs
+# fill an SM, which keeps ~500 rows in flight instead of ~500 x 4 and lets softmax's second read hit L2 (H100,
+# docs/benchmarks.md: 1.11x the 4096 x 16-warp chunk for softmax, 1.18x for log_softmax, 1.01x for sum).
+LOOP_BLOCK, LOOP_WARPS = 16384, 32
 # Short rows are packed [ROWS, BLOCK] into one program until it holds about this many elements.
 TILE_ELEMENTS = 2048
 
@@ -42,12 +44,13 @@ class RowBlocking:
 def row_blocking(n_cols: int) -> RowBlocking:
     """Launch config for rows of length ``n_cols``. It depends on ``n_cols`` only, never on the number of
     rows: this is what fixes the reduction order of a row whatever batch it comes in."""
-    if n_cols <= FUSED_MAX:
-        block = triton.next_power_of_2(max(n_cols, 1))
-        rows = max(1, TILE_ELEMENTS // block)
-    else:
-        block, rows = LOOP_BLOCK, 1
-    return RowBlocking(block, rows, n_cols <= block, num_warps=min(16, max(1, block * rows // 256)))
+    if n_cols > FUSED_MAX:
+        return RowBlocking(LOOP_BLOCK, 1, False, LOOP_WARPS)
+    block = triton.next_power_of_2(max(n_cols, 1))
+    rows = max(1, TILE_ELEMENTS // block)
+    # 8 warps up to 4096 elements a program (4096-wide rows: 1.02-1.2x faster than 16 warps on the H100 for every
+    # row op), 16 above.
+    return RowBlocking(block, rows, True, num_warps=min(16, max(8, block * rows // 512)))
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,6 @@ import triton.language as tl
 from .reduce import RowBlocking, row_blocking, row_grid, row_offsets
 
 
-@triton.jit
-def _finite_or_zero(m):
-    """The shift to subtract: the running max, or 0 where the max is still -inf (avoids -inf - -inf = NaN)."""
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
 @triton.jit(do_not_specialize=["n_rows"])
 def _softmax_kernel(
     x_ptr, y_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
@@ -54,7 +48,8 @@ def _softmax_kernel(
             y = exp * (1.0 / total)
         tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        lane_max = tl.full([ROWS, BLOCK], float("-inf"), dtype=tl.float32)
+        # -FLT_MAX, not -inf: x - lane_max is then never -inf - -inf, so masked and -inf elements need no test.
+        lane_max = tl.full([ROWS, BLOCK], -3.4028234663852886e38, dtype=tl.float32)
         lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             mask = row_mask & (start + cols < n_cols)
@@ -64,10 +59,10 @@ def _softmax_kernel(
             # One exp per element: exp(x - max) if x does not raise the lane's max, else exp(old max - x),
             # which rescales the running sum (and x's own term is exp(0) = 1).
             grows = x > lane_max
-            e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - lane_max)))
+            e = tl.exp(-tl.abs(x - lane_max))
             lane_sum = tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
             lane_max = tl.where(grows, x, lane_max)
-        shift = _finite_or_zero(tl.max(lane_max, axis=1))[:, None]
+        shift = tl.max(lane_max, axis=1)[:, None]
         total = tl.sum(lane_sum * tl.exp(lane_max - shift), axis=1)[:, None]
         inv_total = 1.0 / total  # one IEEE division per row, not per element
         n_chunks = tl.cdiv(n_cols, BLOCK)
