@@ -9,8 +9,8 @@
 #   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
 #   kernels        benchmarks/kernels.py, every op under CUDA graphs
 #   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~2 min)
-#   rows           benchmarks/rows.py, row-kernel configs where the bandwidth target is missed, with an invariance
-#                  check each (not yet run: its time is unknown, so it runs under a 9-minute timeout)
+#   rows           benchmarks/rows.py, one row blocking per width searched across every row op, with an invariance
+#                  check each (~2 min with ROWS_ARGS="--ms 2048 8192 32768"; a 9-minute timeout keeps what it measured)
 #
 # `warm` and `decode` must run on the same machine (the cache lives in /tmp there): call them back to back, or
 # together (`benchmarks/gpu_run.sh warm decode`) when the model is small enough to fit 10 minutes.
