@@ -65,12 +65,12 @@ class Op:
     max_m: int = 1 << 20  # vocab rows stop at 8192 (2.5 GB of bf16 logits): larger M adds time, not information
 
 
-def sum_op(width: int, mean: bool, max_m: int = 1 << 20) -> Op:
+def sum_op(width: int, mean: bool, max_m: int = Op.max_m) -> Op:
     return Op("mean" if mean else "sum", width, lambda x, b: row_sum(x, x.dtype, mean=mean, blocking=b),
               lambda t: t.mean(-1) if mean else t.sum(-1), max_m)
 
 
-def softmax_op(width: int, log: bool, max_m: int = 1 << 20) -> Op:
+def softmax_op(width: int, log: bool, max_m: int = Op.max_m) -> Op:
     stock = torch.log_softmax if log else torch.softmax
     return Op("log_softmax" if log else "softmax", width, lambda x, b: softmax(x, x.dtype, log=log, blocking=b),
               lambda t: stock(t, -1), max_m)
