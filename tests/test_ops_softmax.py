@@ -276,3 +276,20 @@ def test_gpu_compiled_with_dynamic_batch_matches_eager():
         x = torch.randn(m, 151936, device="cuda", dtype=torch.bfloat16)
         torch._dynamo.mark_dynamic(x, 0)
         assert torch.equal(compiled(x), torch.ops.bi.log_softmax(x, -1, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1024, 151936])  # the fused path and the online path
+def test_gpu_exps_below_the_smallest_normal_flush_to_zero(n):
+    """kernels/softmax.py's exps are ex2.approx.ftz: where exp(x - max) < 2**-126 the fp32 output is 0, where torch
+    keeps a denormal; every other output keeps the float64 reference's accuracy. Control: stock fp32 softmax gives
+    some of those outputs nonzero, so the row does reach the flushed range."""
+    x = torch.full((2, n), -200.0, device="cuda")
+    x[:, : n // 2] = -torch.linspace(0, 103, n // 2, device="cuda")  # 2**-126 = exp(-87.3) lies inside
+    flushed = torch.exp(x.double() - x.double().amax(-1, keepdim=True)) < 2.0**-126
+    assert (torch.softmax(x, -1)[flushed] > 0).any() and (~flushed).sum() > n // 4
+    ours = torch.ops.bi.softmax(x, -1, False)
+    assert torch.equal(ours[flushed], torch.zeros_like(ours[flushed]))
+    # atol 2**-126: next to the flush, fp32 rounding of the exponent may flush one more output, and outputs there
+    # are divided by the sum into denormals.
+    torch.testing.assert_close(ours[~flushed].double(), torch.softmax(x.double(), -1)[~flushed], rtol=1e-5, atol=2.0**-126)
