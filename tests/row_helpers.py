@@ -1,11 +1,12 @@
 """Helpers the row-op tests share: a scoped CPU thread count, random (batch, row) draws, and the GPU checks
-(same row in any buffer, CUDA-graph replay)."""
+(same row in any buffer, CUDA-graph replay, stock controls)."""
 
 from __future__ import annotations
 
 import contextlib
 import random
 
+import pytest
 import torch
 
 
@@ -62,3 +63,16 @@ def assert_graph_replays_eager_bits(op, *inputs: torch.Tensor):
         captured, eager = (captured,), (eager,)
     for got, want in zip(captured, eager, strict=True):
         assert torch.equal(got, want)
+
+
+def skip_unless_stock_is_batch_variant(stock_op, what: str):
+    """The GPU control for a row op: ``stock_op`` must give the first M rows of a seeded 4096-row batch other bits
+    than the same rows inside it, for some M and width 1024 / 4096 / 151936. Stock ops keep a single row's bits
+    often, so whole prefixes are compared; if stock keeps every bit, the measured fact is a skip."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for n in (1024, 4096, 151936):
+        x = torch.randn(4096, n, device="cuda", generator=g)
+        whole = stock_op(x)
+        if any(not torch.equal(stock_op(x[:m]), whole[:m]) for m in (1, 2, 3, 16, 64, 512)):
+            return
+    pytest.skip(f"{what} kept every row's bits at widths 1024/4096/151936 (torch {torch.__version__})")

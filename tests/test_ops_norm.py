@@ -15,7 +15,13 @@ import torch.nn.functional as F
 import bi_compile.ops.norm  # noqa: F401  (registers torch.ops.bi.rms_norm / add_rms_norm)
 from bi_compile.ops.library import BIInputError
 
-from .row_helpers import assert_graph_replays_eager_bits, assert_same_rows_in_any_buffer, batch_draws, cpu_threads
+from .row_helpers import (
+    assert_graph_replays_eager_bits,
+    assert_same_rows_in_any_buffer,
+    batch_draws,
+    cpu_threads,
+    skip_unless_stock_is_batch_variant,
+)
 
 EPS = 1e-6
 # (rtol, atol) of outputs rounded to each dtype against the float64 reference.
@@ -290,14 +296,7 @@ def test_gpu_control_stock_reduction_is_batch_variant():
     row 0 of unseeded 151936-wide fp32 data kept its bits in every batch once, so the check now compares whole
     prefixes of seeded data at three widths; if stock still keeps every bit, the measured fact is a skip, and
     test_control_stock_rms_norm_is_batch_variant_where_ours_is_not is the control that shows the check can fail."""
-    g = torch.Generator(device="cuda").manual_seed(11)
-    differ = []
-    for n in (1024, 4096, 151936):
-        x = torch.randn(4096, n, device="cuda", generator=g)
-        whole = x.square().mean(-1)
-        differ += [(n, m) for m in (1, 2, 3, 16, 64, 512) if not torch.equal(x[:m].square().mean(-1), whole[:m])]
-    if not differ:
-        pytest.skip(f"stock mean of squares kept every row's bits at widths 1024/4096/151936 (torch {torch.__version__})")
+    skip_unless_stock_is_batch_variant(lambda t: t.square().mean(-1), "stock mean of squares")
 
 
 @pytest.mark.gpu

@@ -14,7 +14,13 @@ import torch
 import bi_compile.ops.softmax  # noqa: F401  (registers torch.ops.bi.softmax / log_softmax)
 from bi_compile.ops.library import BIInputError
 
-from .row_helpers import assert_graph_replays_eager_bits, assert_same_rows_in_any_buffer, batch_draws, cpu_threads
+from .row_helpers import (
+    assert_graph_replays_eager_bits,
+    assert_same_rows_in_any_buffer,
+    batch_draws,
+    cpu_threads,
+    skip_unless_stock_is_batch_variant,
+)
 
 OPS = ("softmax", "log_softmax")
 # (rtol, atol) of outputs rounded to each dtype against the float64 reference.
@@ -257,14 +263,7 @@ def test_gpu_control_decomposed_softmax_is_batch_variant():
         e = torch.exp(t - t.amax(-1, keepdim=True))
         return e / e.sum(-1, keepdim=True)
 
-    g = torch.Generator(device="cuda").manual_seed(11)
-    differ = []
-    for n in (1024, 4096, 151936):
-        x = torch.randn(4096, n, device="cuda", generator=g)
-        whole = decomposed(x)
-        differ += [(n, m) for m in (1, 2, 3, 16, 64, 512) if not torch.equal(decomposed(x[:m]), whole[:m])]
-    if not differ:
-        pytest.skip(f"stock decomposed softmax kept every row's bits at widths 1024/4096/151936 (torch {torch.__version__})")
+    skip_unless_stock_is_batch_variant(decomposed, "stock decomposed softmax")
 
 
 @pytest.mark.gpu
