@@ -5,8 +5,9 @@
     PYTHONPATH=. python benchmarks/kernels.py --shapes qwen3-8b --dtype fp16 --cuda-graph
 
 Each time is the median of ``triton.testing.do_bench`` over eager calls (L2 flushed between them, the host's
-cost included where it exceeds the GPU's), or with ``--cuda-graph`` over CUDA-graph replays (no host cost,
-inputs L2-cold): the decode setting, and the kernel's own time. TFLOP/s counts
+cost included where it exceeds the GPU's), or with ``--cuda-graph`` the median of
+``triton.testing.do_bench_cudagraph`` over back-to-back calls in one CUDA graph on L2-cold inputs (no host
+cost): the decode setting, and the kernel's own time. TFLOP/s counts
 2*M*N*K for the matmuls; GB/s counts each input read once and each output written once. An op that no
 module in ``bi_compile.ops`` registers yet is skipped with a message. To add cases, append a builder to
 ``CASE_BUILDERS``. Attention cases take M as the batch and stop at 64: ``--ops attention --ms 1 4 16 64``.
@@ -169,30 +170,34 @@ def nbytes(value) -> int:
     return 0
 
 
+# How --cuda-graph times a call, for the headings of every table that uses it.
+GRAPH_TIMING = "median of do_bench_cudagraph, back-to-back calls on L2-cold inputs"
+
+
 def time_us(fn: Callable[..., object], arg_sets: list[tuple], cuda_graph: bool) -> float:
     """Median time of one call of ``fn``: eager calls on ``arg_sets[0]`` (do_bench flushes L2 between them;
-    the host's cost shows where it exceeds the GPU's), or replays of one CUDA graph that calls ``fn`` once
-    per argument set (no host cost; the sets together overflow L2, so every call reads from memory)."""
+    the host's cost shows where it exceeds the GPU's), or calls on each argument set in turn, back to back in
+    one CUDA graph (no host cost; the sets together overflow L2, so every call reads its inputs from memory).
+
+    Not do_bench over graph replays: its L2 flush (``zero_`` of 256 MB) leaves L2 full of dirty lines, and
+    the first call after it pays for writing them back, up to 50 MB on an H100 (docs/benchmarks.md, session 7).
+    Back to back, a call pays only for its own writes, those of the call before it."""
     import triton.testing
 
     if not cuda_graph:
         return triton.testing.do_bench(lambda: fn(*arg_sets[0]), return_mode="median") * 1e3
-    side = torch.cuda.Stream()  # warm-up (Triton compile, cuBLAS workspace) outside the capture
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(*arg_sets[0])
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def calls() -> None:
         for args in arg_sets:
             fn(*args)
-    return triton.testing.do_bench(graph.replay, return_mode="median") * 1e3 / len(arg_sets)
+
+    return triton.testing.do_bench_cudagraph(calls, return_mode="median") * 1e3 / len(arg_sets)
 
 
 def graph_sets(args: tuple) -> int:
-    """Argument sets per CUDA graph: enough to hold twice the L2 cache, at most 32."""
+    """Argument sets per CUDA graph: enough to hold twice the L2 cache."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    return min(32, max(1, -(-2 * l2 // max(nbytes(args), 1))))
+    return max(1, -(-2 * l2 // max(nbytes(args), 1)))
 
 
 def run(cases: list[Case], ms: list[int], dtype: torch.dtype, cuda_graph: bool) -> list[list[str]]:
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--ms", nargs="+", type=int, default=list(DEFAULT_MS), help="rows M per call")
     parser.add_argument("--shapes", nargs="+", choices=PRESETS, default=[], help="model presets (default: Qwen3-8B projections, Qwen3-0.6B lm_head, hidden 1024 and 4096)")
-    parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays over L2-cold inputs (kernel time, no host cost)")
+    parser.add_argument("--cuda-graph", action="store_true", help="time back-to-back calls in a CUDA graph on L2-cold inputs (kernel time, no host cost)")
     parser.add_argument("--markdown", metavar="FILE", help="append the table to FILE")
     args = parser.parse_args(argv)
 
@@ -264,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes = selected_shapes(args.shapes)
     cases = [c for build in CASE_BUILDERS for c in build(shapes) if not args.ops or c.op in args.ops]
     rows = run(cases, args.ms, DTYPES[args.dtype], args.cuda_graph)
-    mode = "CUDA-graph replays over L2-cold inputs" if args.cuda_graph else "eager calls, L2 flushed"
-    publish(markdown(heading(f"bi ops vs stock, {args.dtype}", f"median of triton.testing.do_bench, {mode}"), rows),
+    mode = GRAPH_TIMING if args.cuda_graph else "eager calls, L2 flushed"
+    publish(markdown(heading(f"bi ops vs stock, {args.dtype}", mode), rows),
             args.markdown)
 
 

@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/tiles.py --json tiles.json --markdown tiles.md
     PYTHONPATH=. python benchmarks/tiles.py --ms 1 8 32 --shapes 4096x4096
 
-For each linear shape (K -> N) and M, every candidate ``TileConfig`` runs on the same L2-cold inputs under CUDA-graph
-replay (the timing of ``benchmarks/kernels.py --cuda-graph``), beside ``F.linear``. A candidate may change how the
+For each linear shape (K -> N) and M, every candidate ``TileConfig`` runs on the same L2-cold inputs, back to back in a
+CUDA graph (the timing of ``benchmarks/kernels.py --cuda-graph``), beside ``F.linear``. A candidate may change how the
 output is cut into programs, how long a K chunk each pipeline stage loads (``LONG_K``) and how tiles are loaded and
 scheduled (``HOPPER``: TMA, persistent programs), never the K order, so it
 must give the current pick's bits; the table says where one does not (such a candidate must never enter a tile
@@ -20,7 +20,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from kernels import DEFAULT_MS, DEFAULT_SHAPES, graph_sets, heading, publish, time_us
+from kernels import DEFAULT_MS, DEFAULT_SHAPES, GRAPH_TIMING, graph_sets, heading, publish, time_us
 
 from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, processor_count, tile_table
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.json:  # row by row, so that a run cut short by a time limit keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
-    title = heading("Tile search, bf16", "median of do_bench over CUDA-graph replays, L2-cold")
+    title = heading("Tile search, bf16", GRAPH_TIMING)
     publish(markdown(rows, title), args.markdown)
 
 

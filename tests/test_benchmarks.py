@@ -33,11 +33,13 @@ def rows(monkeypatch):
 
 def test_row_search_candidates_fit_the_registers(rows):
     for width in (1024, 4096):
-        candidates = rows.candidates(width)
-        assert candidates and all(b.fused and b.block >= width for b in candidates)
+        candidates = rows.candidates(width, split=True)
+        assert candidates and all(b.fused and b.block >= width and not b.piece for b in candidates)
         assert all(b.block * b.rows // (32 * b.num_warps) <= 128 for b in candidates)
-    candidates = rows.candidates(151936)
-    assert candidates and all(not b.fused and b.rows == 1 and b.block // (32 * b.num_warps) <= 64 for b in candidates)
+    whole, split = rows.candidates(151936, split=False), rows.candidates(151936, split=True)
+    assert whole and all(not b.fused and b.rows == 1 and b.block // (32 * b.num_warps) <= 64 for b in split)
+    assert not any(b.piece for b in whole) and set(whole) < set(split)  # only a kernel that can split gets pieces
+    assert {op.name for op in rows.OPS if op.split} == {"sum", "mean"}
     assert {(o.name, o.width) for o in rows.OPS} >= {("rms_norm", 4096), ("softmax", 1024), ("sum", 151936)}
 
 
@@ -50,6 +52,13 @@ def test_row_search_invariance_check_passes_the_kernels_and_catches_a_variant_op
     variant = rows.Op("sum", 300, lambda t, b: t.sum(-1) if len(t) <= 8 else t[:, :150].sum(-1) + t[:, 150:].sum(-1),
                       lambda t: t.sum(-1))
     assert not rows.invariant(variant, None, x, ms=[1, 3, 20])
+
+
+def test_row_search_copy_reference_copies_every_element(rows):
+    src = torch.randn(20000).to(torch.bfloat16)  # three programs, the last one masked
+    dst = torch.zeros_like(src)
+    rows.sm_copy(src, dst)
+    assert torch.equal(dst, src)
 
 
 def test_row_search_table_reports_best_and_rejected(rows):

@@ -213,6 +213,35 @@ def test_kernel_blocking_override_is_exact_and_row_invariant(triton_device):
         assert torch.equal(row_sum(y[5:7], torch.float32, mean=True, blocking=blocking), full[5:7])
 
 
+def test_kernel_split_rows_sum_their_pieces_in_row_order(triton_device, monkeypatch):
+    """Rows longer than one chunk are cut into pieces of a fixed length (a function of the row length alone): exact on
+    small integers, the same for a row in any batch, and pieces too many for one chunk are split again."""
+    from bi_compile.kernels import reduce
+
+    x = torch.randint(-3, 4, (9, 3000), device=triton_device).float()
+    pieces = reduce.RowBlocking(block=256, rows=1, fused=False, num_warps=2, piece=2)  # 6 pieces a row
+    assert torch.equal(reduce.row_sum(x, torch.float32, blocking=pieces).cpu(), x.cpu().double().sum(-1).float())
+    y = torch.randn(9, 3000, device=triton_device).to(torch.bfloat16)
+    for flags in ({}, {"mean": True}, {"mean": True, "square": True}):
+        full = reduce.row_sum(y, torch.float32, blocking=pieces, **flags)
+        assert torch.equal(reduce.row_sum(y[4:5], torch.float32, blocking=pieces, **flags), full[4:5])
+        assert_matches_reference("mean_square" if flags.get("square") else "mean" if flags else "sum", y.cpu(), [-1], False,
+                                 torch.float32, full.cpu())
+    # A row of 5000 in pieces of 32: 157 partial sums, more than one chunk (64 here), so they are split again.
+    monkeypatch.setattr(reduce, "FUSED_MAX", 64)
+    monkeypatch.setattr(reduce, "SPLIT_BLOCKING", reduce.RowBlocking(block=16, rows=1, fused=False, num_warps=1, piece=2))
+    launch, widths = reduce._launch_row_sum, []
+
+    def recorded(x, *rest):
+        widths.append(x.shape[-1])
+        launch(x, *rest)
+
+    monkeypatch.setattr(reduce, "_launch_row_sum", recorded)
+    long_rows = torch.randint(-3, 4, (2, 5000), device=triton_device).float()
+    assert torch.equal(reduce.row_sum(long_rows, torch.float32).cpu(), long_rows.cpu().double().sum(-1).float())
+    assert widths == [5000, 157, 5]
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_op_triton_path_layouts(triton_device, name):
     """The op's Triton entry (checks, moving the reduced dims last, launch) on the layouts the CPU tests use."""

@@ -5,9 +5,10 @@ A row kernel (here, ``rms_norm.py``, ``softmax.py``) reduces each row of a ``[..
 * **Blocking** (:func:`row_blocking`): a row of length N is read in chunks of ``block(N)`` elements into a
   ``[ROWS, BLOCK]`` fp32 accumulator (elementwise adds, chunk after chunk, in row order), which one
   ``tl.sum`` over the BLOCK axis folds at the end. BLOCK, ROWS and num_warps are functions of N alone, so
-  the tree of additions for a row is fixed by (N, dtype) and the kernel never splits a row across programs:
-  the row count M only decides how many programs run. Rows up to ``FUSED_MAX`` fit one chunk; those kernels
-  keep the row in registers between reduction and output (one read, one write).
+  the tree of additions for a row is fixed by (N, dtype): the row count M only decides how many programs run.
+  Rows up to ``FUSED_MAX`` fit one chunk; those kernels keep the row in registers between reduction and output
+  (one read, one write). Longer rows take one program each, except in ``row_sum``, which cuts them into pieces
+  of a length fixed by N and adds the pieces' sums in row order (:data:`SPLIT_BLOCKING`).
 * **Layout** (:func:`row_grid`): rows need unit stride along N, but not a single row stride: row
   ``r = outer * n_inner + inner`` lies at ``outer * stride_outer + inner * stride_inner``, which covers
   contiguous, row-strided, expanded (stride 0) and head-split views such as ``qkv[:, :q].view(T, H, D)``
@@ -40,13 +41,24 @@ class RowBlocking:
     rows: int  # rows per program (a power of two; 1 when the row needs more than one chunk)
     fused: bool  # the whole row is one chunk
     num_warps: int
+    # Chunks per program where a kernel may split a row (row_sum: partial sums added in row order by a second
+    # row_sum); 0: one program per row.
+    piece: int = 0
 
 
-def row_blocking(n_cols: int) -> RowBlocking:
-    """Launch config for rows of length ``n_cols``. It depends on ``n_cols`` only, never on the number of
-    rows: this is what fixes the reduction order of a row whatever batch it comes in."""
+# row_sum cuts longer rows into pieces of 2 chunks of 16384 elements, one program (8 warps) each, and sums the pieces'
+# partial sums in row order. A full reduction (x.sum(): one row) then runs on every SM, not one: 4096 x 151936 bf16
+# in one row at 3046 GB/s instead of 40 (H100); vocab rows stay within 4% of one 32-warp program per row
+# (docs/benchmarks.md, session 7).
+SPLIT_BLOCKING = RowBlocking(16384, 1, False, 8, piece=2)
+
+
+def row_blocking(n_cols: int, split: bool = False) -> RowBlocking:
+    """Launch config for rows of length ``n_cols``, for a kernel that can (``split``) or cannot split a row across
+    programs. It depends on ``n_cols`` only, never on the number of rows: this is what fixes the reduction order
+    of a row whatever batch it comes in."""
     if n_cols > FUSED_MAX:
-        return RowBlocking(LOOP_BLOCK, 1, False, LOOP_WARPS)
+        return SPLIT_BLOCKING if split else RowBlocking(LOOP_BLOCK, 1, False, LOOP_WARPS)
     block = triton.next_power_of_2(max(n_cols, 1))
     rows = max(1, TILE_ELEMENTS // block)
     # 8 warps up to 4096 elements a program (4096-wide rows on the H100: as fast as 16 warps or up to 1.2x faster,
@@ -141,27 +153,44 @@ def row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner):
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _row_sum_kernel(
-    x_ptr, out_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
-    MEAN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    x_ptr, out_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner, divisor,
+    SUMMAND: tl.constexpr, MEAN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    PIECE: tl.constexpr,
 ):
-    """out[r] = sum_j x[r, j] (or the mean; SQUARE: of x[r, j] ** 2), each element first cast to out's dtype
-    as aten does, fp32 sums in chunks of BLOCK, folded by one tl.sum."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    """out[r] = sum_j x[r, j] (MEAN: / divisor; SQUARE: of x[r, j] ** 2), each element first cast to SUMMAND as
+    aten casts to the output dtype, fp32 sums in chunks of BLOCK, folded by one tl.sum.
+
+    PIECE > 0 (then ROWS == 1): program p sums chunks [PIECE * k, PIECE * (k + 1)) of row p // n_pieces, with
+    k = p % n_pieces, into out[p]: the partial sums of a row, in row order."""
+    if PIECE:
+        n_pieces = tl.cdiv(n_cols, PIECE * BLOCK)
+        rows = tl.program_id(0) // n_pieces + tl.arange(0, 1)
+        first = tl.program_id(0) % n_pieces * (PIECE * BLOCK)
+        end = tl.minimum(first + PIECE * BLOCK, n_cols)
+        outs = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
+    else:
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        first, end = 0, n_cols
+        outs = rows.to(tl.int64)
     row_mask = rows < n_rows
     x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        mask = row_mask[:, None] & (start + cols < n_cols)
+    for start in range(first, end, BLOCK):
+        mask = row_mask[:, None] & (start + cols < end)
         x = tl.load(x_rows + start + cols, mask=mask, other=0.0)
-        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
+        x = x.to(SUMMAND).to(tl.float32)
         if SQUARE:
             x = x * x
         acc += x
     total = tl.sum(acc, axis=1)
     if MEAN:
-        total = total / n_cols
-    tl.store(out_ptr + rows.to(tl.int64), total.to(out_ptr.dtype.element_ty), mask=row_mask)
+        total = total / divisor
+    tl.store(out_ptr + outs, total.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    return getattr(tl, str(dtype).removeprefix("torch."))
 
 
 def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square: bool = False, *,
@@ -170,16 +199,31 @@ def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square:
     in ``out_dtype``.
 
     As aten's sum/mean with ``dtype=``: each element is cast to ``out_dtype`` (then squared), the sum is
-    accumulated in fp32. ``blocking`` overrides ``row_blocking(R)`` for benchmarks/rows.py's search.
+    accumulated in fp32. A blocking that splits rows (``RowBlocking.piece``) sums the pieces of each row in fp32
+    first, then sums those partial sums as rows of their own (with their own blocking, split again if they are
+    that many). ``blocking`` overrides ``row_blocking(R, split=True)`` for the first level, for
+    benchmarks/rows.py's search.
     """
     out = torch.empty(x.shape[:-1], dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
     (x,), grid = row_grid(x)
-    cfg = blocking or row_blocking(x.shape[-1])
-    (stride_outer, stride_inner), = grid.strides
-    _row_sum_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
-        x, out, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
-        MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
-    )
+    n_cols, summand = x.shape[-1], out_dtype
+    cfg = blocking or row_blocking(n_cols, split=True)
+    while cfg.piece:
+        pieces = torch.empty(grid.n_rows, triton.cdiv(x.shape[-1], cfg.piece * cfg.block), dtype=torch.float32,
+                             device=x.device)
+        _launch_row_sum(x, grid, pieces, summand, False, square, 1, cfg, pieces.numel())
+        x, grid = pieces, RowGrid(grid.n_rows, 1, ((pieces.shape[1], 0),))
+        summand, square, cfg = torch.float32, False, row_blocking(pieces.shape[1], split=True)
+    _launch_row_sum(x, grid, out, summand, mean, square, n_cols, cfg, triton.cdiv(grid.n_rows, cfg.rows))
     return out
+
+
+def _launch_row_sum(x, grid: RowGrid, out, summand, mean, square, divisor, cfg: RowBlocking, n_programs: int) -> None:
+    (stride_outer, stride_inner), = grid.strides
+    _row_sum_kernel[(n_programs,)](
+        x, out, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner, divisor,
+        SUMMAND=_tl_dtype(summand), MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, PIECE=cfg.piece,
+        num_warps=cfg.num_warps,
+    )
