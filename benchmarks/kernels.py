@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--ms", nargs="+", type=int, default=list(DEFAULT_MS), help="rows M per call")
     parser.add_argument("--shapes", nargs="+", choices=PRESETS, default=[], help="model presets (default: Qwen3-8B projections, Qwen3-0.6B lm_head, hidden 1024 and 4096)")
-    parser.add_argument("--cuda-graph", action="store_true", help="time back-to-back calls in a CUDA graph on L2-cold inputs (kernel time, no host cost)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time back-to-back calls in a CUDA graph on L2-cold inputs (kernel time, no host cost)")
     parser.add_argument("--markdown", metavar="FILE", help="append the table to FILE")
     args = parser.parse_args(argv)
 

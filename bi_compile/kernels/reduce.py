@@ -29,7 +29,7 @@ FUSED_MAX = 16384
 # Longer rows (vocab-sized logits) loop over chunks of this many elements, 16 per thread of 32 warps. Softmax's
 # program then takes 60 registers a thread (ptxas, sm_90a), so an SM holds one: few rows in flight, and more of
 # softmax's second read hits L2 (H100, docs/benchmarks.md: 1.11x the 4096-element 16-warp chunk for softmax, 1.18x
-# for log_softmax, 1.01x for sum).
+# for log_softmax). row_sum cuts such rows into pieces instead (SPLIT_BLOCKING).
 LOOP_BLOCK, LOOP_WARPS = 16384, 32
 # Short rows are packed [ROWS, BLOCK] into one program until it holds about this many elements.
 TILE_ELEMENTS = 2048
