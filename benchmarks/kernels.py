@@ -181,7 +181,7 @@ def time_us(fn: Callable[..., object], arg_sets: list[tuple], cuda_graph: bool) 
 
     Not do_bench over graph replays: its L2 flush (``zero_`` of 256 MB) leaves L2 full of dirty lines, and
     the first call after it pays for writing them back, up to 50 MB on an H100 (docs/benchmarks.md, session 7).
-    Back to back, a call pays only for its own writes, those of the call before it."""
+    Back to back, what a call writes back is what the call before it, the same op, wrote."""
     import triton.testing
 
     if not cuda_graph:
