@@ -290,6 +290,21 @@ def test_gpu_same_row_in_any_buffer(n):
 
 
 @pytest.mark.gpu
+def test_gpu_full_reduction_runs_in_pieces_and_matches_float64(monkeypatch):
+    """x.sum() is one row of 622 M elements: 18992 pieces, more than one chunk, so their sums are split again."""
+    from bi_compile.kernels import reduce as kernels
+
+    x = torch.randn(4096 * 151936, device="cuda").to(torch.bfloat16)
+    launch, widths = kernels._launch_row_sum, []
+    monkeypatch.setattr(kernels, "_launch_row_sum", lambda rows, *rest: widths.append(rows.shape[-1]) or launch(rows, *rest))
+    total = torch.ops.bi.sum(x, None, dtype=torch.float32)
+    assert widths == [x.numel(), 18992, 1]
+    torch.testing.assert_close(total, x.double().sum().float(), rtol=1e-6, atol=0.5)
+    mean = torch.ops.bi.mean(x, None, dtype=torch.float32)
+    torch.testing.assert_close(mean, x.double().mean().float(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
 def test_gpu_control_stock_sum_is_batch_variant():
     """The comparisons above can fail: stock fp32 x.sum(-1) on 151936-wide rows gives row 0 other bits in
     some batch than alone (CONTEXT.md measured it from M = 2 on, on the H100)."""
