@@ -213,16 +213,17 @@ def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square:
     while cfg.piece:
         pieces = torch.empty(grid.n_rows, triton.cdiv(x.shape[-1], cfg.piece * cfg.block), dtype=torch.float32,
                              device=x.device)
-        _launch_row_sum(x, grid, pieces, summand, False, square, 1, cfg, pieces.numel())
+        _launch_row_sum(x, grid, pieces, summand, False, square, 1, cfg)
         x, grid = pieces, RowGrid(grid.n_rows, 1, ((pieces.shape[1], 0),))
         summand, square, cfg = torch.float32, False, row_blocking(pieces.shape[1], split=True)
-    _launch_row_sum(x, grid, out, summand, mean, square, n_cols, cfg, triton.cdiv(grid.n_rows, cfg.rows))
+    _launch_row_sum(x, grid, out, summand, mean, square, n_cols, cfg)
     return out
 
 
-def _launch_row_sum(x, grid: RowGrid, out, summand, mean, square, divisor, cfg: RowBlocking, n_programs: int) -> None:
+def _launch_row_sum(x, grid: RowGrid, out, summand, mean, square, divisor, cfg: RowBlocking) -> None:
+    """One program per ``cfg.rows`` elements of ``out``: rows, or pieces of rows."""
     (stride_outer, stride_inner), = grid.strides
-    _row_sum_kernel[(n_programs,)](
+    _row_sum_kernel[(triton.cdiv(out.numel(), cfg.rows),)](
         x, out, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner, divisor,
         SUMMAND=_tl_dtype(summand), MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, PIECE=cfg.piece,
         num_warps=cfg.num_warps,
