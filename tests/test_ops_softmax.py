@@ -209,6 +209,31 @@ def test_kernel_blocking_override_is_exact_and_row_invariant(triton_device, log)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("log", [False, True])
+# 256-element chunks: the row ends in kept chunk 0, in kept chunk 1, in the first pair read after them, in a later one
+@pytest.mark.parametrize("n", [100, 300, 600, 1100])
+def test_kernel_loop_keeps_first_two_chunks_wherever_the_row_ends(triton_device, log, n):
+    """The looped path keeps chunks 0 and 1 in registers and reads the rest again; with 256-element chunks, each
+    width ends the row in a different place, and a NaN, an inf or -inf in a kept or a read-again chunk behaves as
+    in torch."""
+    from bi_compile.kernels.reduce import RowBlocking
+    from bi_compile.kernels.softmax import softmax
+
+    name = "log_softmax" if log else "softmax"
+    loop = RowBlocking(block=256, rows=1, fused=False, num_warps=4)
+    x = (torch.randn(6, n, device=triton_device) * 4).float()
+    x[1, n - 1] = float("nan")
+    x[2, n // 5] = float("inf")
+    x[3, : 3 * n // 4] = float("-inf")
+    x[4] = float("-inf")
+    y = softmax(x, torch.float32, log=log, blocking=loop)
+    assert_matches_reference(name, x.cpu(), -1, False, y.cpu())
+    for start, m in ((0, 1), (5, 1), (2, 3)):
+        assert torch.equal(softmax(x[start : start + m], torch.float32, log=log, blocking=loop).view(torch.int32),
+                           y[start : start + m].view(torch.int32))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("name", OPS)
 def test_op_triton_path_layouts(triton_device, name):
     """The op's Triton entry (checks, moving the dim last and back, launch) on the layouts the CPU tests use."""

@@ -10,9 +10,11 @@ and accumulates in fixed chunks (``reduce.row_blocking``):
 * longer rows (vocab logits): an online pass keeps, per lane of the chunk, a running max ``m_l`` and
   ``S_l = sum exp(x - m_l)`` (rescaled when ``m_l`` grows, with the same single exp per element), folded at the
   end as ``S = sum_l S_l * exp(m_l - m)``; then a second pass writes the output. Two reads and one write instead
-  of three reads, with an order fixed by the row length. The second pass walks the row backwards, from the chunks
-  the first pass read last, and the first read asks L2 to keep the row while the second and the write ask it not
-  to: with a few hundred rows in flight, part of the second read then comes from L2.
+  of three reads, with an order fixed by the row length. A 151936-wide bf16 row is 304 KB; what the second pass
+  reads again must not come from HBM. L2 does not keep it (132 rows in flight stream 80 MB through it), L1 (248 KB
+  per SM) keeps the end of the row, so the second pass walks the row backwards, and the first two chunks (32 KB)
+  stay in registers. H100, 256 rows: HBM reads 82 MB for a 78 MB input, where the second pass of one chunk at a
+  time read 96 MB (Nsight Compute, docs/benchmarks.md, session 8).
 
 Every exp is ``tl.exp2(t * log2(e))``: on NVIDIA that is one multiply and ``ex2.approx.ftz``, where ``tl.exp`` adds
 three instructions per element to keep results below 2**-126 (about 1.2e-38) denormal; here they flush to zero. The
@@ -58,32 +60,53 @@ def _softmax_kernel(
         # -FLT_MAX, not -inf: x - lane_max is then never -inf - -inf, so masked and -inf elements need no test.
         lane_max = tl.full([ROWS, BLOCK], -3.4028234663852886e38, dtype=tl.float32)
         lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            mask = row_mask & (start + cols < n_cols)
-            # evict_last: the second pass reads the row again, from L2 if it is still there.
-            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last")
-            x = x.to(tl.float32)
-            # One exp per element: exp(x - max) if x does not raise the lane's max, else exp(old max - x),
-            # which rescales the running sum (and x's own term is exp(0) = 1).
-            grows = x > lane_max
-            e = tl.exp2(tl.abs(x - lane_max) * -LOG2E)  # one FMUL: the sign rides on the constant
-            lane_sum = tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
-            lane_max = tl.where(grows, x, lane_max)
+        # Chunks are read two at a time (both loads in flight before either is used) and folded one after the
+        # other, in row order. The first two stay in registers for the second pass.
+        head0 = tl.load(x_rows + cols, mask=row_mask & (cols < n_cols), other=float("-inf"), eviction_policy="evict_last")
+        head1 = tl.load(x_rows + BLOCK + cols, mask=row_mask & (BLOCK + cols < n_cols), other=float("-inf"),
+                        eviction_policy="evict_last")
+        lane_max, lane_sum = _online_update(head0, lane_max, lane_sum)
+        lane_max, lane_sum = _online_update(head1, lane_max, lane_sum)
+        for start in range(2 * BLOCK, n_cols, 2 * BLOCK):
+            # evict_last: the second pass reads these chunks again.
+            first = tl.load(x_rows + start + cols, mask=row_mask & (start + cols < n_cols), other=float("-inf"),
+                            eviction_policy="evict_last")
+            second = tl.load(x_rows + start + BLOCK + cols, mask=row_mask & (start + BLOCK + cols < n_cols),
+                             other=float("-inf"), eviction_policy="evict_last")
+            lane_max, lane_sum = _online_update(first, lane_max, lane_sum)
+            lane_max, lane_sum = _online_update(second, lane_max, lane_sum)
         shift = tl.max(lane_max, axis=1)[:, None]
         total = tl.sum(lane_sum * tl.exp2((lane_max - shift) * LOG2E), axis=1)[:, None]
         inv_total = 1.0 / total  # one IEEE division per row, not per element
         n_chunks = tl.cdiv(n_cols, BLOCK)
-        for chunk in range(0, n_chunks):
-            # Last chunk first: the end of the row is what the first pass read last, the likeliest still in L2.
+        for chunk in range(0, n_chunks - 2):
+            # Last chunk first: what the first pass read last is what L1 still holds.
             start = (n_chunks - 1 - chunk) * BLOCK
             mask = row_mask & (start + cols < n_cols)
             x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
-            x = x.to(tl.float32)
-            if LOG:
-                y = (x - shift) - tl.log(total)
-            else:
-                y = tl.exp2((x - shift) * LOG2E) * inv_total
-            tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+            _store_output(x, y_rows + start + cols, mask, shift, total, inv_total, LOG)
+        _store_output(head1, y_rows + BLOCK + cols, row_mask & (BLOCK + cols < n_cols), shift, total, inv_total, LOG)
+        _store_output(head0, y_rows + cols, row_mask & (cols < n_cols), shift, total, inv_total, LOG)
+
+
+@triton.jit
+def _online_update(x, lane_max, lane_sum):
+    """Fold a chunk into the lanes' running max and sum of exp(x - max), with one exp per element: exp(x - max) if x
+    does not raise the lane's max, else exp(old max - x), which rescales the running sum (and x's own term is 1)."""
+    x = x.to(tl.float32)
+    grows = x > lane_max
+    e = tl.exp2(tl.abs(x - lane_max) * -LOG2E)  # one FMUL: the sign rides on the constant
+    return tl.where(grows, x, lane_max), tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
+
+
+@triton.jit
+def _store_output(x, y_ptrs, mask, shift, total, inv_total, LOG: tl.constexpr):
+    x = x.to(tl.float32)
+    if LOG:
+        y = (x - shift) - tl.log(total)
+    else:
+        y = tl.exp2((x - shift) * LOG2E) * inv_total
+    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
