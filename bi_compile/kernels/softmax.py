@@ -13,7 +13,7 @@ and accumulates in fixed chunks (``reduce.row_blocking``):
   of three reads, with an order fixed by the row length. A 151936-wide bf16 row is 304 KB; what the second pass
   reads again must not come from HBM. L2 does not keep it (132 rows in flight stream 80 MB through it), L1 (248 KB
   per SM) keeps the end of the row, so the second pass walks the row backwards, and the first two chunks (32 KB)
-  stay in registers. H100, 256 rows: HBM reads 82 MB for a 78 MB input, where the second pass of one chunk at a
+  stay in registers. H100, 256 rows: HBM reads 89 MB for a 78 MB input, where the second pass of one chunk at a
   time read 96 MB (Nsight Compute, docs/benchmarks.md, session 8).
 
 Every exp is ``tl.exp2(t * log2(e))``: on NVIDIA that is one multiply and ``ex2.approx.ftz``, where ``tl.exp`` adds
