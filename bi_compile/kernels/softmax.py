@@ -35,6 +35,26 @@ from .reduce import RowBlocking, row_blocking, row_grid, row_offsets
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+@triton.jit
+def _online_update(x, lane_max, lane_sum):
+    """Fold a chunk into the lanes' running max and sum of exp(x - max), with one exp per element: exp(x - max) if x
+    does not raise the lane's max, else exp(old max - x), which rescales the running sum (and x's own term is 1)."""
+    x = x.to(tl.float32)
+    grows = x > lane_max
+    e = tl.exp2(tl.abs(x - lane_max) * -LOG2E)  # one FMUL: the sign rides on the constant
+    return tl.where(grows, x, lane_max), tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
+
+
+@triton.jit
+def _store_output(x, y_ptrs, mask, shift, total, inv_total, LOG: tl.constexpr):
+    x = x.to(tl.float32)
+    if LOG:
+        y = (x - shift) - tl.log(total)
+    else:
+        y = tl.exp2((x - shift) * LOG2E) * inv_total
+    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _softmax_kernel(
     x_ptr, y_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
@@ -87,26 +107,6 @@ def _softmax_kernel(
             _store_output(x, y_rows + start + cols, mask, shift, total, inv_total, LOG)
         _store_output(head1, y_rows + BLOCK + cols, row_mask & (BLOCK + cols < n_cols), shift, total, inv_total, LOG)
         _store_output(head0, y_rows + cols, row_mask & (cols < n_cols), shift, total, inv_total, LOG)
-
-
-@triton.jit
-def _online_update(x, lane_max, lane_sum):
-    """Fold a chunk into the lanes' running max and sum of exp(x - max), with one exp per element: exp(x - max) if x
-    does not raise the lane's max, else exp(old max - x), which rescales the running sum (and x's own term is 1)."""
-    x = x.to(tl.float32)
-    grows = x > lane_max
-    e = tl.exp2(tl.abs(x - lane_max) * -LOG2E)  # one FMUL: the sign rides on the constant
-    return tl.where(grows, x, lane_max), tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
-
-
-@triton.jit
-def _store_output(x, y_ptrs, mask, shift, total, inv_total, LOG: tl.constexpr):
-    x = x.to(tl.float32)
-    if LOG:
-        y = (x - shift) - tl.log(total)
-    else:
-        y = tl.exp2((x - shift) * LOG2E) * inv_total
-    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
