@@ -46,13 +46,21 @@ def _online_update(x, lane_max, lane_sum):
 
 
 @triton.jit
-def _store_output(x, y_ptrs, mask, shift, total, inv_total, LOG: tl.constexpr):
+def _read_chunk(x_rows, start, cols, row_mask, n_cols):
+    """A first-pass read. evict_last: the second pass reads the chunk again."""
+    mask = row_mask & (start + cols < n_cols)
+    return tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+
+
+@triton.jit
+def _write_chunk(x, y_rows, start, cols, row_mask, n_cols, shift, total, inv_total, LOG: tl.constexpr):
     x = x.to(tl.float32)
     if LOG:
         y = (x - shift) - tl.log(total)
     else:
         y = tl.exp2((x - shift) * LOG2E) * inv_total
-    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+    mask = row_mask & (start + cols < n_cols)
+    tl.store(y_rows + start + cols, y.to(y_rows.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -82,17 +90,13 @@ def _softmax_kernel(
         lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         # Chunks are read two at a time (both loads in flight before either is used) and folded one after the
         # other, in row order. The first two stay in registers for the second pass.
-        head0 = tl.load(x_rows + cols, mask=row_mask & (cols < n_cols), other=float("-inf"), eviction_policy="evict_last")
-        head1 = tl.load(x_rows + BLOCK + cols, mask=row_mask & (BLOCK + cols < n_cols), other=float("-inf"),
-                        eviction_policy="evict_last")
+        head0 = _read_chunk(x_rows, 0, cols, row_mask, n_cols)
+        head1 = _read_chunk(x_rows, BLOCK, cols, row_mask, n_cols)
         lane_max, lane_sum = _online_update(head0, lane_max, lane_sum)
         lane_max, lane_sum = _online_update(head1, lane_max, lane_sum)
         for start in range(2 * BLOCK, n_cols, 2 * BLOCK):
-            # evict_last: the second pass reads these chunks again.
-            first = tl.load(x_rows + start + cols, mask=row_mask & (start + cols < n_cols), other=float("-inf"),
-                            eviction_policy="evict_last")
-            second = tl.load(x_rows + start + BLOCK + cols, mask=row_mask & (start + BLOCK + cols < n_cols),
-                             other=float("-inf"), eviction_policy="evict_last")
+            first = _read_chunk(x_rows, start, cols, row_mask, n_cols)
+            second = _read_chunk(x_rows, start + BLOCK, cols, row_mask, n_cols)
             lane_max, lane_sum = _online_update(first, lane_max, lane_sum)
             lane_max, lane_sum = _online_update(second, lane_max, lane_sum)
         shift = tl.max(lane_max, axis=1)[:, None]
@@ -102,11 +106,11 @@ def _softmax_kernel(
         for chunk in range(0, n_chunks - 2):
             # Last chunk first: what the first pass read last is what L1 still holds.
             start = (n_chunks - 1 - chunk) * BLOCK
-            mask = row_mask & (start + cols < n_cols)
-            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
-            _store_output(x, y_rows + start + cols, mask, shift, total, inv_total, LOG)
-        _store_output(head1, y_rows + BLOCK + cols, row_mask & (BLOCK + cols < n_cols), shift, total, inv_total, LOG)
-        _store_output(head0, y_rows + cols, row_mask & (cols < n_cols), shift, total, inv_total, LOG)
+            x = tl.load(x_rows + start + cols, mask=row_mask & (start + cols < n_cols), other=float("-inf"),
+                        eviction_policy="evict_first")
+            _write_chunk(x, y_rows, start, cols, row_mask, n_cols, shift, total, inv_total, LOG)
+        _write_chunk(head1, y_rows, BLOCK, cols, row_mask, n_cols, shift, total, inv_total, LOG)
+        _write_chunk(head0, y_rows, 0, cols, row_mask, n_cols, shift, total, inv_total, LOG)
 
 
 def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
