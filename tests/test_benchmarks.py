@@ -66,5 +66,11 @@ def test_row_search_table_reports_best_and_rejected(rows):
                  "stock_gbs": 1600.0,
                  "current_gbs": 1700.0, "candidates": {"block 1024 rows 8 w8": 2500.0, "block 1024 rows 4 w8": 2200.0}}]
     table = rows.markdown(measured, {"sum 1024": {"block 1024 rows 16 w4": "variant"}}, 3000.0, "### title")
-    assert "| sum | 1024 | 8192 | 2100 | 1600 | block 1024 rows 2 w8 | 1700 | 57 | block 1024 rows 8 w8 | 2500 | 83 |" in table
+    # The bar is 80% of the slower copy: the same-size copy's 2100 here, so 1700 GB/s meets it.
+    assert ("| sum | 1024 | 8192 | 2100 | 1600 | block 1024 rows 2 w8 | 1700 | 57 | 1680 | yes "
+            "| block 1024 rows 8 w8 | 2500 | 83 |") in table
+    assert "below their bar: none." in table
+    measured[0]["same_size_copy_gbs"] = 2990.0
+    assert "| 1700 | 57 | 2392 | **no** |" in rows.markdown(measured, {}, 3000.0, "### title")
+    assert "below their bar: sum 1024 x 8192." in rows.markdown(measured, {}, 3000.0, "### title")
     assert "- sum 1024: block 1024 rows 16 w4: variant" in table and "target is 80% of it, 2400 GB/s" in table

@@ -201,21 +201,25 @@ def test_kernel_blocking_override_is_exact_and_row_invariant(triton_device, log)
     for n, rows in ((300, 40), (16500, 5)):
         x = (torch.randn(rows, n, device=triton_device) * 4).float()
         default = row_blocking(n)
-        other = RowBlocking(block=default.block // 2, rows=max(1, default.rows // 2), fused=default.fused and n <= default.block // 2,
+        fused = default.fused and n <= default.block // 2
+        other = RowBlocking(block=default.block // 2, rows=max(1, default.rows // 2) if fused else 1, fused=fused,
                             num_warps=default.num_warps)
         y_other = softmax(x, torch.float32, log=log, blocking=other)
         assert_matches_reference(name, x.cpu(), -1, False, y_other.cpu())
         assert torch.equal(softmax(x[1:3], torch.float32, log=log, blocking=other), y_other[1:3])
+    with pytest.raises(ValueError, match="rows=1"):
+        softmax(x, torch.float32, log=log, blocking=RowBlocking(block=4096, rows=2, fused=False, num_warps=32))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("log", [False, True])
-# 256-element chunks: the row ends in kept chunk 0, in kept chunk 1, in the first pair read after them, in a later one
-@pytest.mark.parametrize("n", [100, 300, 600, 1100])
-def test_kernel_loop_keeps_first_two_chunks_wherever_the_row_ends(triton_device, log, n):
-    """The looped path keeps chunks 0 and 1 in registers and reads the rest again; with 256-element chunks, each
-    width ends the row in a different place, and a NaN, an inf or -inf in a kept or a read-again chunk behaves as
-    in torch."""
+# 256-element chunks: the row ends in the head's first chunk, in its second, in the first chunk read after it, in a
+# later one (1104: a multiple of 16, so the lanes fold 16-byte vectors; the others fold single elements)
+@pytest.mark.parametrize("n", [100, 300, 600, 1104])
+def test_kernel_loop_keeps_the_head_wherever_the_row_ends(triton_device, log, n):
+    """The looped path keeps its head (the first two chunks) in registers and reads the rest again; with 256-element
+    chunks, each width ends the row in a different place, and a NaN, an inf or -inf in the head or in a read-again
+    chunk behaves as in torch."""
     from bi_compile.kernels.reduce import RowBlocking
     from bi_compile.kernels.softmax import softmax
 
@@ -257,7 +261,8 @@ GPU_BATCHES = (1, 2, 3, 5, 16, 17, 64, 100, 255, 1024, 4097, 8192)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1024, 4096, 151936])
+# 50257 (GPT-2's vocabulary) is not a multiple of 16: the looped path's lanes then fold single elements
+@pytest.mark.parametrize("n", [1024, 4096, 50257, 151936])
 def test_gpu_batch_invariance(dtype, n):
     base = torch.randn(8192 + 80, n, device="cuda").mul_(4).to(dtype)
     for name in OPS:

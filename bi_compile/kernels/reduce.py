@@ -26,11 +26,10 @@ import triton.language as tl
 
 # Rows up to this length are reduced in one chunk, held in registers (16 warps x 32 fp32 per thread).
 FUSED_MAX = 16384
-# Longer rows (vocab-sized logits) loop over chunks of this many elements, 8 per thread of 32 warps: one program per
-# SM, so that few rows are in flight and the end of softmax's row is still in L1 for its second read, and registers to
-# spare for the start (softmax.py). Softmax reads two chunks per step (H100, 151936-wide rows: 1.03-1.06x the 16384
-# chunk at 256-8192 rows, docs/benchmarks.md, session 8). row_sum cuts such rows into pieces instead (SPLIT_BLOCKING).
-LOOP_BLOCK, LOOP_WARPS = 8192, 32
+# Longer rows (vocab-sized logits) loop over chunks of this many elements, 16 per thread of 32 warps: one program per
+# SM, so that few rows are in flight and most of softmax's row is still in L1 for its second read (softmax.py).
+# row_sum cuts such rows into pieces instead (SPLIT_BLOCKING).
+LOOP_BLOCK, LOOP_WARPS = 16384, 32
 # Short rows are packed [ROWS, BLOCK] into one program until it holds about this many elements.
 TILE_ELEMENTS = 2048
 

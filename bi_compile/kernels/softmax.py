@@ -7,14 +7,15 @@ The max is exact in any order; the sum of exponentials is what needs a fixed ord
 and accumulates in fixed chunks (``reduce.row_blocking``):
 
 * rows up to ``reduce.FUSED_MAX``: the whole row in registers, one read and one write;
-* longer rows (vocab logits): an online pass keeps, per lane of the chunk, a running max ``m_l`` and
-  ``S_l = sum exp(x - m_l)`` (rescaled when ``m_l`` grows, with the same single exp per element), folded at the
-  end as ``S = sum_l S_l * exp(m_l - m)``; then a second pass writes the output. Two reads and one write instead
-  of three reads, with an order fixed by the row length. A 151936-wide bf16 row is 304 KB; what the second pass
-  reads again must not come from HBM. L2 does not keep it (132 rows in flight stream 80 MB through it), L1 (248 KB
-  per SM) keeps the end of the row, so the second pass walks the row backwards, and the first two chunks (32 KB)
-  stay in registers. H100, 256 rows: HBM reads 89 MB for a 78 MB input, where the second pass of one chunk at a
-  time read 96 MB (Nsight Compute, docs/benchmarks.md, session 8).
+* longer rows (vocab logits): a first pass keeps one lane per thread, a running max ``m_l`` and
+  ``S_l = sum exp(x - m_l)`` over the elements that thread loads (rescaled when ``m_l`` grows), folded at the end
+  as ``S = sum_l S_l * exp(m_l - m)``; then a second pass writes the output. Two reads and one write instead of
+  three reads, in an order fixed by the row length and dtype. A 151936-wide bf16 row is 304 KB, and what the second
+  pass reads again must not come from HBM. L2 does not keep it (132 rows in flight stream 80 MB through its 50 MB);
+  L1 (248 KB per SM) keeps the last 240 KB when the second pass walks the row backwards, and the first
+  ``HEAD_CHUNKS`` chunks (64 KB) stay in registers, which a lane per thread leaves free (a lane per element of a
+  chunk held 16 registers a thread). H100, 256 rows: HBM reads 81.5 MB for a 78 MB input, where a lane per element
+  and 32 KB kept read 89 MB (Nsight Compute, docs/benchmarks.md, session 9).
 
 Every exp is ``tl.exp2(t * log2(e))``: on NVIDIA that is one multiply and ``ex2.approx.ftz``, where ``tl.exp`` adds
 three instructions per element to keep results below 2**-126 (about 1.2e-38) denormal; here they flush to zero. The
@@ -30,19 +31,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .reduce import RowBlocking, row_blocking, row_grid, row_offsets
+from .reduce import ALIGN, RowBlocking, row_blocking, row_grid, row_offsets
 
 LOG2E = tl.constexpr(1.4426950408889634)
+HEAD_CHUNKS = 2  # chunks of a looped row kept in registers between its two passes
 
 
 @triton.jit
-def _online_update(x, lane_max, lane_sum):
-    """Fold a chunk into the lanes' running max and sum of exp(x - max), with one exp per element: exp(x - max) if x
-    does not raise the lane's max, else exp(old max - x), which rescales the running sum (and x's own term is 1)."""
-    x = x.to(tl.float32)
-    grows = x > lane_max
-    e = tl.exp2(tl.abs(x - lane_max) * -LOG2E)  # one FMUL: the sign rides on the constant
-    return tl.where(grows, x, lane_max), tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
+def _online_fold(x, lane_max, lane_sum, LANES: tl.constexpr, VEC: tl.constexpr):
+    """Fold a [1, W] tile into each lane's running max and sum of exp(x - max). Lane l takes the elements
+    ``c * LANES * VEC + l * VEC + v``: the 16-byte vectors (VEC elements) that one thread loads, so that a fold
+    moves no data between threads and the lanes cost two registers a thread."""
+    W: tl.constexpr = x.shape[1]
+    x = tl.reshape(x.to(tl.float32), [W // (LANES * VEC), LANES, VEC])
+    new_max = tl.maximum(lane_max, tl.max(tl.max(x, axis=2), axis=0))
+    tile_sum = tl.sum(tl.sum(tl.exp2((x - new_max[None, :, None]) * LOG2E), axis=2), axis=0)
+    return new_max, lane_sum * tl.exp2((lane_max - new_max) * LOG2E) + tile_sum
 
 
 @triton.jit
@@ -66,7 +70,8 @@ def _write_chunk(x, y_rows, start, cols, row_mask, n_cols, shift, total, inv_tot
 @triton.jit(do_not_specialize=["n_rows"])
 def _softmax_kernel(
     x_ptr, y_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
-    LOG: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    LOG: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr,
+    LANES: tl.constexpr, VEC: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows[:, None] < n_rows
@@ -84,33 +89,29 @@ def _softmax_kernel(
         else:
             y = exp * (1.0 / total)
         tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
+    else:  # ROWS == 1
         # -FLT_MAX, not -inf: x - lane_max is then never -inf - -inf, so masked and -inf elements need no test.
-        lane_max = tl.full([ROWS, BLOCK], -3.4028234663852886e38, dtype=tl.float32)
-        lane_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        # Chunks are read two at a time (both loads in flight before either is used) and folded one after the
-        # other, in row order. The first two stay in registers for the second pass.
-        head0 = _read_chunk(x_rows, 0, cols, row_mask, n_cols)
-        head1 = _read_chunk(x_rows, BLOCK, cols, row_mask, n_cols)
-        lane_max, lane_sum = _online_update(head0, lane_max, lane_sum)
-        lane_max, lane_sum = _online_update(head1, lane_max, lane_sum)
-        for start in range(2 * BLOCK, n_cols, 2 * BLOCK):
-            first = _read_chunk(x_rows, start, cols, row_mask, n_cols)
-            second = _read_chunk(x_rows, start + BLOCK, cols, row_mask, n_cols)
-            lane_max, lane_sum = _online_update(first, lane_max, lane_sum)
-            lane_max, lane_sum = _online_update(second, lane_max, lane_sum)
-        shift = tl.max(lane_max, axis=1)[:, None]
-        total = tl.sum(lane_sum * tl.exp2((lane_max - shift) * LOG2E), axis=1)[:, None]
+        lane_max = tl.full([LANES], -3.4028234663852886e38, dtype=tl.float32)
+        lane_sum = tl.zeros([LANES], dtype=tl.float32)
+        # The head stays in registers for the second pass: evict_first, L1 is for the rest of the row.
+        head_cols = tl.arange(0, HEAD)[None, :]
+        head = tl.load(x_rows + head_cols, mask=row_mask & (head_cols < n_cols), other=float("-inf"),
+                       eviction_policy="evict_first")
+        lane_max, lane_sum = _online_fold(head, lane_max, lane_sum, LANES, VEC)
+        for start in range(HEAD, n_cols, BLOCK):
+            x = _read_chunk(x_rows, start, cols, row_mask, n_cols)
+            lane_max, lane_sum = _online_fold(x, lane_max, lane_sum, LANES, VEC)
+        shift = tl.max(lane_max, axis=0)
+        total = tl.sum(lane_sum * tl.exp2((lane_max - shift) * LOG2E), axis=0)
         inv_total = 1.0 / total  # one IEEE division per row, not per element
-        n_chunks = tl.cdiv(n_cols, BLOCK)
-        for chunk in range(0, n_chunks - 2):
+        n_chunks = tl.cdiv(tl.maximum(n_cols - HEAD, 0), BLOCK)
+        for chunk in range(0, n_chunks):
             # Last chunk first: what the first pass read last is what L1 still holds.
-            start = (n_chunks - 1 - chunk) * BLOCK
+            start = HEAD + (n_chunks - 1 - chunk) * BLOCK
             x = tl.load(x_rows + start + cols, mask=row_mask & (start + cols < n_cols), other=float("-inf"),
                         eviction_policy="evict_first")
             _write_chunk(x, y_rows, start, cols, row_mask, n_cols, shift, total, inv_total, LOG)
-        _write_chunk(head1, y_rows, BLOCK, cols, row_mask, n_cols, shift, total, inv_total, LOG)
-        _write_chunk(head0, y_rows, 0, cols, row_mask, n_cols, shift, total, inv_total, LOG)
+        _write_chunk(head, y_rows, 0, head_cols, row_mask, n_cols, shift, total, inv_total, LOG)
 
 
 def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
@@ -125,8 +126,14 @@ def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
     (x,), grid = row_grid(x)
     (stride_outer, stride_inner), = grid.strides
     cfg = blocking or row_blocking(x.shape[-1])
+    if not cfg.fused and cfg.rows != 1:
+        raise ValueError(f"softmax kernel: a row of more than one chunk takes a program of its own (rows=1), got {cfg}")
+    # The elements a thread loads as one vector: 16 bytes where rows are 16-byte aligned (row_grid makes them so when
+    # N is a multiple of 16), else one, as the compiler can prove no alignment.
+    vec = ALIGN // x.element_size() if x.shape[-1] % ALIGN == 0 else 1
     _softmax_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
         x, y, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
-        LOG=log, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
+        LOG=log, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, HEAD=HEAD_CHUNKS * cfg.block,
+        LANES=min(32 * cfg.num_warps, cfg.block // vec), VEC=vec, num_warps=cfg.num_warps,
     )
     return y
