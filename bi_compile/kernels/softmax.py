@@ -90,7 +90,8 @@ def _softmax_kernel(
             y = exp * (1.0 / total)
         tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:  # ROWS == 1
-        # -FLT_MAX, not -inf: x - lane_max is then never -inf - -inf, so masked and -inf elements need no test.
+        # -FLT_MAX, not -inf: a lane's max is then never -inf, nor x - max -inf - -inf, so masked and -inf elements
+        # need no test.
         lane_max = tl.full([LANES], -3.4028234663852886e38, dtype=tl.float32)
         lane_sum = tl.zeros([LANES], dtype=tl.float32)
         # The head stays in registers for the second pass: evict_first, L1 is for the rest of the row.
