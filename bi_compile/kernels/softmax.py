@@ -50,10 +50,9 @@ def _online_fold(x, lane_max, lane_sum, LANES: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _read_chunk(x_rows, start, cols, row_mask, n_cols):
-    """A first-pass read. evict_last: the second pass reads the chunk again."""
+def _read_chunk(x_rows, start, cols, row_mask, n_cols, POLICY: tl.constexpr):
     mask = row_mask & (start + cols < n_cols)
-    return tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+    return tl.load(x_rows + start + cols, mask=mask, other=float("-inf"), eviction_policy=POLICY)
 
 
 @triton.jit
@@ -96,11 +95,10 @@ def _softmax_kernel(
         lane_sum = tl.zeros([LANES], dtype=tl.float32)
         # The head stays in registers for the second pass: evict_first, L1 is for the rest of the row.
         head_cols = tl.arange(0, HEAD)[None, :]
-        head = tl.load(x_rows + head_cols, mask=row_mask & (head_cols < n_cols), other=float("-inf"),
-                       eviction_policy="evict_first")
+        head = _read_chunk(x_rows, 0, head_cols, row_mask, n_cols, "evict_first")
         lane_max, lane_sum = _online_fold(head, lane_max, lane_sum, LANES, VEC)
         for start in range(HEAD, n_cols, BLOCK):
-            x = _read_chunk(x_rows, start, cols, row_mask, n_cols)
+            x = _read_chunk(x_rows, start, cols, row_mask, n_cols, "evict_last")  # the second pass reads it again
             lane_max, lane_sum = _online_fold(x, lane_max, lane_sum, LANES, VEC)
         shift = tl.max(lane_max, axis=0)
         total = tl.sum(lane_sum * tl.exp2((lane_max - shift) * LOG2E), axis=0)
@@ -109,8 +107,7 @@ def _softmax_kernel(
         for chunk in range(0, n_chunks):
             # Last chunk first: what the first pass read last is what L1 still holds.
             start = HEAD + (n_chunks - 1 - chunk) * BLOCK
-            x = tl.load(x_rows + start + cols, mask=row_mask & (start + cols < n_cols), other=float("-inf"),
-                        eviction_policy="evict_first")
+            x = _read_chunk(x_rows, start, cols, row_mask, n_cols, "evict_first")
             _write_chunk(x, y_rows, start, cols, row_mask, n_cols, shift, total, inv_total, LOG)
         _write_chunk(head, y_rows, 0, head_cols, row_mask, n_cols, shift, total, inv_total, LOG)
 
