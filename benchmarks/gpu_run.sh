@@ -11,6 +11,10 @@
 #   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~2 min)
 #   rows           benchmarks/rows.py, one row blocking per width searched across every row op, with an invariance
 #                  check each (~2 min with ROWS_ARGS="--ms 2048 8192 32768"; a 9-minute timeout keeps what it measured)
+#   vllm-tests     pytest -m gpu tests/vllm/test_vllm_gpu.py: the seed tests through real vLLM, every route's engine
+#                  side by side (needs vLLM importable; results and logs in $OUT/vllm-gpu)
+#   vllm-serve     benchmarks/serve.py on the same Qwen3-0.6B-shaped checkpoint: every route back to back, 512 in /
+#                  256 out, concurrency 1 8 64 (results in $OUT/serve; extra arguments in SERVE_ARGS)
 #
 # `warm` and `decode` must run on the same machine (the cache lives in /tmp there): call them back to back, or
 # together (`benchmarks/gpu_run.sh warm decode`) when the model is small enough to fit 10 minutes.
@@ -21,14 +25,16 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | warm | decode | kernels | tiles | rows) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, kernels, tiles, rows)" >&2; exit 2 ;;
+    tests-ops | tests-models | warm | decode | kernels | tiles | rows | vllm-tests | vllm-serve) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, kernels, tiles, rows, vllm-tests, vllm-serve)" >&2
+       exit 2 ;;
   esac
 done
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
 DECODE=(python3 benchmarks/decode.py --context 256 --steps 32 ${DECODE_ARGS:-})
+CHECKPOINT="$OUT/vllm-gpu/qwen3-0.6b"  # built by vllm-tests (or by vllm-serve when it runs alone)
 
 for stage in "$@"; do
   case $stage in
@@ -54,5 +60,12 @@ for stage in "$@"; do
       python3 benchmarks/tiles.py ${TILES_ARGS:-} --json "$OUT/tiles.json" --markdown "$OUT/tiles.md" 2>&1 | grep -v "it/s" | tail -45 ;;
     rows)
       timeout 540 python3 benchmarks/rows.py ${ROWS_ARGS:-} --json "$OUT/rows.json" --markdown "$OUT/rows.md" 2>&1 | grep -v "it/s" | tail -30 ;;
+    vllm-tests)  # a failing test must not stop the benchmark stage after it
+      BI_COMPILE_VLLM_GPU_OUT="$OUT/vllm-gpu" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs \
+        tests/vllm/test_vllm_gpu.py 2>&1 | tee "$OUT/vllm_tests.log" | tail -30 || true ;;
+    vllm-serve)
+      [ -f "$CHECKPOINT/config.json" ] || python3 tests/vllm/checkpoint.py "$CHECKPOINT" --shape qwen3-0.6b --device cuda
+      python3 benchmarks/serve.py --model "$CHECKPOINT" --input-len 512 --output-len 256 --concurrency 1 8 64 \
+        --out-dir "$OUT/serve" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" | tail -30 || true ;;
   esac
 done

