@@ -157,6 +157,8 @@ def bench_serve(base_url: str, model: str, args: argparse.Namespace, concurrency
                "--random-output-len", str(args.output_len), "--ignore-eos",
                "--num-prompts", str(prompts_for(concurrency, args.num_prompts)),
                "--max-concurrency", str(concurrency), "--seed", "0", "--disable-tqdm",
+               # A wave of untimed requests first: the first prefill of a shape compiles Triton kernels.
+               "--num-warmups", str(concurrency),
                "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
                "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file]
     log_path = result_dir / f"{name}.bench.log"
@@ -206,25 +208,25 @@ class GpuMemoryPeak:
             self._thread.join()
 
 
-# vLLM's own start-up lines (0.26 and 0.32 alike): the seconds its torch.compile took, and the CUDA-graph capture.
-LOG_TIMES = {
-    "compile_s": re.compile(r"torch\.compile took ([\d.]+) s in total"),
-    "capture_s": re.compile(r"Graph capturing finished in ([\d.]+) secs"),
-}
+# vLLM's own start-up lines (0.26 and 0.32 alike): the engine's init, with the seconds its torch.compile took where it
+# reports them (mode 3 does; mode 2 does not), and the CUDA-graph capture.
+ENGINE_INIT = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"
+                         r"(?: \(compilation: ([\d.]+) s\))?")
+CAPTURE = re.compile(r"Graph capturing finished in ([\d.]+) secs")
 
 
 def startup_times(log_path: Path) -> dict[str, float | None]:
     text = log_path.read_text(errors="replace")
-    times = {}
-    for key, pattern in LOG_TIMES.items():
-        found = pattern.findall(text)
-        times[key] = sum(float(x) for x in found) if found else None
-    return times
+    init, capture = ENGINE_INIT.search(text), CAPTURE.search(text)
+    return {"engine_init_s": float(init[1]) if init else None,
+            "compile_s": float(init[2]) if init and init[2] else None,
+            "capture_s": float(capture[1]) if capture else None}
 
 
 @dataclass
 class RouteResult:
-    startup_s: float  # launch until /health answers: loading, compile, CUDA-graph capture
+    startup_s: float  # launch until /health answers: imports, loading, compile, CUDA-graph capture
+    engine_init_s: float | None  # vLLM's engine init: profile run (compile), KV cache, CUDA graphs, warm-up
     compile_s: float | None
     capture_s: float | None
     peak_memory_mib: int | None
@@ -244,6 +246,10 @@ def run_route(name: str, route: Route, args: argparse.Namespace, server_args: li
                        by_concurrency=by_concurrency)
 
 
+def optional(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.0f}"
+
+
 COLUMNS = (  # (header, how to read it from a route's result and one concurrency's bench result)
     ("out tok/s", lambda r, b: f"{b['output_throughput']:.0f}"),
     ("TTFT p50 ms", lambda r, b: f"{b['median_ttft_ms']:.1f}"),
@@ -251,8 +257,9 @@ COLUMNS = (  # (header, how to read it from a route's result and one concurrency
     ("TPOT p50 ms", lambda r, b: f"{b['median_tpot_ms']:.2f}"),
     ("TPOT p99 ms", lambda r, b: f"{b['p99_tpot_ms']:.2f}"),
     ("start s", lambda r, b: f"{r.startup_s:.0f}"),
-    ("compile s", lambda r, b: "-" if r.compile_s is None else f"{r.compile_s:.0f}"),
-    ("capture s", lambda r, b: "-" if r.capture_s is None else f"{r.capture_s:.0f}"),
+    ("init s", lambda r, b: optional(r.engine_init_s)),
+    ("compile s", lambda r, b: optional(r.compile_s)),
+    ("capture s", lambda r, b: optional(r.capture_s)),
     ("peak GiB", lambda r, b: "-" if r.peak_memory_mib is None else f"{r.peak_memory_mib / 1024:.1f}"),
 )
 
@@ -377,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = str(error)
             print(f"[{name}] {'done' if isinstance(results[name], RouteResult) else 'failed'}", flush=True)
     env = environment()
-    title = (f"{args.model}: random dataset, in {args.input_len} / out {args.output_len}, "
+    title = (f"{Path(args.model).name}: random dataset, in {args.input_len} / out {args.output_len}, "
              f"concurrency {' '.join(map(str, args.concurrency))}; routes back to back in one run")
     header = f"{title}\n" + ", ".join(f"{k} {v}" for k, v in env.items())
     rows = table_rows(results, args.concurrency)

@@ -19,7 +19,7 @@ def triton_device():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `pytest -m gpu` on the H100")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `pytest -m gpu` on the GPU machine (benchmarks/gpu_run.sh)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -90,23 +90,25 @@ def bench_result(tok_s: float) -> dict:
 
 
 def test_serve_table_has_a_row_per_route_and_concurrency_against_stock(serve):
-    stock = serve.RouteResult(61.2, 30.0, 12.0, 20480, {1: bench_result(300.0), 8: bench_result(2000.0)})
-    bi = serve.RouteResult(90.0, None, 15.0, None, {1: bench_result(270.0), 8: bench_result(1000.0)})
+    stock = serve.RouteResult(61.2, 50.4, 30.0, 12.0, 20480, {1: bench_result(300.0), 8: bench_result(2000.0)})
+    bi = serve.RouteResult(90.0, 70.0, None, 15.0, None, {1: bench_result(270.0), 8: bench_result(1000.0)})
     rows = serve.table_rows({"stock": stock, "bi-graph": bi, "vllm-bi": "vllm serve exited with 1"}, [1, 8])
     assert rows[0][:3] == ["route", "conc", "out tok/s"] and rows[0][-1] == "vs stock"
-    assert rows[1] == ["stock", "1", "300", "20.0", "41.0", "3.25", "4.50", "61", "30", "12", "20.0", "1.00"]
-    assert rows[4] == ["bi-graph", "8", "1000", "20.0", "41.0", "3.25", "4.50", "90", "-", "15", "-", "0.50"]
+    assert rows[1] == ["stock", "1", "300", "20.0", "41.0", "3.25", "4.50", "61", "50", "30", "12", "20.0", "1.00"]
+    assert rows[4] == ["bi-graph", "8", "1000", "20.0", "41.0", "3.25", "4.50", "90", "70", "-", "15", "-", "0.50"]
     assert rows[5][0] == "vllm-bi (failed)" and len(rows[5]) == len(rows[0])
     assert serve.markdown_table(rows).splitlines()[1] == "|" + "---|" * len(rows[0])
 
 
-def test_serve_reads_compile_and_capture_seconds_from_vllms_log(serve, tmp_path):
+def test_serve_reads_init_compile_and_capture_seconds_from_vllms_log(serve, tmp_path):
+    # Lines as vLLM 0.26 wrote them on the H200 (mode 3, then mode 2, which reports no compile time).
     log = tmp_path / "server.log"
-    log.write_text("INFO [monitor.py:48] torch.compile took 41.25 s in total\n"
-                   "INFO [gpu_model_runner.py:6845] Graph capturing finished in 7 secs, took 0.52 GiB\n")
-    assert serve.startup_times(log) == {"compile_s": 41.25, "capture_s": 7.0}
-    log.write_text("no compile here\n")
-    assert serve.startup_times(log) == {"compile_s": None, "capture_s": None}
+    log.write_text("(EngineCore pid=2169) INFO 12-04 17:58:03 [model_runner.py:747] Graph capturing finished in 6 secs, "
+                   "took 0.50 GiB\n(EngineCore pid=2169) INFO 12-04 17:58:24 [core.py:340] init engine (profile, create "
+                   "kv cache, warmup model) took 62.25 s (compilation: 31.22 s)\n")
+    assert serve.startup_times(log) == {"engine_init_s": 62.25, "compile_s": 31.22, "capture_s": 6.0}
+    log.write_text("INFO 12-04 18:06:44 [core.py:347] init engine (profile, create kv cache, warmup model) took 99.42 s\n")
+    assert serve.startup_times(log) == {"engine_init_s": 99.42, "compile_s": None, "capture_s": None}
 
 
 def test_serve_prompt_count_is_two_waves_and_at_least_eight(serve):
@@ -115,6 +117,6 @@ def test_serve_prompt_count_is_two_waves_and_at_least_eight(serve):
 
 
 def test_serve_plot_draws_every_concurrency(serve, tmp_path):
-    result = serve.RouteResult(1.0, None, None, None, {1: bench_result(1.0), 64: bench_result(2.0)})
+    result = serve.RouteResult(1.0, None, None, None, None, {1: bench_result(1.0), 64: bench_result(2.0)})
     serve.plot({"stock": result, "bi-graph": result, "vllm-bi": "failed"}, [1, 64], tmp_path / "p.png", "title")
     assert (tmp_path / "p.png").stat().st_size > 0

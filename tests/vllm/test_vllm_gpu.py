@@ -19,10 +19,12 @@ from workloads import CHUNK_TOKENS, LOGPROB_SAMPLING, alone_batched_differences,
 pytestmark = pytest.mark.gpu
 
 BI_ROUTES = ("bi-graph", "bi-piecewise")
-# What vLLM must really have run for each bi route (after its own config checks): mode, and the CUDA-graph mode.
+# What vLLM must really have run for each bi route (after its own config checks): mode, the CUDA-graph mode, and
+# whether its attention op is inside the graphs the pass sees (mode 3 splits the graph at attention: the pieces
+# between the attention calls reach the pass, the attention runs between them).
 EXPECTED_COMPILATION = {
-    "bi-graph": ("DYNAMO_TRACE_ONCE", "FULL_DECODE_ONLY"),
-    "bi-piecewise": ("VLLM_COMPILE", "PIECEWISE"),
+    "bi-graph": ("DYNAMO_TRACE_ONCE", "FULL_DECODE_ONLY", True),
+    "bi-piecewise": ("VLLM_COMPILE", "PIECEWISE", False),
 }
 
 
@@ -57,17 +59,18 @@ def test_gpu_control_stock_vllm_changes_with_the_batch(gpu_results):
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_gpu_vllm_ran_the_route_in_graph_mode_with_the_pass(route, gpu_results):
     result = gpu_results(route)
-    mode, cudagraph_mode = EXPECTED_COMPILATION[route]
+    mode, cudagraph_mode, attention_in_graph = EXPECTED_COMPILATION[route]
     assert result["compilation"]["mode"] == mode
     assert cudagraph_mode in result["compilation"]["cudagraph_mode"]
     assert set(result["attention_backends"]) <= set(INVARIANT_ATTENTION_BACKENDS["gpu"]), result["attention_backends"]
     # Captured at start-up, and replayed by the workloads' decode steps.
     assert result["cuda_graphs_at_start"]["captures"] > 0
     assert result["cuda_graphs"]["replays"] > result["cuda_graphs_at_start"]["replays"]
-    # The pass audited the model's graphs: every node classified, vLLM's attention named as opaque.
+    # The pass audited and rewrote the model's graphs; where vLLM's attention is in them, the audit names it.
     assert result["reports"] and all(sum(report["counts"].values()) > 0 for report in result["reports"])
+    assert sum(sum(report["rewrites"].values()) for report in result["reports"]) > 0
     unknown = {f["target"] for report in result["reports"] for f in report["findings"]}
-    assert any("unified_attention" in target for target in unknown)
+    assert any("unified_attention" in target for target in unknown) == attention_in_graph
 
 
 def test_gpu_vllm_batch_invariant_mode_ran_and_says_how(gpu_results):
