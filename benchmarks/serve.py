@@ -264,21 +264,45 @@ COLUMNS = (  # (header, how to read it from a route's result and one concurrency
 )
 
 
+# Output tok/s of a bi route over each reference route's, at the same concurrency, and the floor the project holds
+# the bi routes to (docs/vllm.md, "Serving benchmark").
+REFERENCES = {"stock": 0.9, "vllm-bi": 1.5}
+BI_ROUTES = ("bi-graph", "bi-piecewise")
+
+
+def output_ratio(results: dict[str, RouteResult | str], name: str, reference: str, concurrency: int) -> float | None:
+    route, ref = results.get(name), results.get(reference)
+    if not isinstance(route, RouteResult) or not isinstance(ref, RouteResult):
+        return None
+    return (route.by_concurrency[concurrency]["output_throughput"]
+            / ref.by_concurrency[concurrency]["output_throughput"])
+
+
 def table_rows(results: dict[str, RouteResult | str], concurrencies: list[int]) -> list[list[str]]:
-    """Header, then a row per (route, concurrency): the columns above and output tok/s against stock's."""
-    header = ["route", "conc", *(title for title, _ in COLUMNS), "vs stock"]
+    """Header, then a row per (route, concurrency): the columns above and output tok/s against each reference."""
+    header = ["route", "conc", *(title for title, _ in COLUMNS), *(f"vs {ref}" for ref in REFERENCES)]
     rows = [header]
-    stock = results.get("stock")
     for name, result in results.items():
         if isinstance(result, str):  # the reason is printed below the table
-            rows.append([f"{name} (failed)", "-", *("-" for _ in COLUMNS), "-"])
+            rows.append([f"{name} (failed)", *("-" for _ in header[1:])])
             continue
         for c in concurrencies:
             bench = result.by_concurrency[c]
-            ratio = (f"{bench['output_throughput'] / stock.by_concurrency[c]['output_throughput']:.2f}"
-                     if isinstance(stock, RouteResult) else "-")
-            rows.append([name, str(c), *(read(result, bench) for _, read in COLUMNS), ratio])
+            ratios = [output_ratio(results, name, ref, c) for ref in REFERENCES]
+            rows.append([name, str(c), *(read(result, bench) for _, read in COLUMNS),
+                         *("-" if r is None else f"{r:.2f}" for r in ratios)])
     return rows
+
+
+def targets_line(results: dict[str, RouteResult | str], concurrencies: list[int]) -> str:
+    """How many (bi route, concurrency) cells reach every reference's floor."""
+    cells = [(name, c) for name in BI_ROUTES if isinstance(results.get(name), RouteResult) for c in concurrencies]
+    met = [cell for cell in cells
+           if all((r := output_ratio(results, cell[0], ref, cell[1])) is not None and r >= floor
+                  for ref, floor in REFERENCES.items())]
+    floors = " and ".join(f">= {floor:.2f}x {ref}" for ref, floor in REFERENCES.items())
+    return (f"target for the bi routes' output tok/s: {floors}; met in {len(met)} of {len(cells)} cells"
+            + (f" ({', '.join(f'{n} conc {c}' for n, c in met)})" if met else ""))
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -388,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
              f"concurrency {' '.join(map(str, args.concurrency))}; routes back to back in one run")
     header = f"{title}\n" + ", ".join(f"{k} {v}" for k, v in env.items())
     rows = table_rows(results, args.concurrency)
+    targets = targets_line(results, args.concurrency)
     print(header)
     print(format_table(rows))
-    (args.out_dir / "serve.md").write_text(f"{header}\n\n{markdown_table(rows)}\n")
+    print(targets)
+    (args.out_dir / "serve.md").write_text(f"{header}\n\n{markdown_table(rows)}\n\n{targets}\n")
     (args.out_dir / "serve.json").write_text(json.dumps(
         {"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
          "results": {name: r if isinstance(r, str) else asdict(r) for name, r in results.items()}}, indent=1))

@@ -89,15 +89,21 @@ def bench_result(tok_s: float) -> dict:
             "p99_tpot_ms": 4.5}
 
 
-def test_serve_table_has_a_row_per_route_and_concurrency_against_stock(serve):
+def test_serve_table_has_a_row_per_route_and_concurrency_against_the_references(serve):
     stock = serve.RouteResult(61.2, 50.4, 30.0, 12.0, 20480, {1: bench_result(300.0), 8: bench_result(2000.0)})
+    vllm_bi = serve.RouteResult(80.0, 60.0, 40.0, 12.0, 20480, {1: bench_result(150.0), 8: bench_result(1000.0)})
     bi = serve.RouteResult(90.0, 70.0, None, 15.0, None, {1: bench_result(270.0), 8: bench_result(1000.0)})
-    rows = serve.table_rows({"stock": stock, "bi-graph": bi, "vllm-bi": "vllm serve exited with 1"}, [1, 8])
-    assert rows[0][:3] == ["route", "conc", "out tok/s"] and rows[0][-1] == "vs stock"
-    assert rows[1] == ["stock", "1", "300", "20.0", "41.0", "3.25", "4.50", "61", "50", "30", "12", "20.0", "1.00"]
-    assert rows[4] == ["bi-graph", "8", "1000", "20.0", "41.0", "3.25", "4.50", "90", "70", "-", "15", "-", "0.50"]
-    assert rows[5][0] == "vllm-bi (failed)" and len(rows[5]) == len(rows[0])
+    results = {"stock": stock, "vllm-bi": vllm_bi, "bi-graph": bi, "bi-piecewise": "vllm serve exited with 1"}
+    rows = serve.table_rows(results, [1, 8])
+    assert rows[0][:3] == ["route", "conc", "out tok/s"] and rows[0][-2:] == ["vs stock", "vs vllm-bi"]
+    assert rows[1] == ["stock", "1", "300", "20.0", "41.0", "3.25", "4.50", "61", "50", "30", "12", "20.0", "1.00",
+                       "2.00"]
+    assert rows[6] == ["bi-graph", "8", "1000", "20.0", "41.0", "3.25", "4.50", "90", "70", "-", "15", "-", "0.50",
+                       "1.00"]
+    assert rows[7][0] == "bi-piecewise (failed)" and len(rows[7]) == len(rows[0])
     assert serve.markdown_table(rows).splitlines()[1] == "|" + "---|" * len(rows[0])
+    # bi-graph at conc 1: 0.90x stock and 1.80x vllm-bi meets both floors; at conc 8 (0.50x, 1.00x) it meets none.
+    assert serve.targets_line(results, [1, 8]).endswith("met in 1 of 2 cells (bi-graph conc 1)")
 
 
 def test_serve_reads_init_compile_and_capture_seconds_from_vllms_log(serve, tmp_path):
