@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import pytest
 from bi_compile.vllm_plugin import INVARIANT_ATTENTION_BACKENDS
-from workloads import CHUNK_TOKENS, LOGPROB_SAMPLING, alone_batched_differences, needle_mismatches
+from workloads import (CHUNK_TOKENS, alone_batched_differences, assert_alone_batched_invariant,
+                       assert_needle_invariant, needle_mismatches)
 
 pytestmark = pytest.mark.gpu
 
@@ -30,23 +31,19 @@ EXPECTED_COMPILATION = {
 
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_gpu_needle_alone_and_in_random_batches_gives_the_same_tokens(route, gpu_results):
-    result = gpu_results(route)
-    assert all(32 <= t["batch"] <= 64 for t in result["needle"]["trials"])
-    assert needle_mismatches(result) == []
+    assert_needle_invariant(gpu_results(route))
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_gpu_logprobs_alone_and_batched_are_bitwise_equal(route, gpu_results):
-    result = gpu_results(route)
-    assert all(len(c["logprobs"]) == LOGPROB_SAMPLING["max_tokens"] for c in result["logprobs"]["batched"])
-    assert alone_batched_differences(result["logprobs"]) == []
+    assert_alone_batched_invariant(gpu_results(route)["logprobs"])
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_gpu_chunked_prefill_logprobs_are_bitwise_equal(route, gpu_results):
     chunked = gpu_results(route)["chunked"]
     assert sum(tokens > CHUNK_TOKENS for tokens in chunked["prompt_tokens"]) >= 2  # really split, alone too
-    assert alone_batched_differences(chunked) == []
+    assert_alone_batched_invariant(chunked)
 
 
 def test_gpu_control_stock_vllm_changes_with_the_batch(gpu_results):

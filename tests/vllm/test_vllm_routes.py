@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 from workloads import (LOGPROB_SAMPLING, LOGPROB_SEED, NEEDLE_PROMPT, NEEDLE_SAMPLING, Completion,
-                       alone_batched_differences, differences, logprob_prompts, needle_mismatches, needle_trials,
-                       rewrite_counts)
+                       alone_batched_differences, assert_alone_batched_invariant, assert_needle_invariant,
+                       differences, logprob_prompts, needle_trials, rewrite_counts)
 
 BI_ROUTES = ("bi-graph", "bi-piecewise")
 
@@ -27,17 +27,12 @@ def assert_linears_rewritten_or_named(result: dict) -> None:
 
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_needle_alone_and_in_random_batches_gives_the_same_tokens(route, llm_results):
-    result = llm_results(route)
-    assert len(result["needle"]["trials"]) == 5
-    assert all(32 <= t["batch"] <= 64 for t in result["needle"]["trials"])
-    assert needle_mismatches(result) == []
+    assert_needle_invariant(llm_results(route))
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_logprobs_alone_and_batched_are_bitwise_equal(route, llm_results):
-    result = llm_results(route)
-    assert all(len(c["logprobs"]) == LOGPROB_SAMPLING["max_tokens"] for c in result["logprobs"]["batched"])
-    assert alone_batched_differences(result["logprobs"]) == []
+    assert_alone_batched_invariant(llm_results(route)["logprobs"])
 
 
 def test_control_stock_vllm_logprobs_change_with_the_batch(llm_results):

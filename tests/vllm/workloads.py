@@ -108,3 +108,16 @@ def alone_batched_differences(section: dict) -> list[str]:
 def rewrite_counts(result: dict, rewrite: str) -> list[int]:
     """How often each compiled graph of an ``llm_runner`` result rewrote ``rewrite``."""
     return [report["rewrites"].get(rewrite, 0) for report in result["reports"]]
+
+
+def assert_needle_invariant(result: dict) -> None:
+    """The needle's tokens in each of the 5 random batches equal its tokens alone."""
+    assert len(result["needle"]["trials"]) == NEEDLE_TRIALS
+    assert all(NEEDLE_BATCH[0] <= t["batch"] <= NEEDLE_BATCH[1] for t in result["needle"]["trials"])
+    assert needle_mismatches(result) == []
+
+
+def assert_alone_batched_invariant(section: dict) -> None:
+    """Every prompt's tokens and chosen-token logprobs, batched, equal its own alone, bit for bit."""
+    assert all(len(c["logprobs"]) == LOGPROB_SAMPLING["max_tokens"] for c in section["batched"])
+    assert alone_batched_differences(section) == []
