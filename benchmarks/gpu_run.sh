@@ -4,6 +4,8 @@
 #
 #   tests-ops      pytest -m gpu on the op files                                  (~7 min)
 #   tests-models   pytest -m gpu on the backend and the model suite               (~6 min)
+#                  (both with BI_COMPILE_CHECK_LAUNCH_KEYS=1: every keyed kernel launch is checked against
+#                  Triton's own choice of binary, bi_compile/kernels/launch.py)
 #   warm           compile the decode step of both compiled variants, in parallel processes, to fill the Inductor
 #                  cache (cold: 110-175 s per batch class and variant; the measured run then loads the graphs)
 #   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
@@ -11,6 +13,8 @@
 #   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~2 min)
 #   rows           benchmarks/rows.py, one row blocking per width searched across every row op, with an invariance
 #                  check each (~2 min with ROWS_ARGS="--ms 2048 8192 32768"; a 9-minute timeout keeps what it measured)
+#   prefill        benchmarks/prefill.py: compiled prefill outside CUDA graphs, bi_ascend vs stock Inductor, 28
+#                  layers of Qwen3-0.6B, and the eager per-call cost of bi.linear / bi.rms_norm (~5 min)
 #   vllm-tests     pytest -m gpu tests/vllm/test_vllm_gpu.py: the seed tests through real vLLM, every route's engine
 #                  side by side (needs vLLM importable; results and logs in $OUT/vllm-gpu)
 #   vllm-serve     benchmarks/serve.py on the same Qwen3-0.6B-shaped checkpoint: every route back to back, 512 in /
@@ -25,8 +29,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | warm | decode | kernels | tiles | rows | vllm-tests | vllm-serve) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, kernels, tiles, rows, vllm-tests, vllm-serve)" >&2
+    tests-ops | tests-models | warm | decode | prefill | kernels | tiles | rows | vllm-tests | vllm-serve) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, prefill, kernels, tiles, rows, vllm-tests, vllm-serve)" >&2
        exit 2 ;;
   esac
 done
@@ -39,9 +43,9 @@ CHECKPOINT="$OUT/vllm-gpu/qwen3-0.6b"  # built by vllm-tests (or by vllm-serve w
 for stage in "$@"; do
   case $stage in
     tests-ops)
-      python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
+      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
     tests-models)
-      python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
+      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
     warm)
       i=0
       for variant in inductor+graph bi_ascend+graph; do  # same cache shapes as `decode`: batch 1 and max batch 64
@@ -53,6 +57,9 @@ for stage in "$@"; do
     decode)
       "${DECODE[@]}" --batch-sizes 1 8 32 64 --markdown "$OUT/decode.md" --plot "$OUT/decode.png" \
         --profile "$OUT/profile.txt" 2>&1 | grep -v -i warn | tee "$OUT/decode.log" | tail -40 ;;
+    prefill)
+      python3 benchmarks/prefill.py --markdown "$OUT/prefill.md" --json "$OUT/prefill.json" ${PREFILL_ARGS:-} 2>&1 \
+        | grep -v -i warn | tee "$OUT/prefill.log" | tail -30 ;;
     kernels)
       python3 benchmarks/kernels.py --cuda-graph --markdown "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
       tail -5 "$OUT/kernels.md" ;;

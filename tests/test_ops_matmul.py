@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -280,6 +281,104 @@ def test_compiled_mm_with_dynamic_batch_matches_eager_without_recompiling(device
         torch._dynamo.mark_dynamic(x, 0)
         assert torch.equal(project(x), torch.relu(torch.ops.bi.mm(x, w)) + 1.0)
     assert counter.frame_count == 1
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def triton_linear(request):
+    """The device, with bi::linear running its Triton implementation there: on the GPU as registered, on the CPU
+    under the interpreter (the Triton implementation overrides the CPU path for the test's duration)."""
+    from bi_compile.ops import matmul as ops
+
+    pytest.importorskip("triton")
+    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernel on CPU tensors under TRITON_INTERPRET=1")
+    with torch.library._scoped_library("bi", "IMPL") as lib:
+        if request.param == "cpu":
+            with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+                warnings.simplefilter("ignore", UserWarning)
+                lib.impl("linear", ops._linear_triton, "CPU")
+        yield request.param
+
+
+def test_one_compiled_graph_launches_the_tiles_of_each_run_time_m(triton_linear, monkeypatch):
+    """vLLM issue 54243: a graph compiled once for a symbolic M picks the kernel's tiles from the M of each call,
+    never from the M it was traced with, and rows keep their bits whichever tiles run. The M values straddle
+    tile-table edges on both tables (CPU/interpreter: 64; Hopper: 32, 64, 128, 256)."""
+    import torch._dynamo.testing
+
+    from bi_compile.kernels import matmul as kernels
+
+    device = triton_linear
+    picked = []
+    choose = kernels.device_tiles
+    monkeypatch.setattr(kernels, "device_tiles", lambda m, *rest: picked.append((m, choose(m, *rest))) or picked[-1][1])
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 96, generator=g).half().to(device)
+    w = torch.randn(64, 96, generator=g).half().to(device)
+
+    @torch.compile(backend=counter, dynamic=True, fullgraph=True)
+    def project(rows):
+        return torch.ops.bi.linear(rows, w) * 2.0
+
+    torch._dynamo.reset()
+    full = project(x)
+    for m in (300, 5, 40, 100, 200):
+        assert torch.equal(project(x[:m]), full[:m]), f"M={m}"
+    assert counter.frame_count == 1
+    tiles = dict(picked)
+    assert sorted(tiles) == [5, 40, 100, 200, 300]
+    assert len(set(tiles.values())) >= 2, tiles
+
+
+def test_compiled_calls_run_no_input_checks_once_a_shape_is_known(triton_linear, monkeypatch):
+    """The checks are a function of the inputs' metadata, memoized on it: replaying a compiled graph with shapes
+    it has met runs none of them (the fake impl checked the graph at trace time)."""
+    import torch._dynamo.testing
+
+    from bi_compile.ops import library
+    from bi_compile.ops import matmul as ops
+
+    device = triton_linear
+    calls = []
+
+    def counted(fn):
+        return lambda *args, **kwargs: calls.append(fn.__name__) or fn(*args, **kwargs)
+
+    # What the checks call when they run: the operand checks and the layout contract.
+    monkeypatch.setattr(ops, "_check_operands", counted(ops._check_operands))
+    monkeypatch.setattr(library.Layout, "accepts", counted(library.Layout.accepts))
+    ops._check_linear.memo.clear()
+    library.check_layout.memo.clear()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
+    w = torch.randn(64, 96).half().to(device)
+    project = torch.compile(lambda rows: torch.ops.bi.linear(rows, w) + 1.0, backend=counter, dynamic=True)
+    torch._dynamo.reset()
+    inputs = [torch.randn(m, 96).half().to(device) for m in (7, 33)]
+    first = [project(x) for x in inputs]
+    assert calls, "the checks never ran"
+    calls.clear()
+    for _ in range(3):
+        again = [project(x) for x in inputs]
+    assert calls == []
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_refused_with_one_message_eager_and_compiled(device):
+    """The memoized checks still refuse bad input on every call, eager and at trace time, with the same message."""
+    x = torch.randn(4, 96, device=device)
+    w = torch.randn(64, 96, device=device).half()
+    messages = []
+    for _ in range(2):
+        with pytest.raises(BIInputError) as info:
+            torch.ops.bi.linear(x, w)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and "bi::linear: all tensors must have one dtype" in messages[0]
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(lambda rows: torch.ops.bi.linear(rows, w), backend="aot_eager", dynamic=False)(x)
+    assert messages[0] in str(info.value)
 
 
 # ---- the Triton kernel under the interpreter (CPU tensors) ----

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
+
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 # Split mode writes (Dv + 2) fp32 per query row and split; beyond this it is not worth the memory.
@@ -86,7 +88,7 @@ _CONFIGS = {
 
 def head_block(dim: int) -> int:
     """Padded block for a head dim: a power of two, at least 16 (the smallest ``tl.dot`` operand)."""
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))
 
 
 def attention_config(head_dim: int, value_dim: int, dtype: torch.dtype) -> AttentionConfig:
@@ -297,9 +299,9 @@ def attention(
         return out
     cfg = attention_config(head_dim, value_dim, query.dtype)
     rows_per_pair = q_len * (num_heads // num_kv_heads)
-    m_tiles = triton.cdiv(rows_per_pair, cfg.block_m)
+    m_tiles = cdiv(rows_per_pair, cfg.block_m)
     programs = m_tiles * batch * num_kv_heads
-    num_splits = triton.cdiv(kv_len, cfg.split_n)
+    num_splits = cdiv(kv_len, cfg.split_n)
     workspace_bytes = num_splits * batch * num_kv_heads * rows_per_pair * (value_dim + 2) * 4
     if split_kv is None:
         split_kv = (num_splits > 1 and programs < 2 * _compute_units(query.device)
@@ -321,10 +323,14 @@ def attention(
     else:
         m_part = l_part = acc_part = out  # unused
 
-    _attention_kernel[(programs, num_splits if split_kv else 1)](
-        query, key, value, mask, out, m_part, l_part, acc_part,
-        *query.stride(), *key.stride(), *value.stride(), *mask_strides,
-        num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, scale,
+    ints = (*query.stride(), *key.stride(), *value.stride(), *mask_strides,
+            num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles)
+    # The launch key (kernels/launch.py); out and the partials are fresh.
+    launch_key = (cfg, query.dtype, mask.dtype, mask_kind, is_causal, split_kv, head_dim, value_dim,
+           aligned16(query), aligned16(key), aligned16(value), aligned16(mask), ints)
+    _attention_launch(
+        query.device, launch_key, (programs, num_splits if split_kv else 1),
+        query, key, value, mask, out, m_part, l_part, acc_part, *ints, scale,
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal, WRITE_PARTIAL=split_kv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n,
         BLOCK_D=head_block(head_dim), BLOCK_DV=head_block(value_dim),
@@ -332,9 +338,15 @@ def attention(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split_kv:
-        merge_tiles = triton.cdiv(rows_per_pair, MERGE_BLOCK_M)
-        _merge_splits_kernel[(merge_tiles * batch * num_kv_heads,)](
-            m_part, l_part, acc_part, out, num_heads, num_kv_heads, q_len, num_splits, merge_tiles,
+        merge_tiles = cdiv(rows_per_pair, MERGE_BLOCK_M)
+        merge_ints = (num_heads, num_kv_heads, q_len, num_splits, merge_tiles)
+        _merge_launch(
+            query.device, (query.dtype, value_dim, merge_ints), (merge_tiles * batch * num_kv_heads,),
+            m_part, l_part, acc_part, out, *merge_ints,
             VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim), num_warps=4,
         )
     return out
+
+
+_attention_launch = KeyedKernel(_attention_kernel)
+_merge_launch = KeyedKernel(_merge_splits_kernel)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import KeyedKernel, aligned16, cdiv
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -117,10 +119,16 @@ def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int =
     candidates = next(tiles for max_m, tiles in table[dtype] if m <= max_m)
 
     def streamed(tiles: TileConfig) -> int:
-        count = batch * triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
-        return triton.cdiv(count, processors) * (min(m, tiles.block_m) + tiles.block_n)
+        count = batch * cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
+        return cdiv(count, processors) * (min(m, tiles.block_m) + tiles.block_n)
 
     return min(reversed(candidates), key=streamed)
+
+
+@functools.lru_cache(maxsize=8192)
+def device_tiles(m: int, n: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> TileConfig:
+    """``pick_tiles`` on ``device``'s table, cached: the launcher asks once per (M, N, ...) it meets."""
+    return pick_tiles(m, n, dtype, processor_count(device), batch, tile_table(device))
 
 
 def tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -291,9 +299,9 @@ def matmul(
     if out.numel() == 0:
         return out
     processors = processor_count(a.device)
-    tiles = tiles or pick_tiles(m, n, a.dtype, processors, batch, tile_table(a.device))
+    tiles = tiles or device_tiles(m, n, a.dtype, a.device, batch)
     block_k = tiles.block_k or BLOCK_K[a.dtype]
-    num_tiles = batch * triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
+    num_tiles = batch * cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
     # CUDA: one program per tile, unless the tiles are persistent. Ascend wants at most one program per AI core,
     # so there (and in the interpreter) the programs loop over the tiles.
     persistent = tiles.persistent or a.device.type != "cuda"
@@ -309,14 +317,14 @@ def matmul(
                  else TensorDescriptor.from_tensor(b[0], [block_k, tiles.block_n]))
     has_bias = bias is not None and beta != 0.0
     bias_arg = bias if has_bias else out  # never read when HAS_BIAS is False
-    _matmul_kernel[(grid,)](
-        a_arg, b_arg, bias_arg, out,
-        m, n, k, batch,
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), b.stride(2),
-        *(bias.stride() if has_bias else (0, 0, 0)),
-        out.stride(0), out.stride(1),
-        alpha, beta,
+    ints = (m, n, k, batch, a.stride(0), a.stride(1), *b.stride(), *(bias.stride() if has_bias else (0, 0, 0)),
+            out.stride(0), out.stride(1))
+    # The launch key (kernels/launch.py): the tiles, dtype, ints and use_tma fix every constexpr; out is fresh, so
+    # the allocator aligned it.
+    key = (tiles, a.dtype, use_tma, aligned16(a), aligned16(b), has_bias and aligned16(bias), ints)
+    _matmul_launch(
+        a.device, key, (grid,),
+        a_arg, b_arg, bias_arg, out, *ints, alpha, beta,
         HAS_BIAS=has_bias,
         EVEN_K=k % block_k == 0,
         TMA=use_tma,
@@ -331,6 +339,9 @@ def matmul(
         num_stages=tiles.num_stages,
     )
     return out
+
+
+_matmul_launch = KeyedKernel(_matmul_kernel)
 
 
 # grouped_matmul's tiles: the groups' sizes are data (routing), so one config per dtype, chosen for the few rows
@@ -393,7 +404,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
     tiles = GROUPED_TILES[a.dtype]
     block_k = BLOCK_K[a.dtype]
     # Each group adds at most one partial tile: cdiv(T, BLOCK_M) + G row tiles cover any routing.
-    grid = (triton.cdiv(t, tiles.block_m) + groups, triton.cdiv(n, tiles.block_n))
+    grid = (cdiv(t, tiles.block_m) + groups, cdiv(n, tiles.block_n))
     _grouped_matmul_kernel[grid](
         a, b, ends, out,
         n, k, groups,

@@ -17,12 +17,15 @@ A row kernel (here, ``rms_norm.py``, ``softmax.py``) reduces each row of a ``[..
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
 
 # Rows up to this length are reduced in one chunk, held in registers (16 warps x 32 fp32 per thread).
 FUSED_MAX = 16384
@@ -58,7 +61,7 @@ def row_blocking(n_cols: int, split: bool = False) -> RowBlocking:
     of a row whatever batch it comes in."""
     if n_cols > FUSED_MAX:
         return SPLIT_BLOCKING if split else RowBlocking(LOOP_BLOCK, 1, False, LOOP_WARPS)
-    block = triton.next_power_of_2(max(n_cols, 1))
+    block = next_power_of_2(max(n_cols, 1))
     rows = max(1, TILE_ELEMENTS // block)
     # 8 warps up to 4096 elements a program (4096-wide rows on the H100: as fast as 16 warps or up to 1.2x faster,
     # for every row op), 16 above.
@@ -88,12 +91,23 @@ def _merged_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | No
     return dims[-1][1] if dims else 0
 
 
-def _split_strides(t: torch.Tensor, split: int) -> tuple[int, int] | None:
-    """(outer, inner) strides of ``t``'s leading dims merged into [:split] and [split:], or None."""
-    lead, strides = tuple(t.shape[:-1]), tuple(t.stride()[:-1])
-    outer = _merged_stride(lead[:split], strides[:split])
-    inner = _merged_stride(lead[split:], strides[split:])
+# What row_grid reads of a tensor: (shape, strides, data_ptr % ALIGN). A fresh copy is contiguous and aligned.
+RowMeta = tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+def _split_strides(meta: RowMeta, split: int) -> tuple[int, int] | None:
+    """(outer, inner) strides of the leading dims merged into [:split] and [split:], or None."""
+    shape, strides, _ = meta
+    lead, lead_strides = shape[:-1], strides[:-1]
+    outer = _merged_stride(lead[:split], lead_strides[:split])
+    inner = _merged_stride(lead[split:], lead_strides[split:])
     return None if outer is None or inner is None else (outer, inner)
+
+
+def _fresh_meta(meta: RowMeta) -> RowMeta:
+    shape = meta[0]
+    strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return shape, strides, 0
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
@@ -116,28 +130,49 @@ def row_grid(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], RowGrid]
     alignment view of a row a function of N alone (together with ``row_offsets``, which caps it at N's for
     any strides), so the same row gets the same vector width, hence the same sum order, in any batch and
     any buffer. Costs a copy only for misaligned views, which models do not make.
+    The decisions are a function of the tensors' metadata, cached (``_row_plan``): a call with a layout seen
+    before costs a dictionary lookup.
     """
-    def readable(t: torch.Tensor) -> bool:
-        unit_rows = t.shape[-1] <= 1 or t.stride(-1) == 1
-        return unit_rows and any(_split_strides(t, k) is not None for k in range(t.dim()))
+    copies, grid = _row_plan(tuple((t.shape, t.stride(), t.data_ptr() % ALIGN) for t in tensors))
+    if any(copies):
+        tensors = tuple(_fresh(t) if copy else t for t, copy in zip(tensors, copies))
+    return tensors, grid
 
-    tensors = tuple(t if readable(t) else _fresh(t) for t in tensors)
-    n_lead = tensors[0].dim() - 1
-    # Prefer the largest split: a tensor whose rows have one stride then gets n_inner = 1.
-    for split in range(n_lead, -1, -1):
-        strides = [_split_strides(t, split) for t in tensors]
-        if all(s is not None for s in strides):
-            break
-    else:  # the tensors break at different dims: read the first in place, the rest contiguous
-        return row_grid(tensors[0], *(_fresh(t) for t in tensors[1:]))
-    n_cols = tensors[0].shape[-1]
-    if n_cols and n_cols % ALIGN == 0:
-        misaligned = [t.data_ptr() % ALIGN or outer % ALIGN or inner % ALIGN for t, (outer, inner) in zip(tensors, strides)]
-        if any(misaligned):
-            return row_grid(*(_fresh(t) if bad else t for t, bad in zip(tensors, misaligned)))
-    n_rows = math.prod(tensors[0].shape[:-1])
-    n_inner = math.prod(tensors[0].shape[split:-1])
-    return tensors, RowGrid(n_rows, n_inner, tuple(strides))
+
+@functools.lru_cache(maxsize=8192)
+def _row_plan(metas: tuple[RowMeta, ...]) -> tuple[tuple[bool, ...], RowGrid]:
+    """``row_grid``'s decisions from the tensors' metadata: which tensors to copy, and the rows' grid."""
+    copies = [False] * len(metas)
+    metas = list(metas)
+
+    def copy(i: int) -> None:
+        copies[i], metas[i] = True, _fresh_meta(metas[i])
+
+    for i, (shape, strides, _) in enumerate(metas):
+        unit_rows = shape[-1] <= 1 or strides[-1] == 1
+        if not (unit_rows and any(_split_strides(metas[i], k) is not None for k in range(len(shape)))):
+            copy(i)
+    n_lead = len(metas[0][0]) - 1
+    while True:
+        # Prefer the largest split: a tensor whose rows have one stride then gets n_inner = 1.
+        for split in range(n_lead, -1, -1):
+            strides = [_split_strides(meta, split) for meta in metas]
+            if all(s is not None for s in strides):
+                break
+        else:  # the tensors break at different dims: read the first in place, the rest contiguous
+            for i in range(1, len(metas)):
+                copy(i)
+            continue
+        n_cols = metas[0][0][-1]
+        if n_cols and n_cols % ALIGN == 0:
+            misaligned = [i for i, (meta, (outer, inner)) in enumerate(zip(metas, strides))
+                          if meta[2] or outer % ALIGN or inner % ALIGN]
+            if misaligned:
+                for i in misaligned:
+                    copy(i)
+                continue
+        shape = metas[0][0]
+        return tuple(copies), RowGrid(math.prod(shape[:-1]), math.prod(shape[split:-1]), tuple(strides))
 
 
 @triton.jit
@@ -210,7 +245,7 @@ def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square:
     n_cols, summand = x.shape[-1], out_dtype
     cfg = blocking or row_blocking(n_cols, split=True)
     while cfg.piece:
-        pieces = torch.empty(grid.n_rows, triton.cdiv(x.shape[-1], cfg.piece * cfg.block), dtype=torch.float32,
+        pieces = torch.empty(grid.n_rows, cdiv(x.shape[-1], cfg.piece * cfg.block), dtype=torch.float32,
                              device=x.device)
         _launch_row_sum(x, grid, pieces, summand, False, square, 1, cfg)
         x, grid = pieces, RowGrid(grid.n_rows, 1, ((pieces.shape[1], 0),))
@@ -222,8 +257,15 @@ def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square:
 def _launch_row_sum(x, grid: RowGrid, out, summand, mean, square, divisor, cfg: RowBlocking) -> None:
     """One program per ``cfg.rows`` elements of ``out``: rows, or pieces of rows."""
     (stride_outer, stride_inner), = grid.strides
-    _row_sum_kernel[(triton.cdiv(out.numel(), cfg.rows),)](
-        x, out, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner, divisor,
+    ints = (grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner, divisor)
+    # The launch key (kernels/launch.py); out is fresh.
+    key = (cfg, x.dtype, out.dtype, summand, mean, square, aligned16(x), ints)
+    _row_sum_launch(
+        x.device, key, (cdiv(out.numel(), cfg.rows),),
+        x, out, *ints,
         SUMMAND=_tl_dtype(summand), MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, PIECE=cfg.piece,
         num_warps=cfg.num_warps,
     )
+
+
+_row_sum_launch = KeyedKernel(_row_sum_kernel)

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import KeyedKernel, aligned16, cdiv
 from .reduce import RowBlocking, aligned, row_blocking, row_grid, row_offsets
 
 
@@ -84,13 +85,20 @@ def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | No
     x1, x2 = tensors[0], tensors[-1]
     (x1_outer, x1_inner), (x2_outer, x2_inner) = grid.strides[0], grid.strides[-1]
     cfg = blocking or row_blocking(n_cols)
-    _rms_norm_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
-        x1, x2, aligned(weight) if weight is not None else x1, y, s if s is not None else y, rstd,
-        grid.n_rows, n_cols, grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner, eps,
+    weight = aligned(weight) if weight is not None else None
+    ints = (grid.n_rows, n_cols, grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner)
+    # The launch key (kernels/launch.py); y, s, rstd and the weight are aligned (fresh, or ``aligned``).
+    key = (cfg, x1.dtype, None if weight is None else weight.dtype, s is not None, aligned16(x1), aligned16(x2), ints)
+    _rms_norm_launch(
+        x1.device, key, (cdiv(grid.n_rows, cfg.rows),),
+        x1, x2, weight if weight is not None else x1, y, s if s is not None else y, rstd, *ints, eps,
         HAS_X2=s is not None, HAS_W=weight is not None, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows,
         num_warps=cfg.num_warps,
     )
     return y, rstd, s
+
+
+_rms_norm_launch = KeyedKernel(_rms_norm_kernel)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,

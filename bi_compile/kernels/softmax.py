@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import KeyedKernel, aligned16, cdiv
 from .reduce import ALIGN, RowBlocking, row_blocking, row_grid, row_offsets
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -129,9 +130,15 @@ def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
     # The elements a thread loads as one vector: 16 bytes where rows are 16-byte aligned (row_grid makes them so when
     # N is a multiple of 16), else one, as the compiler can prove no alignment.
     vec = ALIGN // x.element_size() if x.shape[-1] % ALIGN == 0 else 1
-    _softmax_kernel[(triton.cdiv(grid.n_rows, cfg.rows),)](
-        x, y, grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner,
+    ints = (grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner)
+    key = (cfg, x.dtype, out_dtype, log, aligned16(x), ints)  # the launch key (kernels/launch.py); y is fresh
+    _softmax_launch(
+        x.device, key, (cdiv(grid.n_rows, cfg.rows),),
+        x, y, *ints,
         LOG=log, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, HEAD=HEAD_CHUNKS * cfg.block,
         LANES=min(32 * cfg.num_warps, cfg.block // vec), VEC=vec, num_warps=cfg.num_warps,
     )
     return y
+
+
+_softmax_launch = KeyedKernel(_softmax_kernel)

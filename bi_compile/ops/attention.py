@@ -53,6 +53,7 @@ CPU_TILES_PER_CALL = 32
 # ---- checks (the fake impl runs them at trace time, the kernels at run time) ----
 
 
+@library.memoized_on_metadata
 def _check(query, key, value, attn_mask, dropout_p: float, enable_gqa: bool) -> None:
     tensors = dict(query=query, key=key, value=value, attn_mask=attn_mask)
     if dropout_p != 0.0:
@@ -176,29 +177,7 @@ def _attention_cpu(query, key, value, mask, is_causal: bool, scale: float) -> to
 # ---- the op ----
 
 
-@torch.library.custom_op(
-    OP,
-    mutates_args=(),
-    schema="(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
-    "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor",
-)
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """Batch-invariant ``F.scaled_dot_product_attention``: [B, H, L, D] x [B, Hkv, S, D] x [B, Hkv, S, Dv]
-    -> [B, H, L, Dv]."""
-    raise library.no_kernel(OP, query, key, value, attn_mask)
-
-
-@attention.register_fake
-def _(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     _check(query, key, value, attn_mask, dropout_p, enable_gqa)
     return query.new_empty((*query.shape[:3], value.shape[3]))
 
@@ -222,4 +201,9 @@ def _attention_triton(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     return kernels.attention(query, key, value, mask, is_causal, scale)
 
 
-library.register_kernels(attention, cpu=_attention_on_cpu, triton=_attention_triton)
+# Batch-invariant ``F.scaled_dot_product_attention``: [B, H, L, D] x [B, Hkv, S, D] x [B, Hkv, S, Dv] -> [B, H, L, Dv].
+library.define_op(
+    "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0., "
+    "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor",
+    fake=_attention_fake, cpu=_attention_on_cpu, triton=_attention_triton,
+)

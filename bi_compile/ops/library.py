@@ -1,22 +1,24 @@
 """Plumbing shared by every ``torch.ops.bi.*`` op: input checks, layout contracts, device routing.
 
-An op file in this folder does three things with it:
+An op file in this folder does two things with it:
 
-1. defines the op with ``torch.library.custom_op("bi::NAME", mutates_args=())`` and a fake impl;
-2. declares, next to the op, which strides each tensor input may have::
+1. declares, next to the op, which strides each tensor input may have::
 
        layout_contract("bi::mm", self=Layout.UNIT_STRIDE_ROWS, mat2=Layout.UNIT_STRIDE_ANY)
 
    The op checks its inputs against the contract at run time (a violation is an error, never a
    silent copy), and the graph pass reads the same table to insert ``.contiguous()`` exactly where
    a contract is broken;
-3. routes devices with ``register_kernels(op, cpu=..., triton=...)``: CPU tensors go to a
-   pure-PyTorch path, CUDA and Ascend (PrivateUse1) tensors to the Triton kernel.
+2. defines the op with ``define_op(schema, fake=..., cpu=..., triton=...)``: the fake impl checks the inputs at
+   trace time, CPU tensors go to a pure-PyTorch path, CUDA and Ascend (PrivateUse1) tensors to the Triton kernel.
+   The kernels check their inputs too (eager calls need it), memoized on the inputs' metadata
+   (``memoized_on_metadata``), so a compiled graph's calls do not pay for it again.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -36,6 +38,46 @@ def reject(op: str, reason: str, **tensors: torch.Tensor | None) -> BIInputError
     """Build the error for ``op``; every tensor involved is named with its shape, strides and dtype."""
     parts = [f"{name}: {describe(t)}" for name, t in tensors.items() if t is not None]
     return BIInputError(f"{op}: {reason} ({'; '.join(parts)})")
+
+
+def _metadata(arg):
+    """What a check or plan may read of an argument: a tensor's dtype, device, shape and strides (never its data)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.device, arg.shape, arg.stride()
+    return tuple(arg) if isinstance(arg, list) else arg
+
+
+MEMO_ENTRIES = 1 << 16
+
+
+def memoized_on_metadata(fn: Callable) -> Callable:
+    """Memoize ``fn``, an input check or a launch plan that reads only its arguments' metadata, on that metadata.
+
+    A compiled graph calls a bi op with one layout per input shape, so after its first call with a shape the op's
+    run-time checks cost a dictionary lookup; the same bad input still raises every time (a call that raises
+    is not memoized), with the same message. Symbolic shapes (the fake impls at trace time) do not hash, and are
+    checked on every call."""
+    memo: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        key = tuple(map(_metadata, args))
+        if kwargs:
+            key += (*kwargs, *map(_metadata, kwargs.values()))
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        except TypeError:  # a SymInt in a shape
+            return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = result
+        return result
+
+    wrapper.memo = memo
+    return wrapper
 
 
 def check_dtype(op: str, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES, **tensors: torch.Tensor | None) -> None:
@@ -92,6 +134,7 @@ def layout_contract(qualname: str, **layouts: Layout) -> None:
     LAYOUT_CONTRACTS[qualname] = layouts
 
 
+@memoized_on_metadata
 def check_layout(qualname: str, **tensors: torch.Tensor | None) -> None:
     """Raise if a tensor breaks the op's declared contract: the caller must make it contiguous."""
     contract = LAYOUT_CONTRACTS.get(qualname, {})
@@ -106,12 +149,28 @@ def no_kernel(qualname: str, *tensors: torch.Tensor | None) -> BIInputError:
     return BIInputError(f"{qualname}: no batch-invariant kernel for device {', '.join(devices)} (cpu, cuda and npu are supported)")
 
 
-def register_kernels(op, *, cpu: Callable, triton: Callable) -> None:
-    """CPU -> pure-PyTorch path; CUDA -> Triton; Ascend NPU (PrivateUse1) -> the same Triton source,
-    compiled by triton-ascend. The NPU registration is written for torch-npu but has not run on NPU hardware."""
-    op.register_kernel("cpu")(cpu)
-    op.register_kernel("cuda")(triton)
-    op.register_kernel("privateuseone")(triton)
+# The ops are defined with torch.library's low-level API. ``torch.library.custom_op`` would wrap each call in Python
+# layers (an autograd function, an output-aliasing check, a Dynamo-disabled wrapper) that cost more host time than
+# the kernel launch itself (docs/benchmarks.md, "Prefill outside CUDA graphs"), on every call from compiled code too.
+LIBRARY = torch.library.Library("bi", "DEF")
+
+
+def define_op(schema: str, *, fake: Callable, cpu: Callable, triton: Callable) -> None:
+    """Define ``torch.ops.bi.NAME`` from ``schema`` ("NAME(Tensor self, ...) -> Tensor"), with its fake impl (what
+    tracing runs) and its kernels: CPU tensors -> ``cpu``, a pure-PyTorch path; CUDA and Ascend NPU (PrivateUse1)
+    tensors -> ``triton``, the Triton kernel (compiled by triton-ascend on an NPU, which has not run on NPU hardware).
+    Tensors on any other device get a BIInputError. The kernels return fresh tensors, never views of an input."""
+    name = schema.split("(", 1)[0]
+    qualname = f"bi::{name}"
+    LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+    torch.library.register_fake(qualname, fake, lib=LIBRARY)
+
+    def unsupported_device(*args, **kwargs):
+        raise no_kernel(qualname, *args, *kwargs.values())
+
+    LIBRARY.impl(name, unsupported_device, "CompositeExplicitAutograd")
+    for dispatch_key, kernel in (("CPU", cpu), ("CUDA", triton), ("PrivateUse1", triton)):
+        LIBRARY.impl(name, kernel, dispatch_key)
 
 
 CPU_ROW_TILE = 16

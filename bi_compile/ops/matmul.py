@@ -51,11 +51,13 @@ def _check_inner(op: str, k_lhs, k_rhs, **tensors: torch.Tensor) -> None:
         raise library.reject(op, f"inner dimensions differ ({k_lhs} vs {k_rhs})", **tensors)
 
 
+@library.memoized_on_metadata
 def _check_mm(self: torch.Tensor, mat2: torch.Tensor) -> None:
     _check_operands("bi::mm", 2, 2, self=self, mat2=mat2)
     _check_inner("bi::mm", self.shape[1], mat2.shape[0], self=self, mat2=mat2)
 
 
+@library.memoized_on_metadata
 def _check_addmm(self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> None:
     _check_operands("bi::addmm", 2, 2, mat1=mat1, mat2=mat2, self=self)
     _check_inner("bi::addmm", mat1.shape[1], mat2.shape[0], mat1=mat1, mat2=mat2)
@@ -65,6 +67,7 @@ def _check_addmm(self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> 
         raise library.reject("bi::addmm", f"'self' does not broadcast to the product's shape {out_shape}", self=self)
 
 
+@library.memoized_on_metadata
 def _check_bmm(self: torch.Tensor, mat2: torch.Tensor) -> None:
     _check_operands("bi::bmm", 3, 3, self=self, mat2=mat2)
     if self.shape[0] != mat2.shape[0]:
@@ -72,6 +75,7 @@ def _check_bmm(self: torch.Tensor, mat2: torch.Tensor) -> None:
     _check_inner("bi::bmm", self.shape[2], mat2.shape[1], self=self, mat2=mat2)
 
 
+@library.memoized_on_metadata
 def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if input.dim() == 0:
         raise library.reject("bi::linear", "'input' must have at least one dim", input=input)
@@ -115,14 +119,7 @@ def _cpu_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, al
 # ---- the ops ----
 
 
-@torch.library.custom_op("bi::mm", mutates_args=())
-def mm(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
-    """[M, K] @ [K, N] -> [M, N]."""
-    raise library.no_kernel("bi::mm", self, mat2)
-
-
-@mm.register_fake
-def _(self, mat2):
+def _mm_fake(self, mat2):
     _check_mm(self, mat2)
     return self.new_empty((self.shape[0], mat2.shape[1]))
 
@@ -141,17 +138,11 @@ def _mm_triton(self, mat2):
     return kernels.matmul(self[None], mat2[None])[0]
 
 
-library.register_kernels(mm, cpu=_mm_cpu, triton=_mm_triton)
+# [M, K] @ [K, N] -> [M, N].
+library.define_op("mm(Tensor self, Tensor mat2) -> Tensor", fake=_mm_fake, cpu=_mm_cpu, triton=_mm_triton)
 
 
-@torch.library.custom_op("bi::addmm", mutates_args=())
-def addmm(self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
-    """beta * self + alpha * ([M, K] @ [K, N]) -> [M, N]; self broadcasts to [M, N] and is ignored when beta == 0."""
-    raise library.no_kernel("bi::addmm", self, mat1, mat2)
-
-
-@addmm.register_fake
-def _(self, mat1, mat2, *, beta=1.0, alpha=1.0):
+def _addmm_fake(self, mat1, mat2, *, beta=1.0, alpha=1.0):
     _check_addmm(self, mat1, mat2)
     return mat1.new_empty((mat1.shape[0], mat2.shape[1]))
 
@@ -171,17 +162,12 @@ def _addmm_triton(self, mat1, mat2, *, beta=1.0, alpha=1.0):
     return kernels.matmul(mat1[None], mat2[None], bias, alpha=alpha, beta=beta)[0]
 
 
-library.register_kernels(addmm, cpu=_addmm_cpu, triton=_addmm_triton)
+# beta * self + alpha * ([M, K] @ [K, N]) -> [M, N]; self broadcasts to [M, N] and is ignored when beta == 0.
+library.define_op("addmm(Tensor self, Tensor mat1, Tensor mat2, *, float beta=1., float alpha=1.) -> Tensor",
+                  fake=_addmm_fake, cpu=_addmm_cpu, triton=_addmm_triton)
 
 
-@torch.library.custom_op("bi::bmm", mutates_args=())
-def bmm(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
-    """[B, M, K] @ [B, K, N] -> [B, M, N]."""
-    raise library.no_kernel("bi::bmm", self, mat2)
-
-
-@bmm.register_fake
-def _(self, mat2):
+def _bmm_fake(self, mat2):
     _check_bmm(self, mat2)
     return self.new_empty((self.shape[0], self.shape[1], mat2.shape[2]))
 
@@ -203,17 +189,11 @@ def _bmm_triton(self, mat2):
     return kernels.matmul(self, mat2)
 
 
-library.register_kernels(bmm, cpu=_bmm_cpu, triton=_bmm_triton)
+# [B, M, K] @ [B, K, N] -> [B, M, N].
+library.define_op("bmm(Tensor self, Tensor mat2) -> Tensor", fake=_bmm_fake, cpu=_bmm_cpu, triton=_bmm_triton)
 
 
-@torch.library.custom_op("bi::linear", mutates_args=())
-def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """input [..., K] @ weight[N, K].T + bias[N] -> [..., N]; the weight is read in place, never transposed."""
-    raise library.no_kernel("bi::linear", input, weight, bias)
-
-
-@linear.register_fake
-def _(input, weight, bias=None):
+def _linear_fake(input, weight, bias=None):
     _check_linear(input, weight, bias)
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
@@ -238,17 +218,12 @@ def _linear_triton(input, weight, bias=None):
     return kernels.matmul(a, b, bias3).view(*input.shape[:-1], n)
 
 
-library.register_kernels(linear, cpu=_linear_cpu, triton=_linear_triton)
+# input [..., K] @ weight[N, K].T + bias[N] -> [..., N]; the weight is read in place, never transposed.
+library.define_op("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor",
+                  fake=_linear_fake, cpu=_linear_cpu, triton=_linear_triton)
 
 
-@torch.library.custom_op("bi::grouped_mm", mutates_args=())
-def grouped_mm(self: torch.Tensor, mat2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows [offs[g - 1], offs[g]) of self [T, K] times mat2[g] [K, N] -> [T, N] (rows past offs[-1] are 0): the
-    2-D x 3-D form of ``torch._grouped_mm`` with which MoE layers run their experts. ``offs`` [G] int32, the
-    cumulative row ends, non-decreasing and at most T (as torch requires; on the GPU they are read as data)."""
-    raise library.no_kernel("bi::grouped_mm", self, mat2, offs)
-
-
+@library.memoized_on_metadata
 def _check_grouped_mm(self, mat2, offs) -> None:
     _check_operands("bi::grouped_mm", 2, 3, self=self, mat2=mat2)
     _check_inner("bi::grouped_mm", self.shape[1], mat2.shape[1], self=self, mat2=mat2)
@@ -260,8 +235,7 @@ def _check_grouped_mm(self, mat2, offs) -> None:
     library.check_layout("bi::grouped_mm", self=self, mat2=mat2, offs=offs)
 
 
-@grouped_mm.register_fake
-def _(self, mat2, offs):
+def _grouped_mm_fake(self, mat2, offs):
     _check_grouped_mm(self, mat2, offs)
     return self.new_empty((self.shape[0], mat2.shape[2]))
 
@@ -285,4 +259,8 @@ def _grouped_mm_triton(self, mat2, offs):
     return kernels.grouped_matmul(self, mat2, offs)
 
 
-library.register_kernels(grouped_mm, cpu=_grouped_mm_cpu, triton=_grouped_mm_triton)
+# Rows [offs[g - 1], offs[g]) of self [T, K] times mat2[g] [K, N] -> [T, N] (rows past offs[-1] are 0): the 2-D x 3-D
+# form of ``torch._grouped_mm`` with which MoE layers run their experts. ``offs`` [G] int32, the cumulative row ends,
+# non-decreasing and at most T (as torch requires; on the GPU they are read as data).
+library.define_op("grouped_mm(Tensor self, Tensor mat2, Tensor offs) -> Tensor",
+                  fake=_grouped_mm_fake, cpu=_grouped_mm_cpu, triton=_grouped_mm_triton)

@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .library import Layout, check_dtype, check_layout, layout_contract, map_row_tiles, no_kernel, register_kernels, reject
+from .library import (Layout, check_dtype, check_layout, define_op, layout_contract, map_row_tiles, memoized_on_metadata,
+                      reject)
 
 # The kernel takes two row strides, so row-strided and head-split views ([T, H, D] cut from a fused qkv) are
 # read in place; it needs unit stride along N. The weight is read as a contiguous [N].
@@ -23,6 +24,7 @@ layout_contract("bi::rms_norm", input=Layout.UNIT_STRIDE_ROWS, weight=Layout.UNI
 layout_contract("bi::add_rms_norm", x1=Layout.UNIT_STRIDE_ROWS, x2=Layout.UNIT_STRIDE_ROWS, weight=Layout.UNIT_STRIDE_ROWS)
 
 
+@memoized_on_metadata
 def _check(op: str, weight: torch.Tensor | None, **inputs: torch.Tensor) -> None:
     """Dtypes, ranks, shapes, devices and layout of the inputs (``inputs``: input, or x1 and x2)."""
     check_dtype(op, weight=weight, **inputs)
@@ -49,12 +51,6 @@ def _rms_norm_cpu_rows(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     return y.to(x.dtype).reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,))
 
 
-@torch.library.custom_op("bi::rms_norm", mutates_args=(), schema="(Tensor input, Tensor? weight, float eps) -> (Tensor, Tensor)")
-def rms_norm(input: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    raise no_kernel("bi::rms_norm", input, weight)
-
-
-@rms_norm.register_fake
 def _rms_norm_fake(input, weight, eps):
     _check("bi::rms_norm", weight, input=input)
     return input.new_empty(input.shape), input.new_empty(input.shape[:-1] + (1,), dtype=torch.float32)
@@ -72,17 +68,10 @@ def _rms_norm_triton(input, weight, eps):
     return launch(input, weight, eps)
 
 
-register_kernels(rms_norm, cpu=_rms_norm_cpu, triton=_rms_norm_triton)
+define_op("rms_norm(Tensor input, Tensor? weight, float eps) -> (Tensor, Tensor)",
+          fake=_rms_norm_fake, cpu=_rms_norm_cpu, triton=_rms_norm_triton)
 
 
-@torch.library.custom_op(
-    "bi::add_rms_norm", mutates_args=(), schema="(Tensor x1, Tensor x2, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)"
-)
-def add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, eps: float):
-    raise no_kernel("bi::add_rms_norm", x1, x2, weight)
-
-
-@add_rms_norm.register_fake
 def _add_rms_norm_fake(x1, x2, weight, eps):
     _check("bi::add_rms_norm", weight, x1=x1, x2=x2)
     return x1.new_empty(x1.shape), x1.new_empty(x1.shape[:-1] + (1,), dtype=torch.float32), x1.new_empty(x1.shape)
@@ -102,4 +91,5 @@ def _add_rms_norm_triton(x1, x2, weight, eps):
     return launch(x1, x2, weight, eps)
 
 
-register_kernels(add_rms_norm, cpu=_add_rms_norm_cpu, triton=_add_rms_norm_triton)
+define_op("add_rms_norm(Tensor x1, Tensor x2, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
+          fake=_add_rms_norm_fake, cpu=_add_rms_norm_cpu, triton=_add_rms_norm_triton)

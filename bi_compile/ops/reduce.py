@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from .library import FLOAT_DTYPES, Layout, check_dtype, layout_contract, map_row_tiles, no_kernel, register_kernels, reject
+from .library import (FLOAT_DTYPES, Layout, check_dtype, define_op, layout_contract, map_row_tiles, memoized_on_metadata,
+                      reject)
 
 # Any strides: the op itself moves the reduced dims last (a copy only when they are not one unit-stride run),
 # so the graph pass never has to insert one.
@@ -42,6 +43,7 @@ class _Plan(NamedTuple):
     out_dtype: torch.dtype
 
 
+@memoized_on_metadata
 def _plan(op: str, x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtype: torch.dtype | None) -> _Plan:
     """Validate; return how to lay the input out as rows and what to return."""
     check_dtype(op, self=x)
@@ -106,26 +108,12 @@ def _triton(kind: _Kind, x, dim, keepdim=False, dtype=None):
     return row_sum(_as_rows(x, plan), plan.out_dtype, mean=kind.mean, square=kind.square).reshape(plan.out_shape)
 
 
-_SCHEMA = "(Tensor self, int[]? dim, bool keepdim=False, ScalarType? dtype=None) -> Tensor"
-
-
-@torch.library.custom_op("bi::sum", mutates_args=(), schema=_SCHEMA)
-def reduce_sum(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-    raise no_kernel("bi::sum", self)
-
-
-@torch.library.custom_op("bi::mean", mutates_args=(), schema=_SCHEMA)
-def reduce_mean(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-    raise no_kernel("bi::mean", self)
-
-
-@torch.library.custom_op("bi::mean_square", mutates_args=(), schema="(Tensor self, int[]? dim, bool keepdim=False) -> Tensor")
-def reduce_mean_square(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False) -> torch.Tensor:
-    raise no_kernel("bi::mean_square", self)
-
-
-for _op, _kind, _dtype in ((reduce_sum, SUM, None), (reduce_mean, MEAN, None), (reduce_mean_square, MEAN_SQUARE, torch.float32)):
+for _name, _kind, _dtype, _schema in (
+    ("sum", SUM, None, "(Tensor self, int[]? dim, bool keepdim=False, ScalarType? dtype=None) -> Tensor"),
+    ("mean", MEAN, None, "(Tensor self, int[]? dim, bool keepdim=False, ScalarType? dtype=None) -> Tensor"),
     # mean_square always computes and returns fp32: it passes that as the dtype argument of its sum/mean siblings.
+    ("mean_square", MEAN_SQUARE, torch.float32, "(Tensor self, int[]? dim, bool keepdim=False) -> Tensor"),
+):
     _fixed = {} if _dtype is None else {"dtype": _dtype}
-    _op.register_fake(functools.partial(_fake, _kind, **_fixed))
-    register_kernels(_op, cpu=functools.partial(_cpu, _kind, **_fixed), triton=functools.partial(_triton, _kind, **_fixed))
+    define_op(_name + _schema, fake=functools.partial(_fake, _kind, **_fixed), cpu=functools.partial(_cpu, _kind, **_fixed),
+              triton=functools.partial(_triton, _kind, **_fixed))

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .library import Layout, check_dtype, layout_contract, map_row_tiles, no_kernel, register_kernels, reject
+from .library import Layout, check_dtype, define_op, layout_contract, map_row_tiles, memoized_on_metadata, reject
 
 # Any strides: the op itself makes the softmax dim last and unit-stride (a copy only when it is not already),
 # so the graph pass never has to insert one.
@@ -27,6 +27,7 @@ layout_contract("bi::softmax", self=Layout.ANY)
 layout_contract("bi::log_softmax", self=Layout.ANY)
 
 
+@memoized_on_metadata
 def _plan(op: str, x: torch.Tensor, dim: int, half_to_float: bool) -> tuple[int, torch.dtype]:
     """Validate; return the wrapped dim and the output dtype."""
     check_dtype(op, self=x)
@@ -81,16 +82,6 @@ def _triton(log: bool, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.
     return _along_last(x, dim, lambda moved: launch(moved, out_dtype, log=log))
 
 
-@torch.library.custom_op("bi::softmax", mutates_args=(), schema="(Tensor self, int dim, bool half_to_float) -> Tensor")
-def softmax(self: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
-    raise no_kernel("bi::softmax", self)
-
-
-@torch.library.custom_op("bi::log_softmax", mutates_args=(), schema="(Tensor self, int dim, bool half_to_float) -> Tensor")
-def log_softmax(self: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
-    raise no_kernel("bi::log_softmax", self)
-
-
-for _op, _log in ((softmax, False), (log_softmax, True)):
-    _op.register_fake(functools.partial(_fake, _log))
-    register_kernels(_op, cpu=functools.partial(_cpu, _log), triton=functools.partial(_triton, _log))
+for _log in (False, True):
+    define_op(f"{_qualname(_log).removeprefix('bi::')}(Tensor self, int dim, bool half_to_float) -> Tensor",
+              fake=functools.partial(_fake, _log), cpu=functools.partial(_cpu, _log), triton=functools.partial(_triton, _log))

@@ -1,0 +1,74 @@
+"""The keyed launch path (bi_compile/kernels/launch.py): after its first launch with a key, a kernel is called
+through the binary Triton returned, so each launcher's key must determine that binary. GPU only: the interpreter
+and triton-ascend always take Triton's own path.
+
+    python3 -m pytest -m gpu tests/test_ops_launch.py        (benchmarks/gpu_run.sh tests-ops runs it)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bi_compile.kernels import launch
+from bi_compile.kernels.rms_norm import _rms_norm_kernel
+
+pytestmark = pytest.mark.gpu
+
+
+def _op_calls(g: torch.Generator):
+    """Every kernel family at shapes and layouts that change its specialisation: odd and aligned sizes, row-strided
+    and misaligned views, batch 1 and more, bias or none, fp32 and bf16, causal and masked attention."""
+    for dtype in (torch.bfloat16, torch.float32):
+        base = torch.randn(301, 1040, device="cuda", generator=g).to(dtype)
+        w = torch.randn(520, 1024, device="cuda", generator=g).to(dtype)
+        bias = torch.randn(520, device="cuda", generator=g).to(dtype)
+        norm_w = torch.randn(1024, device="cuda", generator=g).to(dtype)
+        for m in (1, 2, 16, 17, 130, 300):
+            x = base[:m, :1024]  # row stride 1040
+            shifted = base[:m, 1:1025]  # data not 16-byte aligned
+            yield lambda x=x: torch.ops.bi.linear(x, w)
+            yield lambda x=x: torch.ops.bi.linear(x, w, bias)
+            yield lambda x=shifted: torch.ops.bi.linear(x, w)
+            yield lambda x=x: torch.ops.bi.mm(x, w.t())
+            yield lambda x=x: torch.ops.bi.rms_norm(x, norm_w, 1e-6)
+            yield lambda x=shifted: torch.ops.bi.add_rms_norm(x, x, norm_w, 1e-6)
+            yield lambda x=x: torch.ops.bi.softmax(x, -1, False)
+            yield lambda x=shifted: torch.ops.bi.log_softmax(x, -1, dtype != torch.float32)
+            yield lambda x=x: torch.ops.bi.sum(x, [-1], False, torch.float32)
+            yield lambda x=x: torch.ops.bi.mean(x, [0], True, None)
+        for batch, q_len, kv_len in ((1, 1, 2048), (3, 16, 16), (2, 7, 600)):
+            q = torch.randn(batch, q_len, 8, 128, device="cuda", generator=g).to(dtype).transpose(1, 2)
+            kv = torch.randn(batch, kv_len, 4, 128, device="cuda", generator=g).to(dtype).transpose(1, 2)
+            mask = torch.rand(batch, 1, q_len, kv_len, device="cuda", generator=g) > 0.3
+            yield lambda q=q, kv=kv: torch.ops.bi.attention(q, kv, kv, None, 0.0, True, None, True)
+            yield lambda q=q, kv=kv, mask=mask: torch.ops.bi.attention(q, kv, kv, mask, 0.0, False, None, True)
+
+
+def test_every_launch_key_maps_to_the_binary_triton_picks(monkeypatch):
+    """Each call twice, with the key check on: the second call of each takes the direct path, and the check asks
+    Triton's own binding for the binary every time and raises if the key led elsewhere. The bits match."""
+    monkeypatch.setattr(launch, "CHECK_KEYS", True)
+    calls = list(_op_calls(torch.Generator(device="cuda").manual_seed(0)))
+    first = [call() for call in calls]
+    second = [call() for call in calls]
+    for a, b in zip(first, second):
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(x, y)
+
+
+def test_control_a_key_that_misses_a_specialisation_is_caught(monkeypatch):
+    """Control: a launcher whose key ignores the alignment of its input would reuse an aligned binary for a
+    misaligned row; the key check refuses it."""
+    monkeypatch.setattr(launch, "CHECK_KEYS", True)
+    careless = launch.KeyedKernel(_rms_norm_kernel)
+    base = torch.randn(4, 1040, device="cuda")
+    y, rstd = torch.empty(4, 1024, device="cuda"), torch.empty(4, 1, device="cuda")
+
+    def run(x):
+        careless(x.device, "one key for every input", (4,), x, x, x, y, y, rstd, 4, 1024, 1, 1040, 0, 1040, 0, 1e-6,
+                 HAS_X2=False, HAS_W=False, FUSED=True, BLOCK=1024, ROWS=1, num_warps=4)
+
+    run(base[:, :1024])
+    with pytest.raises(launch.LaunchKeyError):
+        run(base[:, 1:1025])
