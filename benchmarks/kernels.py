@@ -180,8 +180,8 @@ def time_us(fn: Callable[..., object], arg_sets: list[tuple], cuda_graph: bool) 
     one CUDA graph (no host cost; the sets together overflow L2, so every call reads its inputs from memory).
 
     Not do_bench over graph replays: its L2 flush (``zero_`` of 256 MB) leaves L2 full of dirty lines, and
-    the first call after it pays for writing them back, up to 50 MB on an H100 (docs/benchmarks.md, session 7).
-    Back to back, what a call writes back is what the call before it, the same op, wrote."""
+    the first call after it pays for writing them back, up to 50 MB on an H100 (docs/lab-log.md, "How the kernels
+    are timed"). Back to back, what a call writes back is what the call before it, the same op, wrote."""
     import triton.testing
 
     if not cuda_graph:

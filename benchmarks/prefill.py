@@ -193,14 +193,14 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
     device = torch.device("cuda")
     env = environment(device)
     print(env, flush=True)
+    eager = eager_overheads(DTYPES[args.dtype])  # first: seconds, where the compiles below take minutes
+    for name, us in eager.items():
+        print(f"eager {name}: {us:.1f} us per call", flush=True)
     config = qwen3_config(args.model, args.layers)
     model = build_causal_lm(config, device=device, dtype=DTYPES[args.dtype])
     points = []
     for backend in args.backends:
         points += run_backend(model, backend, args.points, config.vocab_size, args.repeats)
-    eager = eager_overheads(DTYPES[args.dtype])
-    for name, us in eager.items():
-        print(f"eager {name}: {us:.1f} us per call", flush=True)
     title = f"Prefill outside CUDA graphs: {args.model}, {config.num_hidden_layers} layers, {args.dtype}"
     text = markdown(env, title, points, eager)
     print(text)

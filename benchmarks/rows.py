@@ -114,7 +114,8 @@ def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
 
 def sm_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     """A copy run by the SMs, as the ops are. Not ``dst.copy_(src)``: captured in a CUDA graph it moves 1 GiB at
-    2433 GB/s on the H100, where it reaches 3002 eager and this kernel 2989 in the graph (session 7)."""
+    2433 GB/s on the H100, where it reaches 3002 eager and this kernel 2989 in the graph (docs/lab-log.md, "How the
+    kernels are timed")."""
     _copy_kernel[(triton.cdiv(src.numel(), 8192),)](src, dst, src.numel(), BLOCK=8192, num_warps=8)
 
 

@@ -25,7 +25,7 @@ from kernels import DEFAULT_MS, DEFAULT_SHAPES, GRAPH_TIMING, graph_sets, headin
 from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, processor_count, tile_table
 
 # Few rows: weight streaming, so narrow strips and deep pipelines; many rows: wgmma tiles. (Pruned to the tiles that
-# won a row or came within 3% in the searches of 2026-11-23, docs/benchmarks.md.)
+# won a row or came within 3% in the searches of 2026-11-23: docs/lab-log.md, "Tile search for the portable table".)
 FEW_ROWS = [TileConfig(bm, bn, w, s) for bm, bn, w, s in [
     (16, 32, 4, 6), (16, 64, 4, 6), (64, 32, 4, 6), (64, 64, 4, 6), (16, 32, 2, 6), (16, 64, 2, 6)]]
 MANY_ROWS = [TileConfig(bm, bn, w, s) for bm, bn, w, s in [

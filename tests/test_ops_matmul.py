@@ -529,7 +529,7 @@ def test_gpu_linear_is_batch_invariant_on_qwen3_shapes(k, n, dtype):
 
 @pytest.mark.gpu
 def test_gpu_control_stock_linear_is_not_batch_invariant():
-    """Stock F.linear (cuBLAS) on K = N = 4096 in bf16 changes a row's bits once M >= 32 (CONTEXT.md), so the
+    """Stock F.linear (cuBLAS) on K = N = 4096 in bf16 changes a row's bits once M >= 32 (on the H100), so the
     comparison above can fail."""
     g = torch.Generator(device="cuda").manual_seed(8)
     x = torch.randn(512, 4096, device="cuda", generator=g).bfloat16()

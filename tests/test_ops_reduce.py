@@ -307,7 +307,7 @@ def test_gpu_full_reduction_runs_in_pieces_and_matches_float64(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_control_stock_sum_is_batch_variant():
     """The comparisons above can fail: stock fp32 x.sum(-1) on 151936-wide rows gives row 0 other bits in
-    some batch than alone (CONTEXT.md measured it from M = 2 on, on the H100)."""
+    some batch than alone (measured from M = 2 on, on the H100)."""
     x = torch.randn(4096, 151936, device="cuda")
     alone = x[:1].sum(-1)
     assert any(not torch.equal(x[:m].sum(-1)[:1], alone) for m in (2, 3, 16, 64, 512, 4096))

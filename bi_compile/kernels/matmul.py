@@ -62,7 +62,8 @@ TILE_CANDIDATES: dict[torch.dtype, tuple[tuple[int, tuple[TileConfig, ...]], ...
         # without splitting K, and 6 stages keep enough bytes in flight per SM.
         (64, (TileConfig(64, 32, num_warps=4, num_stages=6), TileConfig(64, 64, num_warps=4, num_stages=6))),
         # From M = 65: 6 stages on the 64x64 tile and 4 on 128x128 measured 1.2-1.3x cuBLAS at M = 128 and
-        # 512 where 4 and 3 stages gave 1.45-1.6x (benchmarks/tiles.py, docs/benchmarks.md).
+        # 512 where 4 and 3 stages gave 1.45-1.6x (benchmarks/tiles.py; docs/lab-log.md, "The portable table's
+        # stages and their measurement").
         (1 << 62, (
             TileConfig(64, 64, num_warps=4, num_stages=6),
             TileConfig(64, 128, num_warps=4, num_stages=4),
@@ -80,7 +81,8 @@ TILE_CANDIDATES[torch.bfloat16] = TILE_CANDIDATES[torch.float16]
 
 # CUDA devices with TMA (Hopper and newer). Measured on the H100 (bf16, 2026-11-23, benchmarks/tiles.py): a long K
 # chunk streams the weight at few rows (0.94-1.09x cuBLAS at M <= 64), and TMA loads with persistent programs reach
-# 1.00-1.09x at M >= 2048 where the pointer-load tiles stayed at 1.13-1.27x (docs/benchmarks.md).
+# 1.00-1.09x at M >= 2048 where the pointer-load tiles stayed at 1.13-1.27x (docs/benchmarks.md, "Matmul tile
+# search"; docs/lab-log.md, "TMA loads, persistent tiles and long K chunks").
 HOPPER_TILE_CANDIDATES = {
     torch.float16: (
         # Up to 32 rows, 16-row tiles read the weight in 256-long chunks (rows 17-32 re-read it from L2); 33-64

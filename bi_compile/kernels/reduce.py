@@ -51,7 +51,7 @@ class RowBlocking:
 # row_sum cuts longer rows into pieces of 2 chunks of 16384 elements, one program (8 warps) each, and sums the pieces'
 # partial sums in row order. A full reduction (x.sum(): one row) then runs on every SM, not one: 4096 x 151936 bf16
 # in one row at 3046 GB/s instead of 40 (H100); vocab rows stay within 4% of one 32-warp program per row
-# (docs/benchmarks.md, session 7).
+# (docs/lab-log.md, "row_sum cuts long rows into pieces").
 SPLIT_BLOCKING = RowBlocking(16384, 1, False, 8, piece=2)
 
 

@@ -15,12 +15,12 @@ and accumulates in fixed chunks (``reduce.row_blocking``):
   L1 (248 KB per SM) keeps the last 240 KB when the second pass walks the row backwards, and the first
   ``HEAD_CHUNKS`` chunks (64 KB) stay in registers, which a lane per thread leaves free (a lane per element of a
   chunk held 16 registers a thread). H100, 256 rows: HBM reads 81.5 MB for a 78 MB input, where a lane per element
-  and 32 KB kept read 89 MB (Nsight Compute, docs/benchmarks.md, session 9).
+  and 32 KB kept read 89 MB (Nsight Compute; docs/lab-log.md, "A lane per thread, 64 KB of the row kept").
 
 Every exp is ``tl.exp2(t * log2(e))``: on NVIDIA that is one multiply and ``ex2.approx.ftz``, where ``tl.exp`` adds
 three instructions per element to keep results below 2**-126 (about 1.2e-38) denormal; here they flush to zero. The
 sums of exponentials are 0 or at least 1, so their bits do not change (nor log_softmax's), and softmax outputs differ
-from ``tl.exp``'s only below 1.2e-38 (H100 measurement: docs/benchmarks.md, session 6).
+from ``tl.exp``'s only below 1.2e-38 (H100 measurement: docs/lab-log.md, "Softmax over the vocab: exps as exp2").
 
 All -inf rows give NaN and a NaN or +inf anywhere in a row makes the whole row NaN, as in torch.
 """
