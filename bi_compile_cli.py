@@ -26,7 +26,7 @@ EXIT_OK, EXIT_VARIANT, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 MODEL_PRESETS = ("tiny", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b")
 DTYPES = ("float32", "bfloat16", "float16")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
-BENCHMARKS = ("kernels", "decode", "tiles", "rows", "serve")
+BENCHMARKS = ("kernels", "decode", "prefill", "tiles", "rows", "serve")
 # Where the benchmarks are: next to this file in a source checkout; an installed package has none.
 SOURCE_ROOT = Path(__file__).resolve().parent
 
@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args)
         from bi_compile import cli  # torch loads here, once the arguments are known good
 
-        return cli.run(args)
+        try:
+            return EXIT_OK if cli.run(args) else EXIT_VARIANT
+        except cli.CommandError as error:
+            raise UsageError(str(error)) from None
     except UsageError as error:
         print(f"bi-compile: error: {error}", file=sys.stderr)
         return EXIT_USAGE

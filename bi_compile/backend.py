@@ -27,12 +27,12 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
+from torch._inductor.fx_passes.post_grad import view_to_reshape
 
 import bi_compile.ops  # noqa: F401  (registers torch.ops.bi.*)
-from bi_compile.passes.fx_utils import views_as_reshapes
-from bi_compile.passes.pipeline import BatchInvariantPass, decompositions_keeping_rewritten_ops, reports
+from bi_compile.passes import BatchInvariantPass, decompositions_keeping_rewritten_ops, reports
 from bi_compile.report_cache import graph_key, replay_reports, save_reports
-from bi_compile.vllm_plugin import check_running_vllm
+from bi_compile.vllm_checks import check_running_vllm
 
 INNER_COMPILERS = ("inductor", "eager")
 MODES = {"default": {}, "reduce-overhead": {"cudagraphs": True}}
@@ -99,7 +99,9 @@ def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = N
     if opts.inner == "eager":
         def rewrite_and_run(graph_module, _inputs):
             pipeline(graph_module.graph)
-            views_as_reshapes(graph_module.graph)  # Inductor does this itself
+            # A bi op may lay out its output otherwise than the op it replaced (SDPA's output is a transposed view,
+            # bi.attention's contiguous): views traced against the old strides become reshapes, as Inductor does.
+            view_to_reshape(graph_module)
             graph_module.recompile()
             return graph_module
 

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 
 from bi_compile.model import ModelError, build_model, generate
-from bi_compile_cli import EXIT_OK, EXIT_VARIANT, UsageError
+
+
+
+class CommandError(ValueError):
+    """Bad input that shows only once torch is loaded (a device, a checkpoint, an exported file): the front end
+    reports it as a usage error."""
+
 
 PROMPT_LENGTHS = (4, 32)  # prompt lengths are drawn from this range, bounds included
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,14 +43,14 @@ OP_TABLE_START, OP_TABLE_END = "<!-- op-table:start -->", "<!-- op-table:end -->
 
 def resolve_device(name: str, dtype: str) -> tuple[str, torch.dtype]:
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA GPU here")
+        raise CommandError("--device cuda: torch sees no CUDA GPU here")
     if name == "npu":
         try:
             import torch_npu  # noqa: F401  (registers the npu device with torch)
         except ImportError:
-            raise UsageError("--device npu needs torch_npu (pip install 'bi-compile[ascend]')") from None
+            raise CommandError("--device npu needs torch_npu (pip install 'bi-compile[ascend]')") from None
         if not torch.npu.is_available():
-            raise UsageError("--device npu: torch_npu sees no NPU here")
+            raise CommandError("--device npu: torch_npu sees no NPU here")
     if dtype == "auto":  # fp32 is what CPUs do well; accelerators run the bf16 of real serving
         return name, torch.float32 if name == "cpu" else torch.bfloat16
     return name, DTYPES[dtype]
@@ -217,7 +223,7 @@ def run_variant(name: str, model, forward, work: Workload, steps: int, progress:
     return result
 
 
-def run_check(args) -> int:
+def run_check(args) -> bool:
     import bi_compile
 
     batch_sizes = sorted(set(args.batch_sizes))
@@ -248,7 +254,7 @@ def run_check(args) -> int:
     print(json.dumps(summary) if args.json else format_check(summary, results, report), flush=True)
     if args.plot:  # after the results, so that they are out even if the plot fails
         plot_mismatches(results, len(work.prompts), args.plot)
-    return EXIT_OK if bi.invariant else EXIT_VARIANT
+    return bi.invariant
 
 
 def format_check(summary: dict, results: list[VariantResult], report) -> str:
@@ -303,7 +309,7 @@ def plot_mismatches(results: list[VariantResult], num_prompts: int, path: str) -
 # ------------------------------------------------------------------------------------------------- audit
 
 
-def run_audit(args) -> int:
+def run_audit(args) -> bool:
     import bi_compile
 
     bi_compile.clear_reports()
@@ -318,7 +324,7 @@ def run_audit(args) -> int:
             head = (f"audit of model {args.model} on {weight.device} ({str(weight.dtype).removeprefix('torch.')}): "
                     f"{len(bi_compile.reports())} graphs compiled by bi_ascend (prefill and decode); {versions()}")
     print(json.dumps({"header": head, **report.to_dict()}) if args.json else f"{head}\n{report.format()}")
-    return EXIT_VARIANT if args.strict and report.findings else EXIT_OK
+    return not (args.strict and report.findings)
 
 
 def audit_exported_file(path: str):
@@ -327,7 +333,7 @@ def audit_exported_file(path: str):
     try:
         exported = torch.export.load(path)
     except Exception as error:  # a file that is not a torch.export archive: say so in one line
-        raise UsageError(f"--exported {path}: not a torch.export program ({type(error).__name__}: {error})") from None
+        raise CommandError(f"--exported {path}: not a torch.export program ({type(error).__name__}: {error})") from None
     return audit_exported(exported)
 
 
@@ -342,7 +348,7 @@ def audit_model(args):
 
 
 def op_table_rows() -> list[tuple[str, str, str]]:
-    from bi_compile.passes.replace import REPLACEMENTS
+    from bi_compile.passes import REPLACEMENTS
 
     return [(row.source, row.target, row.note) for row in REPLACEMENTS]
 
@@ -357,11 +363,11 @@ def replace_op_table(text: str, table: str) -> str:
     """``text`` with the part between the op-table markers replaced by ``table``."""
     start, end = text.find(OP_TABLE_START), text.find(OP_TABLE_END)
     if start < 0 or end < start:
-        raise UsageError(f"no {OP_TABLE_START} ... {OP_TABLE_END} markers found")
+        raise CommandError(f"no {OP_TABLE_START} ... {OP_TABLE_END} markers found")
     return text[: start + len(OP_TABLE_START)] + "\n" + table + "\n" + text[end:]
 
 
-def run_ops(args) -> int:
+def run_ops(args) -> bool:
     if args.update:
         path = Path(args.update)
         path.write_text(replace_op_table(path.read_text(), op_table_markdown()))
@@ -372,7 +378,7 @@ def run_ops(args) -> int:
         width = max(len(source) for source, _, _ in rows)
         for source, target, note in rows:
             print(f"{source.ljust(width)}  -> {target:<15} {note}".rstrip())
-    return 0
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- entry
@@ -381,10 +387,12 @@ def run_ops(args) -> int:
 COMMANDS = {"check": run_check, "audit": run_audit, "ops": run_ops}
 
 
-def run(args) -> int:
-    """Run a parsed command (bi_compile_cli.main parses and checks the arguments first)."""
+def run(args) -> bool:
+    """Run a parsed command (bi_compile_cli.main parses and checks the arguments first): whether it passed (for
+    ``check``, bi_ascend invariant; for ``audit --strict``, no finding). Bad input found here raises
+    ``CommandError``."""
     with torch_quiet(args.verbose):
         try:
             return COMMANDS[args.command](args)
         except ModelError as error:  # a model name or checkpoint the embedded decoder cannot take
-            raise UsageError(str(error)) from None
+            raise CommandError(str(error)) from None

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-from bi_compile.passes import Report
-from bi_compile.passes.pipeline import record_report, source_hash
+from bi_compile.passes import Report, record_report, source_hash
 
 
 def graph_key(gm: torch.fx.GraphModule, example_inputs, *settings) -> str:

@@ -8,13 +8,9 @@ Two routes switch batch invariance on from vLLM's command line (docs/vllm.md has
     piecewise:    --compilation-config '{"inductor_passes":
                                          {"post_grad_custom_post_pass": "bi_compile.post_grad_pass"}}'
 
-The piecewise route hands vLLM the object ``bi_compile.post_grad_pass``. vLLM resolves the name with
-``__import__("bi_compile").__dict__["post_grad_pass"]`` and keeps the object as it is only if it is an instance of
-its own ``InductorPass``; anything else it wraps in ``CallableInductorPass``, whose ``uuid()`` hashes the source of
-the wrapper's class only, so a change to a pass file would not reach vLLM's compile-cache key. Hence the pass is
-built as a subclass of both ``BatchInvariantPass`` (first, so its ``uuid()`` wins) and vLLM's ``InductorPass`` —
-but only when vLLM is already imported: importing vLLM costs seconds and patches torch, which ``import bi_compile``
-must never do.
+The piecewise route hands vLLM the object ``bi_compile.post_grad_pass``: where vLLM is imported, an instance of
+``bi_compile.vllm_pass.VllmBatchInvariantPass`` (why: that module's docstring), elsewhere the plain pipeline, because
+importing vLLM costs seconds and patches torch, which ``import bi_compile`` must never do.
 
 The plugin (``register``) runs in every vLLM process (front end, engine core, workers) before vLLM builds its
 engine config. It is inert unless ``BI_COMPILE_VLLM=1``. Switched on, it
@@ -42,21 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bi_compile.passes.pipeline import BatchInvariantPass
+from bi_compile.passes import BatchInvariantPass
+from bi_compile.vllm_checks import SWITCH, VllmSettingError, check_running_vllm, platform_kind, switched_on
 
 logger = logging.getLogger(__name__)
-
-SWITCH = "BI_COMPILE_VLLM"
-
-# vLLM's ``AttentionBackendEnum`` names whose split of the keys is fixed once ``VLLM_BATCH_INVARIANT=1``
-# (FLASH_ATTN: num_splits=1; TRITON_ATTN: no 3-D split-softmax path; FLEX_ATTENTION: 16x16 blocks). CPU_ATTN is the
-# only backend of the CPU platform; its split is pinned off through VLLM_CPU_ATTN_SPLIT_KV.
-INVARIANT_ATTENTION_BACKENDS = {"gpu": ("FLASH_ATTN", "TRITON_ATTN", "FLEX_ATTENTION"), "cpu": ("CPU_ATTN",)}
-
-
-class VllmSettingError(RuntimeError):
-    """A vLLM setting that breaks batch invariance while ``BI_COMPILE_VLLM=1``; the message names the setting."""
-
 
 @dataclass(frozen=True)
 class EnvPin:
@@ -81,19 +66,6 @@ ENV_PINS = (
 )
 
 
-def switched_on() -> bool:
-    value = os.environ.get(SWITCH, "0")
-    if value not in ("0", "1"):
-        raise VllmSettingError(f"{SWITCH} must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
-def platform_kind() -> str:
-    from vllm.platforms import current_platform
-
-    return "cpu" if current_platform.is_cpu() else "gpu"
-
-
 def pin_environment(platform: str) -> list[EnvPin]:
     """Set each pin of this platform where unset; refuse a conflicting value. Returns the pins it set."""
     pins = [pin for pin in ENV_PINS if pin.platform in ("all", platform)]
@@ -107,83 +79,13 @@ def pin_environment(platform: str) -> list[EnvPin]:
     return set_now
 
 
-def check_vllm_config(config) -> list[str]:
-    """The settings of a ``VllmConfig`` known to break batch invariance, each as one line naming the setting."""
-    from vllm.config import CompilationMode
-
-    problems = []
-    platform = platform_kind()
-    compilation = config.compilation_config
-    backend = config.attention_config.backend
-    if backend is not None and backend.name not in INVARIANT_ATTENTION_BACKENDS[platform]:
-        problems.append(f"attention backend {backend.name} (--attention-backend) has no fixed split size; use one "
-                        f"of {', '.join(INVARIANT_ATTENTION_BACKENDS[platform])}")
-    if compilation.pass_config.fuse_allreduce_rms:
-        problems.append("pass_config.fuse_allreduce_rms=true fuses the all-reduce with RMSNorm, which is not "
-                        "batch-invariant (vLLM's own mode turns it off too)")
-    if compilation.mode in (CompilationMode.STOCK_TORCH_COMPILE, CompilationMode.DYNAMO_TRACE_ONCE) and \
-            compilation.backend not in ("bi_ascend", "inductor"):
-        problems.append(f"compilation backend {compilation.backend!r} runs no bi-compile pass; use \"bi_ascend\" "
-                        "or \"inductor\"")
-    if platform == "gpu" and config.parallel_config.tensor_parallel_size > 1 and \
-            not config.parallel_config.disable_custom_all_reduce and \
-            os.environ.get("VLLM_CUSTOM_ALLREDUCE_ALGO") != "1stage":
-        problems.append("custom all-reduce (tensor_parallel_size > 1) without VLLM_CUSTOM_ALLREDUCE_ALGO=1stage "
-                        "reduces in an order that depends on the message size; set VLLM_BATCH_INVARIANT=1 or "
-                        "--disable-custom-all-reduce")
-    return problems
-
-
-_checked = False
-
-
-def check_running_vllm() -> None:
-    """Refuse, once per process, the settings of the vLLM engine compiling now (no-op outside vLLM / plugin off)."""
-    global _checked
-    if _checked or "vllm" not in sys.modules or not switched_on():
-        return
-    from vllm.config import get_current_vllm_config_or_none
-
-    config = get_current_vllm_config_or_none()
-    if config is None:
-        return
-    _checked = True
-    problems = check_vllm_config(config)
-    if problems:
-        raise VllmSettingError(f"{SWITCH}=1: settings that break batch invariance:\n  " + "\n  ".join(problems))
-
-
-def vllm_pass_class() -> type:
-    """``BatchInvariantPass`` as a vLLM ``InductorPass`` (built on first use; needs vLLM imported)."""
-    if "VllmBatchInvariantPass" in globals():
-        return globals()["VllmBatchInvariantPass"]
-    from vllm.compilation.passes.inductor_pass import InductorPass
-
-    class VllmBatchInvariantPass(BatchInvariantPass, InductorPass):
-        """The pipeline at vLLM's ``post_grad_custom_post_pass`` slot: after vLLM's fusions, before it lowers its
-        ``vllm_ir`` ops; ``uuid()`` is the pipeline's (sources + options), which vLLM folds into its cache key."""
-
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            check_running_vllm()
-            super().__call__(graph)
-
-    # A module-level name, so that pickle (vLLM ships its config to the engine and worker processes) finds it.
-    VllmBatchInvariantPass.__module__ = __name__
-    VllmBatchInvariantPass.__qualname__ = "VllmBatchInvariantPass"
-    globals()["VllmBatchInvariantPass"] = VllmBatchInvariantPass
-    return VllmBatchInvariantPass
-
-
-def __getattr__(name: str):
-    # Unpickling in a fresh worker looks the class up before anyone has built it.
-    if name == "VllmBatchInvariantPass":
-        return vllm_pass_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def make_post_grad_pass() -> BatchInvariantPass:
     """What ``bi_compile.post_grad_pass`` is: vLLM-typed where vLLM is imported, the plain pipeline elsewhere."""
-    return vllm_pass_class()() if "vllm" in sys.modules else BatchInvariantPass()
+    if "vllm" not in sys.modules:
+        return BatchInvariantPass()
+    from bi_compile.vllm_pass import VllmBatchInvariantPass
+
+    return VllmBatchInvariantPass()
 
 
 class DefaultRoutePass(BatchInvariantPass):
@@ -215,8 +117,10 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point (runs in every vLLM process, possibly more than once)."""
     import bi_compile
 
+    from bi_compile.vllm_pass import VllmBatchInvariantPass
+
     # vLLM is imported by now: make sure the piecewise route's object is vLLM-typed whatever the import order was.
-    if not isinstance(getattr(bi_compile, "post_grad_pass", None), vllm_pass_class()):
+    if not isinstance(getattr(bi_compile, "post_grad_pass", None), VllmBatchInvariantPass):
         bi_compile.post_grad_pass = make_post_grad_pass()
     if not switched_on():
         return

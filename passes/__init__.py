@@ -1,11 +1,16 @@
 """FX passes that make a captured ATen graph batch-invariant (shipped as ``bi_compile.passes``).
 
-``pipeline`` owns the order; each other module is one pass. See ``pipeline.py``'s docstring.
+``pipeline`` owns the pass order and runs it; each of ``unfuse_add_rms_norm``, ``replace``, ``contiguous`` and
+``audit`` is one pass; ``report`` holds what the audit found and the record of every graph's report;
+``cache_hash`` the version key of all of it. Code outside this package imports from the package only.
 """
 
-from .audit import Finding, Report
-from .pipeline import (BatchInvarianceError, BatchInvarianceWarning, BatchInvariantPass,
-                       audit_exported, clear_reports, last_report, reports, run_pipeline)
+from .pipeline import BatchInvariantPass, audit_exported, run_pipeline
+from .replace import REPLACEMENTS, decompositions_keeping_rewritten_ops
+from .report import (BatchInvarianceError, BatchInvarianceWarning, Finding, Report, clear_reports, last_report,
+                     record_report, reports)
+from .cache_hash import source_hash
 
-__all__ = ["BatchInvarianceError", "BatchInvarianceWarning", "BatchInvariantPass", "Finding", "Report",
-           "audit_exported", "clear_reports", "last_report", "reports", "run_pipeline"]
+__all__ = ["REPLACEMENTS", "BatchInvarianceError", "BatchInvarianceWarning", "BatchInvariantPass", "Finding", "Report",
+           "audit_exported", "clear_reports", "decompositions_keeping_rewritten_ops", "last_report", "record_report",
+           "reports", "run_pipeline", "source_hash"]

@@ -12,12 +12,11 @@ The audit changes nothing; its ``Report`` is what ``strict=True`` raises on and 
 from __future__ import annotations
 
 import operator
-from dataclasses import asdict, dataclass, field
-
 import torch
 from torch.fx import Graph, Node
 
 from .fx_utils import FUNCTIONALIZED, fake_value, op_call, source_line
+from .report import Finding, Report
 
 CORE_NAMESPACES = ("aten", "prims")  # the name sets below apply to both
 VARIANT = frozenset(
@@ -49,65 +48,6 @@ ORDER_FREE = frozenset(
     ).split()
 )
 ACCUMULATING = {"index_put": "accumulate", "_unsafe_index_put": "accumulate", "scatter": "reduce"}
-
-
-@dataclass
-class Finding:
-    node: str
-    target: str
-    kind: str  # "variant" | "unknown"
-    source: str  # "file.py:123  code", from node.meta['stack_trace']
-
-
-@dataclass
-class Report:
-    rewrites: dict[str, int] = field(default_factory=dict)  # "aten.mm.default -> bi.linear": 4
-    copies: dict[str, int] = field(default_factory=dict)  # "bi::softmax:self": 1 (contiguous copies inserted)
-    copied_inputs: list[str] = field(default_factory=list)  # graph inputs copied on every call (should be none)
-    counts: dict[str, int] = field(default_factory=lambda: {"invariant": 0, "variant": 0, "unknown": 0})
-    findings: list[Finding] = field(default_factory=list)
-    cached_graphs: int = 0  # graphs Inductor loaded from its cache, audited when compiled (counted above)
-    unaudited_graphs: int = 0  # graphs Inductor loaded from its cache with no audit on record (not counted)
-
-    @property
-    def invariant(self) -> bool:
-        return not self.findings
-
-    @classmethod
-    def merge(cls, reports) -> Report:
-        merged = cls()
-        for report in reports:
-            for mine, theirs in ((merged.rewrites, report.rewrites), (merged.copies, report.copies),
-                                 (merged.counts, report.counts)):
-                for key, n in theirs.items():
-                    mine[key] = mine.get(key, 0) + n
-            merged.copied_inputs += report.copied_inputs
-            merged.findings += report.findings
-            merged.cached_graphs += report.cached_graphs
-            merged.unaudited_graphs += report.unaudited_graphs
-        return merged
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, fields: dict) -> Report:
-        return cls(**{**fields, "findings": [Finding(**finding) for finding in fields["findings"]]})
-
-    def format(self) -> str:
-        lines = [f"nodes: {self.counts['invariant']} invariant, {self.counts['variant']} variant, "
-                 f"{self.counts['unknown']} unknown"]
-        lines += [f"  rewrote {n:4d} x {rewrite}" for rewrite, n in sorted(self.rewrites.items())]
-        lines += [f"  copied  {n:4d} x {where} (layout contract)" for where, n in sorted(self.copies.items())]
-        lines += [f"  copies graph input {name} on every call" for name in self.copied_inputs]
-        lines += [f"  {f.kind:8s} {f.target}  ({f.node})  {f.source or 'no source line'}" for f in self.findings]
-        if self.cached_graphs:
-            lines.append(f"  {self.cached_graphs} graph(s) loaded from Inductor's cache: counted above as audited "
-                         "when they were compiled")
-        if self.unaudited_graphs:
-            lines.append(f"  {self.unaudited_graphs} graph(s) loaded from Inductor's cache with no audit on record, "
-                         "not counted above: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 audits them again")
-        return "\n".join(lines)
 
 
 def integer_arithmetic(call) -> bool:

@@ -144,11 +144,3 @@ def rewire(call: OpCall, produced: dict) -> None:
                 user.replace_all_uses_with(index_of[index])
                 node.graph.erase_node(user)
     node.graph.erase_node(node)
-
-
-def views_as_reshapes(graph: Graph) -> None:
-    """For graphs run op by op (no Inductor): a bi op may lay its output out differently from the op it replaced
-    (SDPA's output is a transposed view, bi.attention's is contiguous), so views traced against the old strides
-    become reshapes, which are the same views where the strides allow and copy only where they don't."""
-    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.view.default):
-        node.target = torch.ops.aten.reshape.default

@@ -253,3 +253,9 @@ def replace_pass(graph: Graph) -> Counter:
                 rewrites[f"{row.source} -> {row.target}"] += 1
                 break
     return rewrites
+
+
+def decompositions_keeping_rewritten_ops(table: dict) -> dict:
+    """``table`` less the ops the pipeline rewrites, so they reach it whole instead of as mul/sum/exp."""
+    kept = aten_ops_kept_whole()
+    return {op: fn for op, fn in table.items() if op not in kept}

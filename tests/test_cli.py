@@ -203,7 +203,7 @@ def test_bench_without_a_source_checkout(capsys, monkeypatch, tmp_path):
 def test_replace_op_table_keeps_the_text_around_it():
     text = f"intro\n{cli.OP_TABLE_START}\nold\n{cli.OP_TABLE_END}\noutro\n"
     assert cli.replace_op_table(text, "NEW") == f"intro\n{cli.OP_TABLE_START}\nNEW\n{cli.OP_TABLE_END}\noutro\n"
-    with pytest.raises(cli.UsageError, match="markers"):
+    with pytest.raises(cli.CommandError, match="markers"):
         cli.replace_op_table("no markers", "NEW")
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.backends.common import aot_autograd
+from torch._inductor.fx_passes.post_grad import view_to_reshape
 
 from bi_compile.ops.library import LAYOUT_CONTRACTS
 from bi_compile.passes import run_pipeline
-from bi_compile.passes.fx_utils import fake_value, views_as_reshapes
+from bi_compile.passes.fx_utils import fake_value
 
 from . import foreign_ops
 
@@ -26,7 +27,7 @@ def rewritten(fn, *args, dynamic=False):
 
     def forward(gm, _inputs):
         seen.append((gm, run_pipeline(gm.graph)))
-        views_as_reshapes(gm.graph)
+        view_to_reshape(gm)
         gm.recompile()
         return gm
 

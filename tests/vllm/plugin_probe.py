@@ -27,7 +27,7 @@ def main() -> None:
     from vllm.config import AttentionConfig, CompilationConfig, VllmConfig
     from vllm.config.compilation import PassConfig
 
-    from bi_compile import vllm_plugin
+    from bi_compile import vllm_checks, vllm_plugin
     from bi_compile.passes import BatchInvariantPass
 
     facts = {}
@@ -46,7 +46,7 @@ def main() -> None:
     try:
         vllm_plugin.register()
         facts["conflict_error"] = None
-    except vllm_plugin.VllmSettingError as error:
+    except vllm_checks.VllmSettingError as error:
         facts["conflict_error"] = str(error)
     del os.environ["VLLM_CPU_ATTN_SPLIT_KV"]
 
@@ -57,8 +57,8 @@ def main() -> None:
     breaking = VllmConfig(attention_config=AttentionConfig(backend="FLASHINFER"),
                           compilation_config=CompilationConfig(mode=2, backend="eager",
                                                                pass_config=PassConfig(fuse_allreduce_rms=True)))
-    facts["breaking_config_problems"] = vllm_plugin.check_vllm_config(breaking)
-    facts["default_config_problems"] = vllm_plugin.check_vllm_config(VllmConfig())
+    facts["breaking_config_problems"] = vllm_checks.check_vllm_config(breaking)
+    facts["default_config_problems"] = vllm_checks.check_vllm_config(VllmConfig())
     print("PROBE " + json.dumps(facts))
 
 

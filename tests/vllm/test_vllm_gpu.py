@@ -13,7 +13,7 @@ process (``conftest.gpu_results``), so the whole suite costs about one engine st
 from __future__ import annotations
 
 import pytest
-from bi_compile.vllm_plugin import INVARIANT_ATTENTION_BACKENDS
+from bi_compile.vllm_checks import INVARIANT_ATTENTION_BACKENDS
 from workloads import (CHUNK_TOKENS, alone_batched_differences, assert_alone_batched_invariant,
                        assert_needle_invariant, needle_mismatches)
 
