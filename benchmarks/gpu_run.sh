@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs, cut to fit one device call (10 minutes) each. Run from the repository root; results go to $OUT
+# The GPU runs, in stages of at most about 10 minutes each. Run from the repository root; results go to $OUT
 # (or ./out). Stages, in the order a session should take them:
 #
 #   tests-ops      pytest -m gpu on the op files                                  (~7 min)
