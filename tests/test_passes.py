@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import pytest
@@ -299,3 +300,18 @@ def test_qwen3_moe_with_grouped_mm_experts_leaves_nothing_variant():
     assert report.findings == [] and report.rewrites["aten._grouped_mm.default -> bi.grouped_mm"] == 2  # gate_up, down
     assert "aten._grouped_mm.default" not in targets(gm)
     torch.testing.assert_close(out, logits(ids), rtol=2e-2, atol=2e-2)  # bf16 logits, another summation order
+
+
+def test_each_pass_logs_its_count_and_can_dump_the_graph_around_it(caplog, monkeypatch, tmp_path):
+    """One debug line per pass with its count (rewrites, copies, findings); BI_COMPILE_DEBUG_DIR gets the graph
+    before and after each pass."""
+    monkeypatch.setenv("BI_COMPILE_DEBUG_DIR", str(tmp_path))
+    with caplog.at_level(logging.DEBUG, logger="bi_compile.passes.pipeline"):
+        rewritten(lambda x, w: torch.softmax(x @ w, -1), torch.randn(4, 8), torch.randn(8, 8))
+    assert [r.getMessage() for r in caplog.records if r.name == "bi_compile.passes.pipeline"] == [
+        "bi_compile pass unfuse_add_rms_norm: 0", "bi_compile pass replace: 2", "bi_compile pass contiguous: 0",
+        "bi_compile pass audit: 0"]
+    dumps = {path.name.split("-", 1)[1]: path.read_text() for path in tmp_path.iterdir()}
+    assert len(dumps) == 8
+    assert "aten.mm" in dumps["2-replace-before.txt"] and "bi.mm" not in dumps["2-replace-before.txt"]
+    assert "aten.mm" not in dumps["2-replace-after.txt"] and "bi.mm" in dumps["2-replace-after.txt"]

@@ -26,14 +26,14 @@ from typing import NamedTuple
 
 import torch
 
-from .library import (FLOAT_DTYPES, Layout, check_dtype, define_op, layout_contract, map_row_tiles, memoized_on_metadata,
-                      reject)
+from bi_compile.ops import library
+from bi_compile.ops.library import Layout
 
 # Any strides: the op itself moves the reduced dims last (a copy only when they are not one unit-stride run),
 # so the graph pass never has to insert one.
-layout_contract("bi::sum", self=Layout.ANY)
-layout_contract("bi::mean", self=Layout.ANY)
-layout_contract("bi::mean_square", self=Layout.ANY)
+library.layout_contract("bi::sum", self=Layout.ANY)
+library.layout_contract("bi::mean", self=Layout.ANY)
+library.layout_contract("bi::mean_square", self=Layout.ANY)
 
 
 class _Plan(NamedTuple):
@@ -43,20 +43,21 @@ class _Plan(NamedTuple):
     out_dtype: torch.dtype
 
 
-@memoized_on_metadata
+@library.memoized_on_metadata
 def _plan(op: str, x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtype: torch.dtype | None) -> _Plan:
     """Validate; return how to lay the input out as rows and what to return."""
-    check_dtype(op, self=x)
+    library.check_dtype(op, self=x)
     out_dtype = x.dtype if dtype is None else dtype
-    if out_dtype not in FLOAT_DTYPES:
-        raise reject(op, f"unsupported dtype argument {out_dtype} (supported: float16, bfloat16, float32)", self=x)
+    if out_dtype not in library.FLOAT_DTYPES:
+        raise library.reject(op, f"unsupported dtype argument {out_dtype} (supported: float16, bfloat16, float32)",
+                             self=x)
     span = max(x.dim(), 1)  # a 0-dim tensor takes dim 0 or -1, as in aten
     reduced: list[int] = []
     for d in dim or range(x.dim()):
         if not -span <= d < span:
-            raise reject(op, f"dim {d} out of range for a rank-{x.dim()} tensor", self=x)
+            raise library.reject(op, f"dim {d} out of range for a rank-{x.dim()} tensor", self=x)
         if d % span in reduced:
-            raise reject(op, f"dim {d % span} appears more than once in dim={list(dim)}", self=x)
+            raise library.reject(op, f"dim {d % span} appears more than once in dim={list(dim)}", self=x)
         reduced.append(d % span)
     kept = [d for d in range(x.dim()) if d not in reduced]
     if keepdim:
@@ -98,12 +99,12 @@ def _cpu(kind: _Kind, x, dim, keepdim=False, dtype=None):
         total = (values * values if kind.square else values).sum(-1)
         return (total / n_cols if kind.mean else total).to(plan.out_dtype)
 
-    return map_row_tiles(tile_sums, rows.reshape(math.prod(rows.shape[:-1]), n_cols)).reshape(plan.out_shape)
+    return library.map_row_tiles(tile_sums, rows.reshape(math.prod(rows.shape[:-1]), n_cols)).reshape(plan.out_shape)
 
 
 def _triton(kind: _Kind, x, dim, keepdim=False, dtype=None):
     plan = _plan(kind.name, x, dim, keepdim, dtype)
-    from ..kernels.reduce import row_sum
+    from bi_compile.kernels.reduce import row_sum
 
     return row_sum(_as_rows(x, plan), plan.out_dtype, mean=kind.mean, square=kind.square).reshape(plan.out_shape)
 
@@ -115,5 +116,5 @@ for _name, _kind, _dtype, _schema in (
     ("mean_square", MEAN_SQUARE, torch.float32, "(Tensor self, int[]? dim, bool keepdim=False) -> Tensor"),
 ):
     _fixed = {} if _dtype is None else {"dtype": _dtype}
-    define_op(_name + _schema, fake=functools.partial(_fake, _kind, **_fixed), cpu=functools.partial(_cpu, _kind, **_fixed),
-              triton=functools.partial(_triton, _kind, **_fixed))
+    library.define_op(_name + _schema, fake=functools.partial(_fake, _kind, **_fixed),
+                      cpu=functools.partial(_cpu, _kind, **_fixed), triton=functools.partial(_triton, _kind, **_fixed))

@@ -19,23 +19,24 @@ from collections.abc import Callable
 
 import torch
 
-from .library import Layout, check_dtype, define_op, layout_contract, map_row_tiles, memoized_on_metadata, reject
+from bi_compile.ops import library
+from bi_compile.ops.library import Layout
 
 # Any strides: the op itself makes the softmax dim last and unit-stride (a copy only when it is not already),
 # so the graph pass never has to insert one.
-layout_contract("bi::softmax", self=Layout.ANY)
-layout_contract("bi::log_softmax", self=Layout.ANY)
+library.layout_contract("bi::softmax", self=Layout.ANY)
+library.layout_contract("bi::log_softmax", self=Layout.ANY)
 
 
-@memoized_on_metadata
+@library.memoized_on_metadata
 def _plan(op: str, x: torch.Tensor, dim: int, half_to_float: bool) -> tuple[int, torch.dtype]:
     """Validate; return the wrapped dim and the output dtype."""
-    check_dtype(op, self=x)
+    library.check_dtype(op, self=x)
     span = max(x.dim(), 1)  # a 0-dim tensor takes dim 0 or -1, as in aten
     if not -span <= dim < span:
-        raise reject(op, f"dim {dim} out of range for a rank-{x.dim()} tensor", self=x)
+        raise library.reject(op, f"dim {dim} out of range for a rank-{x.dim()} tensor", self=x)
     if half_to_float and x.dtype == torch.float32:
-        raise reject(op, "half_to_float needs a float16 or bfloat16 input", self=x)
+        raise library.reject(op, "half_to_float needs a float16 or bfloat16 input", self=x)
     return dim % span, torch.float32 if half_to_float else x.dtype
 
 
@@ -70,18 +71,19 @@ def _cpu(log: bool, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Ten
 
     def last_dim(moved: torch.Tensor) -> torch.Tensor:
         rows = moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
-        return map_row_tiles(lambda tile: _tile_softmax(tile, log), rows).to(out_dtype).reshape(moved.shape)
+        return library.map_row_tiles(lambda tile: _tile_softmax(tile, log), rows).to(out_dtype).reshape(moved.shape)
 
     return _along_last(x, dim, last_dim)
 
 
 def _triton(log: bool, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
     dim, out_dtype = _plan(_qualname(log), x, dim, half_to_float)
-    from ..kernels.softmax import softmax as launch
+    from bi_compile.kernels.softmax import softmax as launch
 
     return _along_last(x, dim, lambda moved: launch(moved, out_dtype, log=log))
 
 
 for _log in (False, True):
-    define_op(f"{_qualname(_log).removeprefix('bi::')}(Tensor self, int dim, bool half_to_float) -> Tensor",
-              fake=functools.partial(_fake, _log), cpu=functools.partial(_cpu, _log), triton=functools.partial(_triton, _log))
+    library.define_op(f"{_qualname(_log).removeprefix('bi::')}(Tensor self, int dim, bool half_to_float) -> Tensor",
+                      fake=functools.partial(_fake, _log), cpu=functools.partial(_cpu, _log),
+                      triton=functools.partial(_triton, _log))
