@@ -18,7 +18,8 @@ pytestmark = pytest.mark.gpu
 
 def _op_calls(g: torch.Generator):
     """Every kernel family at shapes and layouts that change its specialisation: odd and aligned sizes, row-strided
-    and misaligned views, batch 1 and more, bias or none, fp32 and bf16, causal and masked attention."""
+    and misaligned views, batch 1 and more, bias or none, fp32 and bf16, causal and masked attention. Each call binds
+    its tensors as defaults: the calls are collected before any runs, and the loop variables move on."""
     for dtype in (torch.bfloat16, torch.float32):
         base = torch.randn(301, 1040, device="cuda", generator=g).to(dtype)
         w = torch.randn(520, 1024, device="cuda", generator=g).to(dtype)
@@ -27,14 +28,14 @@ def _op_calls(g: torch.Generator):
         for m in (1, 2, 16, 17, 130, 300):
             x = base[:m, :1024]  # row stride 1040
             shifted = base[:m, 1:1025]  # data not 16-byte aligned
-            yield lambda x=x: torch.ops.bi.linear(x, w)
-            yield lambda x=x: torch.ops.bi.linear(x, w, bias)
-            yield lambda x=shifted: torch.ops.bi.linear(x, w)
-            yield lambda x=x: torch.ops.bi.mm(x, w.t())
-            yield lambda x=x: torch.ops.bi.rms_norm(x, norm_w, 1e-6)
-            yield lambda x=shifted: torch.ops.bi.add_rms_norm(x, x, norm_w, 1e-6)
+            yield lambda x=x, w=w: torch.ops.bi.linear(x, w)
+            yield lambda x=x, w=w, bias=bias: torch.ops.bi.linear(x, w, bias)
+            yield lambda x=shifted, w=w: torch.ops.bi.linear(x, w)
+            yield lambda x=x, w=w: torch.ops.bi.mm(x, w.t())
+            yield lambda x=x, norm_w=norm_w: torch.ops.bi.rms_norm(x, norm_w, 1e-6)
+            yield lambda x=shifted, norm_w=norm_w: torch.ops.bi.add_rms_norm(x, x, norm_w, 1e-6)
             yield lambda x=x: torch.ops.bi.softmax(x, -1, False)
-            yield lambda x=shifted: torch.ops.bi.log_softmax(x, -1, dtype != torch.float32)
+            yield lambda x=shifted, half=dtype != torch.float32: torch.ops.bi.log_softmax(x, -1, half)
             yield lambda x=x: torch.ops.bi.sum(x, [-1], False, torch.float32)
             yield lambda x=x: torch.ops.bi.mean(x, [0], True, None)
         for batch, q_len, kv_len in ((1, 1, 2048), (3, 16, 16), (2, 7, 600)):
