@@ -172,11 +172,11 @@ def test_vllm_norm_forms_functional_and_mutating(npu_and_vllm_ops):
 
 def test_rows_that_cannot_express_a_node_leave_it_for_the_audit(npu_and_vllm_ops):
     def fn(x, weight):
-        return torch.ops.vllm_ir.rms_norm(x, weight, 1e-6, 32), torch.cumsum(x, -1)
+        return torch.ops.vllm_ir.rms_norm(x, weight, 1e-6, 32), torch.cumprod(x, -1)
 
     gm, report, _ = rewritten(fn, torch.randn(2, 64), torch.randn(64))
     assert "vllm_ir.rms_norm.default" in targets(gm)
-    assert sorted(f.target for f in report.findings) == ["aten.cumsum.default", "vllm_ir.rms_norm.default"]
+    assert sorted(f.target for f in report.findings) == ["aten.cumprod.default", "vllm_ir.rms_norm.default"]
     assert all(f.kind == "variant" and "test_passes.py" in f.source for f in report.findings)
 
 
