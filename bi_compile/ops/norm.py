@@ -74,7 +74,9 @@ def _layer_norm_cpu_rows(x, weight, bias, eps):
         return torch.cat([mean, torch.rsqrt((values - mean).square().mean(-1, keepdim=True) + eps)], -1)
 
     rows = _flat_rows(x)
-    mean, rstd = library.map_row_tiles(tile_stats, rows).t().contiguous()[:, :, None]  # each [M, 1], contiguous
+    stats = library.map_row_tiles(tile_stats, rows)
+    # Two fresh contiguous tensors: outputs of an op may not alias each other.
+    mean, rstd = (stats[:, i : i + 1].clone(memory_format=torch.contiguous_format) for i in (0, 1))
     y = (rows.float() - mean) * rstd
     if weight is not None:
         y = y * weight.float()

@@ -165,8 +165,9 @@ def _moments_cpu(std: bool, x, dim, correction=1.0, keepdim=False):
         var = (values - mean).square().sum(-1, keepdim=True) / divisor
         return torch.cat([var.sqrt() if std else var, mean], -1)
 
-    stat, mean = library.map_row_tiles(tile_moments, rows).to(plan.out_dtype).t().contiguous()  # each [M], contiguous
-    return stat.reshape(plan.out_shape), mean.reshape(plan.out_shape)
+    moments = library.map_row_tiles(tile_moments, rows).to(plan.out_dtype)
+    # Two fresh contiguous tensors: outputs of an op may not alias each other.
+    return tuple(moments[:, i].clone(memory_format=torch.contiguous_format).reshape(plan.out_shape) for i in (0, 1))
 
 
 def _moments_triton(std: bool, x, dim, correction=1.0, keepdim=False):
