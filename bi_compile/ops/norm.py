@@ -50,6 +50,11 @@ def _check(op: str, weight: torch.Tensor | None, bias: torch.Tensor | None = Non
     library.check_layout(op, weight=weight, bias=bias, **inputs)
 
 
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., N] as contiguous [M, N] (a copy only for a strided x)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+
+
 def _rms_norm_cpu_rows(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU path: rstd from fixed [tile, N] blocks (library.map_row_tiles), then elementwise y."""
     rows = _flat_rows(x)
@@ -58,11 +63,6 @@ def _rms_norm_cpu_rows(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     if weight is not None:
         y = y * weight.float()
     return y.to(x.dtype).reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,))
-
-
-def _flat_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., N] as contiguous [M, N] (a copy only for a strided x)."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def _layer_norm_cpu_rows(x, weight, bias, eps):

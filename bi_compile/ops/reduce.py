@@ -21,7 +21,9 @@ usual x.sum(-1) / x.mean(-1, keepdim=True)); otherwise it costs one copy of the 
 integer sums are exact, so the graph pass leaves them to aten. All math is fp32, results in the input dtype (sum and
 mean: the ``dtype`` argument). Sums and means of long rows are split across programs (``kernels/reduce.py``); the
 variance (two passes over the row, in ``kernels/rms_norm.py``) and logsumexp (``kernels/softmax.py``) take one
-program per row, so ``x.var()`` over a whole large tensor runs on one SM: correct and invariant, not fast.
+program per row, so ``x.var()`` over a whole large tensor runs on one SM: correct and invariant, not fast. The mean
+of var_mean / std_mean is ``x.mean()``'s: a row of finite values and infs of one sign has that inf as its mean, where
+aten's Welford mean says NaN (the variance is NaN in both).
 """
 
 from __future__ import annotations
