@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/kernels.py                       # all ops, bf16, default shapes
     PYTHONPATH=. python benchmarks/kernels.py --ops linear softmax --ms 1 32 --markdown results.md
     PYTHONPATH=. python benchmarks/kernels.py --shapes qwen3-8b --dtype fp16 --cuda-graph
+    PYTHONPATH=. python benchmarks/kernels.py --shapes layer-norm --ops layer_norm --ms 256 2048 8192 --cuda-graph
 
 Each time is the median of ``triton.testing.do_bench`` over eager calls (L2 flushed between them, the host's
 cost included where it exceeds the GPU's), or with ``--cuda-graph`` the median of
@@ -43,6 +44,8 @@ PRESETS = {
     "qwen3-0.6b": Shapes(((1024, 2048), (1024, 1024), (2048, 1024), (1024, 3072), (3072, 1024), (1024, 151936)), (1024,)),
     # Qwen3-8B: fused qkv, o, fused gate_up, down, lm_head
     "qwen3-8b": Shapes(((4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096), (4096, 151936)), (4096,)),
+    # The hidden sizes of the LayerNorm families, 768 (GPT-2) to 8192; no projections. GPT-2's vocabulary.
+    "layer-norm": Shapes((), (768, 1024, 2048, 2560, 4096, 8192), vocab=50257),
 }
 # Without --shapes: the Qwen3-8B projections, the Qwen3-0.6B lm_head, both hidden sizes.
 DEFAULT_SHAPES = Shapes(((4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096), (1024, 151936)), (1024, 4096))
@@ -88,6 +91,7 @@ def reduction_cases(shapes: Shapes) -> list[Case]:
         if width != shapes.vocab:
             xw = lambda m, dtype, width=width: (_rand(m, width, dtype=dtype), _rand(width, dtype=dtype))  # noqa: E731
             xwx = lambda m, dtype, width=width: (_rand(m, width, dtype=dtype), _rand(width, dtype=dtype), _rand(m, width, dtype=dtype))  # noqa: E731
+            xww = lambda m, dtype, width=width: (_rand(m, width, dtype=dtype), _rand(width, dtype=dtype), _rand(width, dtype=dtype))  # noqa: E731
             cases += [
                 Case("rms_norm", f"hidden {width}", xw,
                      lambda t, w: torch.ops.bi.rms_norm(t, w, EPS),
@@ -95,6 +99,11 @@ def reduction_cases(shapes: Shapes) -> list[Case]:
                 Case("add_rms_norm", f"hidden {width}", xwx,
                      lambda a, w, b: torch.ops.bi.add_rms_norm(a, b, w, EPS),
                      lambda a, w, b, width=width: F.rms_norm(a + b, (width,), w, EPS)),
+                Case("layer_norm", f"hidden {width}", xww,
+                     lambda t, w, b: torch.ops.bi.layer_norm(t, w, b, EPS),
+                     lambda t, w, b, width=width: F.layer_norm(t, (width,), w, b, EPS)),
+                Case("var_mean", f"hidden {width}", x,
+                     lambda t: torch.ops.bi.var_mean(t, [-1]), lambda t: torch.var_mean(t, -1)),
             ]
         cases += [
             Case("softmax", f"width {width}", x, lambda t: torch.ops.bi.softmax(t, -1, False), lambda t: torch.softmax(t, -1)),
@@ -102,6 +111,8 @@ def reduction_cases(shapes: Shapes) -> list[Case]:
                  lambda t: torch.ops.bi.log_softmax(t, -1, False), lambda t: torch.log_softmax(t, -1)),
             Case("sum", f"width {width}", x, lambda t: torch.ops.bi.sum(t, [-1]), lambda t: t.sum(-1)),
             Case("mean", f"width {width}", x, lambda t: torch.ops.bi.mean(t, [-1]), lambda t: t.mean(-1)),
+            Case("logsumexp", f"width {width}", x, lambda t: torch.ops.bi.logsumexp(t, [-1]), lambda t: t.logsumexp(-1)),
+            Case("cumsum", f"width {width}", x, lambda t: torch.ops.bi.cumsum(t, -1), lambda t: t.cumsum(-1)),
         ]
     return cases
 

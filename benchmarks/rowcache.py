@@ -54,7 +54,8 @@ class RowCache(Cache):
     def __init__(self, config, max_batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str):
         text = config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        shape = (max_batch, text.num_key_value_heads, max_len, head_dim)
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads  # GPT-2, GPT-NeoX: no GQA
+        shape = (max_batch, kv_heads, max_len, head_dim)
         layers = [RowCacheLayer(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                   for _ in range(text.num_hidden_layers)]
         super().__init__(layers=layers)

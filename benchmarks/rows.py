@@ -2,10 +2,12 @@
 
     PYTHONPATH=. python benchmarks/rows.py --json rows.json --markdown rows.md
     PYTHONPATH=. python benchmarks/rows.py --ms 8192 --ops sum
+    PYTHONPATH=. python benchmarks/rows.py --ops layer_norm --ms 256 2048 8192 --markdown layer_norm.md
 
 The target: at M >= 256 rows, >= 80% of the device's copy bandwidth, counting each input read once and each output
 written once; where a copy of the same bytes cannot reach that (calls of a few MB are launch-bound), 80% of that
-copy (``bar_gbs``). A row blocking (``reduce.RowBlocking``: chunk length, rows per program, warps) is one fixed reduction
+copy (``bar_gbs``). LayerNorm's target (issue 24) is 85% of a copy of the same bytes at M >= 256, widths 768 to 8192
+(GPT-2 to the largest hidden sizes of the LayerNorm families). A row blocking (``reduce.RowBlocking``: chunk length, rows per program, warps) is one fixed reduction
 order per row length, shared by every row kernel (``reduce.row_blocking``), so each width is searched for sum, mean,
 softmax, log_softmax and rms_norm together:
 
@@ -35,7 +37,7 @@ import triton.language as tl
 from kernels import GRAPH_TIMING, graph_sets, heading, publish, time_us
 
 from bi_compile.kernels.reduce import FUSED_MAX, RowBlocking, row_blocking, row_sum
-from bi_compile.kernels.rms_norm import rms_norm
+from bi_compile.kernels.rms_norm import layer_norm, rms_norm
 from bi_compile.kernels.softmax import softmax
 
 M_CHECK = 8192  # the call the invariance check compares every other M against
@@ -92,10 +94,20 @@ def rms_norm_op(width: int) -> Op:
               lambda t: F.rms_norm(t, (width,), weight(t.device, t.dtype), EPS))
 
 
+def layer_norm_op(width: int) -> Op:
+    @functools.cache  # weight and bias, made once, outside the timed graph, on first use
+    def affine(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(width, device=device).to(dtype), torch.randn(width, device=device).to(dtype)
+
+    return Op("layer_norm", width, lambda x, b: layer_norm(x, *affine(x.device, x.dtype), EPS, blocking=b)[0],
+              lambda t: F.layer_norm(t, (width,), *affine(t.device, t.dtype), EPS))
+
+
 # A row blocking is shared by every row kernel (reduce.row_blocking), so each width is searched for all of them.
 HIDDEN = (1024, 4096)
+LAYER_NORM_WIDTHS = (768, 1024, 2048, 2560, 4096, 8192)  # GPT-2, Pythia-410M, Pythia-1.4B, Phi-2, ..., 8192
 OPS = ([sum_op(w, mean) for w in HIDDEN for mean in (False, True)] + [softmax_op(w, log) for w in HIDDEN for log in (False, True)]
-       + [rms_norm_op(w) for w in HIDDEN]
+       + [rms_norm_op(w) for w in HIDDEN] + [layer_norm_op(w) for w in LAYER_NORM_WIDTHS]
        + [sum_op(151936, False, max_m=8192)] + [softmax_op(151936, log, max_m=8192) for log in (False, True)])
 
 
@@ -156,16 +168,17 @@ def sweep(op: Op, m: int, dtype: torch.dtype, blockings: list[RowBlocking]) -> d
             "candidates": {label(b): gbs(time_us(lambda t, b=b: op.run(t, b), arg_sets, True)) for b in blockings}}
 
 
-def bar_gbs(copy: float, same_size_copy: float) -> float:
+def bar_gbs(op: str, copy: float, same_size_copy: float) -> float:
     """Issue 7's bar for one cell: 80% of the device's copy bandwidth, or of a copy that moves the same bytes where
-    that copy is slower (a small call is launch-bound, and no kernel moves its bytes faster than a copy does)."""
-    return 0.8 * min(copy, same_size_copy)
+    that copy is slower (a small call is launch-bound, and no kernel moves its bytes faster than a copy does).
+    LayerNorm's (issue 24): 85% of the copy of the same bytes."""
+    return 0.85 * same_size_copy if op == "layer_norm" else 0.8 * min(copy, same_size_copy)
 
 
 def markdown(rows: list[dict], rejected: dict, copy: float, title: str) -> str:
     lines = [title, "", f"Copy bandwidth in this run: {copy:.0f} GB/s; the target is 80% of it, {0.8 * copy:.0f} GB/s. "
              "A copy that moves the op's bytes, timed the same way, shows what the size allows; where it is slower, "
-             "the bar is 80% of that copy.", "",
+             "the bar is 80% of that copy. LayerNorm's bar is 85% of that copy.", "",
              "| op | width | M | same-size copy GB/s | stock GB/s | current | GB/s | % copy | bar GB/s | met | best | GB/s "
              "| % copy |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|"]
@@ -173,7 +186,7 @@ def markdown(rows: list[dict], rejected: dict, copy: float, title: str) -> str:
     for r in rows:
         best = max(r["candidates"], key=r["candidates"].get, default="-")
         best_gbs = r["candidates"].get(best, 0.0)
-        bar = bar_gbs(copy, r["same_size_copy_gbs"])
+        bar = bar_gbs(r["op"], copy, r["same_size_copy_gbs"])
         met = r["current_gbs"] >= bar
         if not met:
             misses.append(f"{r['op']} {r['width']} x {r['m']}")

@@ -184,7 +184,8 @@ def config_from_hf(path: Path) -> Qwen3Config:
         raise ModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     hf = json.loads(config_file.read_text())
     if hf.get("model_type") != "qwen3":
-        raise ModelError(f"{path} holds a {hf.get('model_type')!r} model; only Qwen3 (model_type 'qwen3') is supported")
+        raise ModelError(f"{path} holds a {hf.get('model_type')!r} model; only Qwen3 (model_type 'qwen3') is supported "
+                         "(other families: compile the transformers model with bi_ascend, docs/guide.md)")
     # transformers 5 moved rope settings into rope_parameters; older configs keep rope_theta / rope_scaling.
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":

@@ -1,9 +1,12 @@
 """Pass 4 — audit: classify every call node left in the graph, after the rewrites, and report by source line.
 
 - invariant: ``bi`` ops, pointwise ops, views, shape arithmetic, and ops whose result does not depend on a
-  reduction order (copies, gathers, max/argmax, sort, integer sums, ...);
+  reduction order (copies, gathers, sort, integer sums, ...). Among them the reductions that are exact in any order:
+  amax/amin/max/min (the result is one of the inputs, and NaN wins wherever it sits), argmax/argmin (that element's
+  index; ties go to the first index), and linalg_vector_norm of order +-inf (the max or min of |x|);
 - variant: ops known to reduce in a batch-dependent order that the table could not rewrite (a matmul or
-  reduction whose arguments no row accepts, layer/group norm, cumsum, scatter-add, attention kernels, ...);
+  reduction whose arguments no row accepts, a float prod or cumprod, group/batch norm, scatter-add, attention
+  kernels, ...);
 - unknown: anything else — custom ops of other libraries (vLLM's attention and MoE), collectives, random ops.
 
 The audit changes nothing; its ``Report`` is what ``strict=True`` raises on and what ``bi-compile audit`` prints.
@@ -60,6 +63,11 @@ def integer_arithmetic(call) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex
 
 
+def max_norm(call) -> bool:
+    """linalg_vector_norm of order inf or -inf: max(|x|) or min(|x|), one of its inputs whatever the order."""
+    return call.op._schema.name == "aten::linalg_vector_norm" and abs(call.arguments.get("ord", 2)) == float("inf")
+
+
 def classify(node: Node) -> tuple[str, str]:
     """(kind, target name) of a call node."""
     if node.target is operator.getitem or not isinstance(node.target, torch._ops.OperatorBase):
@@ -76,7 +84,7 @@ def classify(node: Node) -> tuple[str, str]:
     if core and name in ACCUMULATING:
         return ("variant" if call.arguments.get(ACCUMULATING[name]) else "invariant"), label
     if (core and name in VARIANT) or name in VARIANT_FOREIGN:
-        return ("invariant" if integer_arithmetic(call) else "variant"), label
+        return ("invariant" if integer_arithmetic(call) or max_norm(call) else "variant"), label
     if torch.Tag.pointwise in op.tags or op.is_view or (core and name in ORDER_FREE):
         return "invariant", label
     if core and torch.Tag.nondeterministic_seeded not in op.tags and not op._schema.returns:

@@ -144,6 +144,47 @@ def rms_norm_of(x, weight, eps, normalized_shape=None):
     return {"input": x, "weight": weight, "eps": float(eps)}
 
 
+def layer_norm(a):
+    """aten.native_layer_norm over the last dim of a floating input, with floating weight and bias or none."""
+    if len(a["normalized_shape"]) != 1 or not all(t is None or floating(t) for t in (a["weight"], a["bias"])):
+        return None
+    if not floating(a["input"]):
+        return None
+    return {"input": a["input"], "weight": a["weight"], "bias": a["bias"], "eps": float(a["eps"])}
+
+
+def layer_norm_with_statistics(a):
+    """``layer_norm``, where aten's mean and rstd are fp32 as bi.layer_norm's (on CPU aten keeps a half input's
+    statistics in its dtype: such a node is rewritten only if its statistics are unused, by the next row)."""
+    x = fake_value(a["input"])
+    return layer_norm(a) if x.dtype == torch.float32 or x.device.type not in ("cpu", "mtia") else None
+
+
+def moments(a):
+    """var_mean / std_mean (and var / std, their first output) of floating inputs; aten's default correction is 1."""
+    if not floating(a["self"]):
+        return None
+    correction = 1 if a["correction"] is None else a["correction"]
+    return {"self": a["self"], "dim": a["dim"], "correction": float(correction), "keepdim": a["keepdim"]}
+
+
+def l2_norm(a):
+    """linalg_vector_norm of order 2 (other orders stay: inf and -inf are a max, exact, the rest are audited)."""
+    if a["ord"] != 2 or not floating(a["self"]) or a["dtype"] not in (None, fake_value(a["self"]).dtype):
+        return None
+    return {"self": a["self"], "dim": a["dim"], "keepdim": a["keepdim"]}
+
+
+def logsumexp(a):
+    return {"self": a["self"], "dim": a["dim"], "keepdim": a["keepdim"]} if floating(a["self"]) else None
+
+
+def cumsum(a):
+    if not floating(a["self"]) or a["dtype"] not in (None, *FLOATING):
+        return None  # integer cumsums (MoE routing offsets) are exact
+    return {"self": a["self"], "dim": a["dim"], "dtype": a["dtype"]}
+
+
 def unrepeated_kv(kv: Any) -> tuple[Node, int] | None:
     """(kv, n) for a [B, Hkv * n, S, D] tensor built as kv[:, :, None].expand(B, Hkv, n, S, D).reshape(...)
     (transformers' ``repeat_kv``): head h of it is head h // n of kv, which is what GQA reads."""
@@ -195,6 +236,17 @@ REPLACEMENTS: tuple[Replacement, ...] = (
     Replacement("aten.mean.dim", "bi.mean_square", mean_of_squares, note="mean(x.float() ** 2): read x, no squares in memory"),
     Replacement("aten.mean.dim", "bi.mean", reduction),
     Replacement("aten.mean.default", "bi.mean", reduction, note="all dims"),
+    Replacement("aten.var_mean.correction", "bi.var_mean", moments, note="floating inputs; any dims"),
+    Replacement("aten.var.correction", "bi.var_mean", moments, {None: 0}, note="the variance of var_mean"),
+    Replacement("aten.std_mean.correction", "bi.std_mean", moments),
+    Replacement("aten.std.correction", "bi.std_mean", moments, {None: 0}, note="the std of std_mean"),
+    Replacement("aten.linalg_vector_norm.default", "bi.l2_norm", l2_norm, note="ord=2, no dtype cast"),
+    Replacement("aten.logsumexp.default", "bi.logsumexp", logsumexp),
+    Replacement("aten.cumsum.default", "bi.cumsum", cumsum, note="floating; integer cumsums are exact"),
+    Replacement("aten.native_layer_norm.default", "bi.layer_norm", layer_norm_with_statistics, {0: 0, 1: 1, 2: 2},
+                note="last-dim normalized_shape; mean and rstd where aten's are fp32"),
+    Replacement("aten.native_layer_norm.default", "bi.layer_norm", layer_norm, {0: 0},
+                note="the output alone (CPU half inputs: aten's statistics keep their dtype)"),
     Replacement("aten.rms_norm.default", "bi.rms_norm",
                 lambda a: rms_norm_of(a["input"], a["weight"], a["eps"], a["normalized_shape"]), {None: 0},
                 note="last-dim normalized_shape"),

@@ -43,30 +43,30 @@ def test_bad_option_fails_the_compile():
         fn(torch.randn(3, 4))
 
 
-def variance_by_cumsum(x):
-    return torch.cumsum(x, -1) @ x.t()
+def variance_by_cumprod(x):
+    return torch.cumprod(x, -1) @ x.t()
 
 
 @pytest.mark.parametrize("inner", ["inductor", "eager"])
 def test_strict_mode_names_each_variant_node_with_its_source_line(inner):
     with pytest.raises(Exception) as caught:
-        compiled(variance_by_cumsum, inner, strict=True)(torch.randn(4, 4))
+        compiled(variance_by_cumprod, inner, strict=True)(torch.randn(4, 4))
     error = caught.value.inner_exception  # Dynamo/Inductor wrap what a backend raises; the message is ours
     assert isinstance(error, BatchInvarianceError) and str(error) in str(caught.value)
-    assert "aten.cumsum.default" in str(error) and "test_backend.py" in str(error)
-    assert "return torch.cumsum(x, -1) @ x.t()" in str(error)
+    assert "aten.cumprod.default" in str(error) and "test_backend.py" in str(error)
+    assert "return torch.cumprod(x, -1) @ x.t()" in str(error)
 
 
 @pytest.mark.parametrize("inner", ["inductor", "eager"])
 def test_default_mode_warns_and_still_compiles(inner):
     x = torch.randn(4, 4)
     bi_compile.clear_reports()
-    with pytest.warns(BatchInvarianceWarning, match="aten.cumsum.default"):
-        out = compiled(variance_by_cumsum, inner)(x)
-    torch.testing.assert_close(out, variance_by_cumsum(x), rtol=1e-5, atol=1e-5)
+    with pytest.warns(BatchInvarianceWarning, match="aten.cumprod.default"):
+        out = compiled(variance_by_cumprod, inner)(x)
+    torch.testing.assert_close(out, variance_by_cumprod(x), rtol=1e-5, atol=1e-5)
     report = bi_compile.last_report()
     assert report.rewrites == {"aten.mm.default -> bi.linear": 1} and [f.target for f in report.findings] == [
-        "aten.cumsum.default"]
+        "aten.cumprod.default"]
 
 
 class Block(torch.nn.Module):
@@ -140,11 +140,11 @@ def test_a_graph_from_inductors_cache_brings_back_its_report():
 
 
 def test_a_cached_graph_warns_again_about_what_it_left_variant():
-    (first, first_warnings), (second, second_warnings) = compile_twice_through_inductors_cache(variance_by_cumsum,
+    (first, first_warnings), (second, second_warnings) = compile_twice_through_inductors_cache(variance_by_cumprod,
                                                                                                torch.randn(4, 4))
     assert second.cached_graphs == 1 and second.findings == first.findings
-    assert "return torch.cumsum(x, -1) @ x.t()" in second.findings[0].source
-    assert second_warnings == first_warnings and "aten.cumsum.default" in second_warnings[0]
+    assert "return torch.cumprod(x, -1) @ x.t()" in second.findings[0].source
+    assert second_warnings == first_warnings and "aten.cumprod.default" in second_warnings[0]
 
 
 @pytest.mark.parametrize("damage", ["removed", "truncated"])

@@ -40,13 +40,15 @@ def test_row_search_candidates_fit_the_registers(rows):
     assert whole and all(not b.fused and b.rows == 1 and b.block // (32 * b.num_warps) <= 64 for b in split)
     assert not any(b.piece for b in whole) and set(whole) < set(split)  # only a kernel that can split gets pieces
     assert {op.name for op in rows.OPS if op.split} == {"sum", "mean"}
-    assert {(o.name, o.width) for o in rows.OPS} >= {("rms_norm", 4096), ("softmax", 1024), ("sum", 151936)}
+    assert {(o.name, o.width) for o in rows.OPS} >= {("rms_norm", 4096), ("softmax", 1024), ("sum", 151936),
+                                                    ("layer_norm", 768), ("layer_norm", 8192)}
+    assert rows.bar_gbs("layer_norm", 3000.0, 2000.0) == 0.85 * 2000.0  # issue 24: 85% of the same-size copy
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf - inf
 def test_row_search_invariance_check_passes_the_kernels_and_catches_a_variant_op(rows):
     x = torch.randn(40, 300, generator=torch.Generator().manual_seed(0))
-    for op in (rows.sum_op(300, mean=True), rows.softmax_op(300, log=True), rows.rms_norm_op(300)):
+    for op in (rows.sum_op(300, mean=True), rows.softmax_op(300, log=True), rows.rms_norm_op(300), rows.layer_norm_op(300)):
         assert rows.invariant(op, rows.RowBlocking(512, 2, True, 4), x, ms=[1, 3, 20])
     # The control: a "kernel" whose sum order depends on M (halves summed apart once M > 8) fails the check.
     variant = rows.Op("sum", 300, lambda t, b: t.sum(-1) if len(t) <= 8 else t[:, :150].sum(-1) + t[:, 150:].sum(-1),

@@ -1,6 +1,7 @@
 """Batch invariance of real architectures on the GPU, in graph mode.
 
-transformers models built from their configs (random bf16 weights, real layer shapes, cut to 2 layers) are compiled
+transformers models built from their configs (random bf16 weights, real layer shapes, cut to 2 layers: Qwen3, Qwen3-MoE,
+Llama 3, Gemma 3, and the LayerNorm families GPT-2, Pythia, Phi-2 and StarCoder2) are compiled
 with ``bi_ascend`` (strict: the audit must find nothing variant or unknown), and their decode step is captured in a
 CUDA graph per batch size (the FULL_DECODE_ONLY shape). Prompts have ragged lengths; each row keeps its own KV
 positions (``benchmarks/rowcache.py``), so a prompt occupies the same cache slots alone and inside any batch. A probe
@@ -65,6 +66,40 @@ def gemma3_config():
         max_position_embeddings=32768, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
 
 
+def gpt2_config():
+    """GPT-2 (124M) shapes: LayerNorm, Conv1D projections (addmm with an [in, out] weight), learned positions, tied
+    embeddings, 2 layers."""
+    return transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=2, n_head=12,
+                                   bos_token_id=50256, eos_token_id=50256)
+
+
+def pythia_config():
+    """Pythia-1.4B (GPT-NeoX) shapes: LayerNorm, parallel residual, rotary on a quarter of each head, 2 layers."""
+    return transformers.GPTNeoXConfig(
+        vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=16,
+        max_position_embeddings=2048, layer_norm_eps=1e-5, use_parallel_residual=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+
+
+def phi2_config():
+    """Phi-2 shapes: one LayerNorm a layer feeding attention and MLP in parallel, partial rotary, a biased lm_head,
+    2 layers."""
+    return transformers.PhiConfig(
+        vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=2, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=2048, layer_norm_eps=1e-5, hidden_act="gelu_new",
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4})
+
+
+def starcoder2_config():
+    """StarCoder2-3B shapes: LayerNorm with biases everywhere, GQA (24 query heads, 2 kv heads), 2 layers. Its
+    4096-token sliding window is longer than the test's sequences."""
+    return transformers.Starcoder2Config(
+        vocab_size=49152, hidden_size=3072, intermediate_size=12288, num_hidden_layers=2, num_attention_heads=24,
+        num_key_value_heads=2, max_position_embeddings=16384, sliding_window=4096, norm_epsilon=1e-5, use_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 999999.4420358813}, bos_token_id=0, eos_token_id=0)
+
+
 @dataclass(frozen=True)
 class Case:
     config: Callable
@@ -82,7 +117,13 @@ MODELS = {
     "qwen3-30b-a3b-grouped-mm": Case(qwen3_moe_config, (3, 17), 1e-1),
     "llama-3.1-8b": Case(llama3_config, (3, 17), 3e-2),
     "gemma-3-1b": Case(gemma3_config, (3, 17), 3e-2),
+    # LayerNorm families: every norm becomes bi.layer_norm.
+    "gpt2": Case(gpt2_config, (3, 17), 3e-2),
+    "pythia-1.4b": Case(pythia_config, (3, 17), 3e-2),
+    "phi-2": Case(phi2_config, (3, 17), 3e-2),
+    "starcoder2-3b": Case(starcoder2_config, (3, 17), 3e-2),
 }
+LAYER_NORM_FAMILIES = ("gpt2", "pythia-1.4b", "phi-2", "starcoder2-3b")
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +241,10 @@ def test_bi_ascend_graph_decode_is_bitwise_batch_invariant(models, name):
 
     report = bi_compile.passes.Report.merge(bi_compile.reports())
     assert report.invariant  # strict mode would have raised already; this names the contract
-    assert any(r.endswith("-> bi.attention") for r in report.rewrites) and "aten.mm.default -> bi.linear" in report.rewrites
+    assert any(r.endswith("-> bi.attention") for r in report.rewrites)
+    assert any(r.endswith(("-> bi.linear", "-> bi.addmm")) for r in report.rewrites)  # GPT-2's Conv1D: bi.addmm
+    if name in LAYER_NORM_FAMILIES:
+        assert "aten.native_layer_norm.default -> bi.layer_norm" in report.rewrites
     # Invariant and right: the logits match a stock eager forward over the whole generated sequence.
     prompt_length = len(runs.sequence) - STEPS + 1
     expected = model(runs.sequence[None]).logits[0, prompt_length - 1:]

@@ -1,4 +1,4 @@
-"""bi::rms_norm and bi::add_rms_norm: float64 references, bitwise batch invariance, layouts, errors, compile.
+"""bi::rms_norm, bi::add_rms_norm and bi::layer_norm: float64 references, bitwise batch invariance, layouts, errors, compile.
 
 CPU tests run the ops' CPU path; the ``triton_device`` tests run the Triton launcher itself (under the
 Triton interpreter on CPU when there is no GPU, as conftest arranges); ``@pytest.mark.gpu`` tests need CUDA.
@@ -46,6 +46,27 @@ def assert_matches_reference(x, weight, y, rstd):
     torch.testing.assert_close(rstd.double(), rstd_ref, rtol=1e-5, atol=0, equal_nan=True)
 
 
+def layer_norm_reference(x, weight, bias):
+    """float64 LayerNorm of the input's values: (y, mean, rstd)."""
+    x64 = x.double()
+    mean = x64.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((x64 - mean).square().mean(-1, keepdim=True) + EPS)
+    y = (x64 - mean) * rstd
+    y = y * weight.double() if weight is not None else y
+    return (y + bias.double() if bias is not None else y), mean, rstd
+
+
+def assert_layer_norm_matches_reference(x, weight, bias, y, mean, rstd):
+    y_ref, mean_ref, rstd_ref = layer_norm_reference(x, weight, bias)
+    rtol, atol = TOL[x.dtype]
+    assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous()
+    for stat in (mean, rstd):
+        assert stat.dtype == torch.float32 and stat.shape == x.shape[:-1] + (1,) and stat.is_contiguous()
+    torch.testing.assert_close(y.double(), y_ref, rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(rstd.double(), rstd_ref, rtol=1e-5, atol=0, equal_nan=True)
+
+
 # ---------------------------------------------------------------- CPU path: values
 
 
@@ -57,6 +78,24 @@ def test_rms_norm_matches_float64(dtype, shape, weight_dtype):
     weight = None if weight_dtype is None else torch.randn(shape[-1]).to(dtype if weight_dtype == "same" else torch.float32)
     y, rstd = torch.ops.bi.rms_norm(x, weight, EPS)
     assert_matches_reference(x, weight, y, rstd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 768), (2, 5, 4097), (7, 1), (4, 13), (2, 151936)])
+@pytest.mark.parametrize("affine", ["weight+bias", "fp32 weight+bias", "weight", None])
+def test_layer_norm_matches_float64(dtype, shape, affine):
+    x = (torch.randn(shape) * 3 + 5).to(dtype)  # an offset mean: what a one-pass E[x^2] - mean^2 would lose
+    param_dtype = torch.float32 if affine and affine.startswith("fp32") else dtype
+    weight = torch.randn(shape[-1]).to(param_dtype) if affine else None
+    bias = torch.randn(shape[-1]).to(param_dtype) if affine and affine.endswith("bias") else None
+    assert_layer_norm_matches_reference(x, weight, bias, *torch.ops.bi.layer_norm(x, weight, bias, EPS))
+
+
+def test_layer_norm_is_aten_native_layer_norm():
+    x, weight, bias = torch.randn(4, 9, 300), torch.randn(300), torch.randn(300)
+    for got, want in zip(torch.ops.bi.layer_norm(x, weight, bias, EPS),
+                         torch.ops.aten.native_layer_norm(x, [300], weight, bias, EPS)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -77,6 +116,10 @@ def test_empty_and_single_rows():
         assert_matches_reference(x, weight, y, rstd)
     y, rstd = torch.ops.bi.rms_norm(torch.randn(3, 0), None, EPS)  # no elements: the mean is NaN, as in torch
     assert y.shape == (3, 0) and rstd.shape == (3, 1) and rstd.isnan().all()
+    for x in (torch.randn(0, 64), torch.randn(1, 64), torch.randn(64), torch.randn(2, 0, 64)):
+        assert_layer_norm_matches_reference(x, weight, weight, *torch.ops.bi.layer_norm(x, weight, weight, EPS))
+    y, mean, rstd = torch.ops.bi.layer_norm(torch.randn(3, 0), None, None, EPS)
+    assert y.shape == (3, 0) and rstd.isnan().all()
 
 
 def test_strided_head_split_and_expanded_inputs():
@@ -94,6 +137,11 @@ def test_strided_head_split_and_expanded_inputs():
     y, rstd, s = torch.ops.bi.add_rms_norm(wide, residual.expand(6, 4097), None, EPS)
     assert torch.equal(s, wide + residual)
     assert_matches_reference(s, None, y, rstd)
+    for x in (q_by_head, wide, row.expand(7, 300)):
+        weight, bias = torch.randn(x.shape[-1]), torch.randn(x.shape[-1])
+        out = torch.ops.bi.layer_norm(x, weight, bias, EPS)
+        assert_layer_norm_matches_reference(x, weight, bias, *out)
+        assert all(torch.equal(a, b) for a, b in zip(out, torch.ops.bi.layer_norm(x.contiguous(), weight, bias, EPS)))
 
 
 def test_nan_and_inf_propagate_like_torch():
@@ -104,12 +152,19 @@ def test_nan_and_inf_propagate_like_torch():
     y, rstd = torch.ops.bi.rms_norm(x, None, EPS)
     assert_matches_reference(x, None, y, rstd)
     assert y[1].isnan().all() and y[2, 5].isnan() and (y[2, :5] == 0).all() and y[3].isnan().all()
+    # A NaN or inf makes the row and its rstd NaN, as in torch; the mean of a row of finite values and infs of one sign
+    # is that inf (torch's CPU kernel says NaN).
+    y, mean, rstd = torch.ops.bi.layer_norm(x, None, None, EPS)
+    y_ref, mean_ref, rstd_ref = torch.ops.aten.native_layer_norm(x, [100], None, None, EPS)
+    for got, want in ((y, y_ref), (rstd, rstd_ref), (mean[:2], mean_ref[:2])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert y[1:].isnan().all() and not y[0].isnan().any() and mean[2:, 0].tolist() == [float("inf"), -float("inf")]
 
 
 # ---------------------------------------------------------------- CPU path: batch invariance
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "layer_norm"])
 def test_cpu_row_alone_equals_row_in_batch(op):
     """200 draws of (M in 1..512, start, row position, row length, dtype): bits equal to the row alone.
     (Rows of 4097 and 151936 are checked in the control test below, on fewer batches.)"""
@@ -120,6 +175,8 @@ def test_cpu_row_alone_equals_row_in_batch(op):
         x1, x2, weight = bases[rng.choice(list(bases))]
 
         def run(rows: slice):
+            if op == "layer_norm":
+                return torch.ops.bi.layer_norm(x1[rows], weight, weight, EPS)
             inputs = (x1[rows],) if op == "rms_norm" else (x1[rows], x2[rows])
             return getattr(torch.ops.bi, op)(*inputs, weight, EPS)
 
@@ -144,6 +201,26 @@ def test_control_stock_rms_norm_is_batch_variant_where_ours_is_not():
                 assert all(torch.equal(batch[i : i + 1], alone) for batch, alone in zip(ours_batch, ours_alone))
 
 
+def test_control_written_out_layer_norm_is_batch_variant_where_ours_is_not():
+    """The check above can fail. Stock aten.native_layer_norm kept every row's bits on the 2-thread development CPU
+    (widths 7 to 151936, fp32 and bf16, measured), so the control is LayerNorm written out with stock means, as a
+    model or a decomposition computes it: on 151936-wide fp32 rows with two threads a row alone gets other bits
+    than in the batch (the row is split across threads only when it is alone), and bi.layer_norm does not."""
+    x = torch.randn(32, 151936, generator=torch.Generator().manual_seed(0))
+
+    def written_out(t):
+        centred = t - t.mean(-1, keepdim=True)
+        return centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + EPS)
+
+    with cpu_threads(2):
+        assert not torch.equal(written_out(x), torch.cat([written_out(x[i : i + 1]) for i in range(len(x))]))
+        for n in (4097, 151936):
+            ours_batch = torch.ops.bi.layer_norm(x[:, :n], None, None, EPS)
+            for i in range(len(x)):
+                ours_alone = torch.ops.bi.layer_norm(x[i : i + 1, :n], None, None, EPS)
+                assert all(torch.equal(batch[i : i + 1], alone) for batch, alone in zip(ours_batch, ours_alone))
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -162,6 +239,11 @@ def test_bad_inputs_raise_bi_input_error():
         ("add_rms_norm", (x, torch.randn(4, 32), None, EPS), "same shape and dtype"),
         ("add_rms_norm", (x, x.half(), None, EPS), "same shape and dtype"),
         ("add_rms_norm", (x, torch.randn(64, 4).t(), None, EPS), "layout contract"),
+        ("layer_norm", (x.double(), None, None, EPS), "float64"),
+        ("layer_norm", (x, None, torch.randn(63), EPS), "bias must have shape [64]"),
+        ("layer_norm", (x, torch.randn(64), torch.randn(64).to(torch.int32), EPS), "int32"),
+        ("layer_norm", (x, None, torch.randn(128)[::2], EPS), "layout contract"),
+        ("layer_norm", (torch.randn(64, 4).t(), None, None, EPS), "layout contract"),
     ]
     for name, args, needle in cases:
         with pytest.raises(BIInputError) as info:
@@ -195,6 +277,31 @@ def test_compiled_with_dynamic_batch_matches_eager_without_recompiling():
 
 
 # ---------------------------------------------------------------- the Triton kernel (interpreter on CPU)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf - inf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 13, 768, 16500])  # packed rows, an odd width, one chunk, the looped path
+def test_layer_norm_kernel_matches_reference_and_is_row_invariant(triton_device, dtype, n):
+    from bi_compile.kernels.rms_norm import layer_norm
+
+    rows = 40 if n <= 768 else 4
+    x = (torch.randn(rows, n, device=triton_device) * 3 + 5).to(dtype)
+    weight, bias = torch.randn(n, device=triton_device), torch.randn(n, device=triton_device).to(dtype)
+    out = layer_norm(x, weight, bias, EPS)
+    assert_layer_norm_matches_reference(x.cpu(), weight.cpu(), bias.cpu(), *(t.cpu() for t in out))
+    for start, m in ((0, 1), (3, 2), (1, rows - 1)):
+        part = layer_norm(x[start : start + m], weight, bias, EPS)
+        assert all(torch.equal(whole[start : start + m], sub) for whole, sub in zip(out, part))
+    x[1, 0] = float("inf")
+    x[2, -1] = float("nan")
+    out = layer_norm(x, None, None, EPS)
+    assert_layer_norm_matches_reference(x.cpu(), None, None, *(t.cpu() for t in out))
+    assert out[0][1:3].isnan().all()
+    head_split = torch.randn(3, 3 * n, device=triton_device).to(dtype)[:, : 2 * n].view(3, 2, n)
+    out = layer_norm(head_split, None, bias, EPS)
+    assert torch.equal(out[0][1, 1], layer_norm(head_split[1, 1], None, bias, EPS)[0])
+    assert_layer_norm_matches_reference(head_split.cpu(), None, bias.cpu(), *(t.cpu() for t in out))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf - inf
@@ -243,6 +350,21 @@ def test_op_triton_path_layouts(triton_device):
         _rms_norm_triton(torch.randn(64, 4, device=triton_device).t(), None, EPS)
 
 
+def test_layer_norm_op_triton_path_layouts(triton_device):
+    from bi_compile.ops.norm import _layer_norm_triton
+
+    qkv = torch.randn(5, 3 * 4 * 16, device=triton_device)
+    for x in (qkv[:, : 4 * 16].view(5, 4, 16), torch.randn(6, 4100, device=triton_device)[:, :4097],
+              torch.randn(1, 300, device=triton_device).expand(7, 300), torch.randn(0, 64, device=triton_device)):
+        weight, bias = torch.randn(x.shape[-1], device=triton_device), torch.randn(x.shape[-1], device=triton_device)
+        out = _layer_norm_triton(x, weight, bias, EPS)
+        assert_layer_norm_matches_reference(x.cpu(), weight.cpu(), bias.cpu(), *(t.cpu() for t in out))
+    y, mean, rstd = _layer_norm_triton(torch.randn(3, 0, device=triton_device), None, None, EPS)
+    assert y.shape == (3, 0) and rstd.isnan().all()
+    with pytest.raises(BIInputError, match="layout contract"):
+        _layer_norm_triton(torch.randn(64, 4, device=triton_device).t(), None, None, EPS)
+
+
 # ---------------------------------------------------------------- GPU
 
 
@@ -272,10 +394,26 @@ def test_gpu_batch_invariance(dtype, n):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [768, 2560, 4097, 8192, 20000])  # GPT-2, Phi-2, an odd width, the looped path
+def test_gpu_layer_norm_batch_invariance(dtype, n):
+    base = (torch.randn(8192 + 80, n, device="cuda") * 3 + 1).to(dtype)
+    weight, bias = torch.randn(n, device="cuda", dtype=dtype), torch.randn(n, device="cuda", dtype=dtype)
+    for start in (0, 3, 77):
+        whole = torch.ops.bi.layer_norm(base[start : start + 8192], weight, bias, EPS)
+        for m in GPU_BATCHES:
+            part = torch.ops.bi.layer_norm(base[start : start + m], weight, bias, EPS)
+            assert all(torch.equal(full[:m], sub) for full, sub in zip(whole, part)), (n, dtype, start, m)
+    out = torch.ops.bi.layer_norm(base[:64], weight, bias, EPS)
+    assert_layer_norm_matches_reference(base[:64].cpu(), weight.cpu(), bias.cpu(), *(t.cpu() for t in out))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n", [4096, 4097])
 def test_gpu_same_row_in_any_buffer(n):
     weight = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     assert_same_rows_in_any_buffer(lambda rows: torch.ops.bi.rms_norm(rows, weight, EPS)[0], n)
+    assert_same_rows_in_any_buffer(lambda rows: torch.ops.bi.layer_norm(rows, weight, weight, EPS)[0], n)
 
 
 @pytest.mark.gpu
@@ -300,10 +438,17 @@ def test_gpu_control_stock_reduction_is_batch_variant():
 
 
 @pytest.mark.gpu
+def test_gpu_control_stock_layer_norm_is_batch_variant():
+    """The layer_norm comparisons can fail: stock F.layer_norm (or, where it keeps every bit, the skip says so)."""
+    skip_unless_stock_is_batch_variant(lambda t: F.layer_norm(t, (t.shape[-1],)), "stock F.layer_norm")
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_capture_replays_eager_bits():
     x1 = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     assert_graph_replays_eager_bits(lambda a, b: torch.ops.bi.add_rms_norm(a, b, weight, EPS), x1, torch.randn_like(x1))
+    assert_graph_replays_eager_bits(lambda a: torch.ops.bi.layer_norm(a, weight, weight, EPS), x1)
 
 
 @pytest.mark.gpu

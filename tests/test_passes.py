@@ -172,11 +172,11 @@ def test_vllm_norm_forms_functional_and_mutating(npu_and_vllm_ops):
 
 def test_rows_that_cannot_express_a_node_leave_it_for_the_audit(npu_and_vllm_ops):
     def fn(x, weight):
-        return torch.ops.vllm_ir.rms_norm(x, weight, 1e-6, 32), torch.cumsum(x, -1)
+        return torch.ops.vllm_ir.rms_norm(x, weight, 1e-6, 32), torch.cumprod(x, -1)
 
     gm, report, _ = rewritten(fn, torch.randn(2, 64), torch.randn(64))
     assert "vllm_ir.rms_norm.default" in targets(gm)
-    assert sorted(f.target for f in report.findings) == ["aten.cumsum.default", "vllm_ir.rms_norm.default"]
+    assert sorted(f.target for f in report.findings) == ["aten.cumprod.default", "vllm_ir.rms_norm.default"]
     assert all(f.kind == "variant" and "test_passes.py" in f.source for f in report.findings)
 
 
@@ -315,3 +315,79 @@ def test_each_pass_logs_its_count_and_can_dump_the_graph_around_it(caplog, monke
     assert len(dumps) == 8
     assert "aten.mm" in dumps["2-replace-before.txt"] and "bi.mm" not in dumps["2-replace-before.txt"]
     assert "aten.mm" not in dumps["2-replace-after.txt"] and "bi.mm" in dumps["2-replace-after.txt"]
+
+
+def tiny_layer_norm_model(family: str):
+    """A 2-layer transformers model of a LayerNorm family (GPT-2, GPT-NeoX/Pythia, Phi, StarCoder2), seeded random
+    weights, fp32."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=97, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    config = {
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                bos_token_id=0, eos_token_id=0),
+        "gpt-neox": lambda: transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, **common),
+        "phi": lambda: transformers.PhiConfig(hidden_size=64, intermediate_size=128, **common),
+        "starcoder2": lambda: transformers.Starcoder2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+                                                            **common),
+    }[family]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt-neox", "phi", "starcoder2"])
+def test_layer_norm_families_leave_nothing_variant(family):
+    model = tiny_layer_norm_model(family)
+    ids = torch.randint(0, 97, (2, 7))
+
+    def logits(ids):
+        return model(ids, use_cache=False).logits
+
+    gm, report, out = rewritten(logits, ids)
+    assert report.findings == [] and report.counts["variant"] == report.counts["unknown"] == 0
+    assert "aten.native_layer_norm.default" not in targets(gm)
+    # Phi: one norm a layer (parallel attention and MLP) and the final one; the rest: two a layer and the final one.
+    assert report.rewrites["aten.native_layer_norm.default -> bi.layer_norm"] == (3 if family == "phi" else 5)
+    torch.testing.assert_close(out, logits(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_statistics_are_rewritten_only_where_their_dtypes_match():
+    """bi.layer_norm's mean and rstd are fp32; aten keeps a bf16 input's in bf16 on CPU. Such a node becomes
+    bi.layer_norm when only its output is read, and stays (audited variant) when its statistics are read too."""
+
+    def fn(x, x16, w):
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, [64], w, w, 1e-5)
+        y16 = torch.ops.aten.native_layer_norm(x16, [64], None, None, 1e-5)[0]
+        stats16 = torch.ops.aten.native_layer_norm(x16, [64], None, None, 1e-5)[1:]
+        return y, mean, rstd, y16, *stats16
+
+    args = (torch.randn(3, 64), torch.randn(3, 64).bfloat16(), torch.randn(64))
+    gm, report, out = rewritten(fn, *args)
+    assert report.rewrites == {"aten.native_layer_norm.default -> bi.layer_norm": 2}
+    assert [(f.kind, f.target) for f in report.findings] == [("variant", "aten.native_layer_norm.default")]
+    for got, want in zip(out, fn(*args)):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_the_remaining_reductions_become_bi_ops_and_exact_ones_stay():
+    """var/std/var_mean/std_mean over any dims, L2 norms (F.normalize), logsumexp and float cumsum (top-p) become bi
+    ops; max-norms, amax and argmax are exact and stay; a float prod has no bi op and is audited variant, an integer
+    prod is exact."""
+
+    def fn(x, ids):
+        probs = x.softmax(-1).sort(-1, descending=True).values
+        return (x.var(-1, keepdim=True), x.std(-1), torch.var_mean(x, [0, 2], unbiased=False), torch.std_mean(x, -1),
+                F.normalize(x, dim=-1), torch.linalg.vector_norm(x, float("inf"), -1), torch.logsumexp(x, -1),
+                probs.cumsum(-1), x.amax(-1), x.argmax(-1), ids.prod(-1), x.prod(-1))
+
+    x, ids = torch.randn(3, 4, 40), torch.randint(1, 3, (3, 4))
+    gm, report, out = rewritten(fn, x, ids)
+    assert report.rewrites == {
+        "aten.var.correction -> bi.var_mean": 1, "aten.std.correction -> bi.std_mean": 1,
+        "aten.var_mean.correction -> bi.var_mean": 1, "aten.std_mean.correction -> bi.std_mean": 1,
+        "aten.linalg_vector_norm.default -> bi.l2_norm": 1, "aten.logsumexp.default -> bi.logsumexp": 1,
+        "aten._softmax.default -> bi.softmax": 1, "aten.cumsum.default -> bi.cumsum": 1}
+    assert [(f.kind, f.target) for f in report.findings] == [("variant", "aten.prod.dim_int")]
+    assert targets(gm)["aten.linalg_vector_norm.default"] == 1 and targets(gm)["aten.prod.dim_int"] == 2
+    flat = lambda values: [t for v in values for t in (v if isinstance(v, tuple) else (v,))]  # noqa: E731
+    for got, want in zip(flat(out), flat(fn(x, ids))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -223,7 +223,7 @@ def _row_sum_kernel(
     tl.store(out_ptr + outs, total.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return getattr(tl, str(dtype).removeprefix("torch."))
 
 
@@ -263,7 +263,7 @@ def _launch_row_sum(x, grid: RowGrid, out, summand, mean, square, divisor, cfg: 
     _row_sum_launch(
         x.device, key, (cdiv(out.numel(), cfg.rows),),
         x, out, *ints,
-        SUMMAND=_tl_dtype(summand), MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, PIECE=cfg.piece,
+        SUMMAND=tl_dtype(summand), MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, PIECE=cfg.piece,
         num_warps=cfg.num_warps,
     )
 

@@ -1,13 +1,16 @@
-"""Batch-invariant RMSNorm and add + RMSNorm (Triton).
+"""Batch-invariant RMSNorm, add + RMSNorm, LayerNorm and row variance (Triton): one row kernel for all four.
 
-    s    = x1 + x2                                  (add_rms_norm only: rounded to the input dtype, as torch's add)
-    rstd = rsqrt(mean(x_f32 ** 2) + eps)           fp32, one per row
-    y    = (x_f32 * rstd * w_f32).to(x.dtype)
+    s    = x1 + x2                         (add_rms_norm only: rounded to the input dtype, as torch's add)
+    rms_norm:    rstd = rsqrt(mean(x ** 2) + eps);                     y = x * rstd * w
+    layer_norm:  mean = mean(x);  c = x - mean;  rstd = rsqrt(mean(c ** 2) + eps);  y = c * rstd * w + b
+    var_mean:    mean = mean(x);  var = sum((x - mean) ** 2) / max(N - correction, 0)   (std_mean: sqrt(var))
 
-Each row's sum of squares is accumulated by one program in fixed chunks (``reduce.row_blocking``), so its
-bits depend on the row length and dtype only. Rows up to ``reduce.FUSED_MAX`` are read once and kept in
-registers; longer rows are read twice (reduce, then normalise), and add_rms_norm recomputes ``s`` on the
-second read rather than reading back what another thread of the program stored.
+in fp32 (x = x_f32, w = w_f32, b = b_f32), y rounded to x's dtype. Each row's sums are accumulated by one program in
+fixed chunks (``reduce.row_blocking``), so their bits depend on the row length and dtype only. The variance is
+two-pass (the mean first, then the squares of the centred values), never E[x^2] - mean^2, which cancels when the
+mean is large against the spread. Rows up to ``reduce.FUSED_MAX`` are read once and kept in registers; longer rows
+are read once per pass (two for RMSNorm, three for LayerNorm), and add_rms_norm recomputes ``s`` on a later read
+rather than reading back what another thread of the program stored.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import triton.language as tl
 
 from .launch import KeyedKernel, aligned16, cdiv
 from .reduce import RowBlocking, aligned, row_blocking, row_grid, row_offsets
+
+# The per-row statistic the kernel writes (STAT): RSTD for the norms, which also write y; VAR or STD for
+# var_mean / std_mean, which write no y.
+RSTD, VAR, STD = 0, 1, 2
 
 
 @triton.jit
@@ -30,85 +37,167 @@ def _load_row_chunk(x1_rows, x2_rows, cols, mask, HAS_X2: tl.constexpr, OUT_DTYP
     return x
 
 
+@triton.jit
+def _centred(x, mask, mean, CENTER: tl.constexpr):
+    """x - mean inside the row and 0 past its end, so that the sums of squares skip the padding; x without CENTER."""
+    if CENTER:
+        x = tl.where(mask, x - mean[:, None], 0.0)
+    return x
+
+
+@triton.jit
+def _row_stat(squares, n_cols, eps, divisor, STAT: tl.constexpr):
+    """From a row's sum of (centred) squares: rsqrt(squares / n_cols + eps), or the variance squares / divisor, or
+    its square root."""
+    if STAT == RSTD:
+        stat = tl.math.rsqrt(squares / n_cols + eps)
+    else:
+        stat = squares / divisor
+        if STAT == STD:
+            stat = tl.sqrt(stat)
+    return stat
+
+
+@triton.jit
+def _store_normalised(x, rstd, w_ptr, b_ptr, y_rows, cols, mask, n_left, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """y = x * rstd (* w) (+ b) for a chunk whose first column is ``n_left`` columns before the row's end."""
+    y = x * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=cols < n_left, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=cols < n_left, other=0.0).to(tl.float32)
+    tl.store(y_rows + cols, y.to(y_rows.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
-    x1_ptr, x2_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr,
-    n_rows, n_cols, n_inner, x1_outer, x1_inner, x2_outer, x2_inner, eps,
-    HAS_X2: tl.constexpr, HAS_W: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    x1_ptr, x2_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, stat_ptr,
+    n_rows, n_cols, n_inner, x1_outer, x1_inner, x2_outer, x2_inner, eps, divisor,
+    HAS_X2: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CENTER: tl.constexpr, STAT: tl.constexpr,
+    FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows[:, None] < n_rows
     x1_rows = x1_ptr + row_offsets(rows, n_rows, n_cols, n_inner, x1_outer, x1_inner)[:, None]
     x2_rows = x2_ptr + row_offsets(rows, n_rows, n_cols, n_inner, x2_outer, x2_inner)[:, None]
     out_rows = rows.to(tl.int64)[:, None] * n_cols  # y and s are fresh contiguous [n_rows, n_cols]
-    dtype = y_ptr.dtype.element_ty
+    dtype = x1_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK)[None, :]
+    mean = tl.zeros([ROWS], dtype=tl.float32)
     if FUSED:
         mask = row_mask & (cols < n_cols)
         x = _load_row_chunk(x1_rows, x2_rows, cols, mask, HAS_X2, dtype)
         if HAS_X2:
             tl.store(s_ptr + out_rows + cols, x.to(dtype), mask=mask)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-        y = x * rstd[:, None]
-        if HAS_W:
-            y = y * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        tl.store(y_ptr + out_rows + cols, y.to(dtype), mask=mask)
+        if CENTER:
+            mean = tl.sum(x, axis=1) / n_cols
+        x = _centred(x, mask, mean, CENTER)
+        stat = _row_stat(tl.sum(x * x, axis=1), n_cols, eps, divisor, STAT)
+        if STAT == RSTD:
+            _store_normalised(x, stat, w_ptr, b_ptr, y_ptr + out_rows, cols, mask, n_cols, HAS_W, HAS_B)
     else:
+        if CENTER:
+            acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                mask = row_mask & (start + cols < n_cols)
+                acc += _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
+            mean = tl.sum(acc, axis=1) / n_cols
         acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             mask = row_mask & (start + cols < n_cols)
             x = _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
             if HAS_X2:
                 tl.store(s_ptr + out_rows + start + cols, x.to(dtype), mask=mask)
+            x = _centred(x, mask, mean, CENTER)
             acc += x * x
-        rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)
-        for start in range(0, n_cols, BLOCK):
-            mask = row_mask & (start + cols < n_cols)
-            x = _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
-            y = x * rstd[:, None]
-            if HAS_W:
-                y = y * tl.load(w_ptr + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
-            tl.store(y_ptr + out_rows + start + cols, y.to(dtype), mask=mask)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+        stat = _row_stat(tl.sum(acc, axis=1), n_cols, eps, divisor, STAT)
+        if STAT == RSTD:
+            for start in range(0, n_cols, BLOCK):
+                mask = row_mask & (start + cols < n_cols)
+                x = _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
+                x = _centred(x, mask, mean, CENTER)
+                _store_normalised(x, stat, w_ptr + start, b_ptr + start, y_ptr + out_rows + start, cols, mask,
+                                  n_cols - start, HAS_W, HAS_B)
+    if CENTER:
+        tl.store(mean_ptr + rows, mean.to(mean_ptr.dtype.element_ty), mask=rows < n_rows)
+    tl.store(stat_ptr + rows, stat.to(stat_ptr.dtype.element_ty), mask=rows < n_rows)
 
 
-def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
-            blocking: RowBlocking | None):
-    """Shared host side: x1, x2 [..., N] (unit stride along N), weight [N] contiguous or None."""
-    y = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
-    s = torch.empty_like(y) if x2 is not None else None
-    rstd = torch.empty(x1.shape[:-1] + (1,), dtype=torch.float32, device=x1.device)
-    if y.numel() == 0:
-        return y, rstd.fill_(float("nan")), s  # N = 0: the mean of no squares is NaN, as in torch
-    n_cols = x1.shape[-1]
+def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            outputs: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor],
+            eps: float, divisor: float, stat_kind: int, blocking: RowBlocking | None) -> None:
+    """Shared host side: x1, x2 [..., N] (unit stride along N), weight and bias [N] or None; ``outputs`` = (y, s,
+    mean, stat), fresh, None where not computed (y only with RSTD, s only with x2; the mean is centred on)."""
+    y, s, mean, stat = outputs
     tensors, grid = row_grid(x1, *(() if x2 is None else (x2,)))
     x1, x2 = tensors[0], tensors[-1]
     (x1_outer, x1_inner), (x2_outer, x2_inner) = grid.strides[0], grid.strides[-1]
-    cfg = blocking or row_blocking(n_cols)
-    weight = aligned(weight) if weight is not None else None
-    ints = (grid.n_rows, n_cols, grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner)
-    # The launch key (kernels/launch.py); y, s, rstd and the weight are aligned (fresh, or ``aligned``).
-    key = (cfg, x1.dtype, None if weight is None else weight.dtype, s is not None, aligned16(x1), aligned16(x2), ints)
+    cfg = blocking or row_blocking(x1.shape[-1])
+    weight, bias = (aligned(t) if t is not None else None for t in (weight, bias))
+    ints = (grid.n_rows, x1.shape[-1], grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner)
+    # The launch key (kernels/launch.py). Outputs are fresh and the weight and bias aligned (``aligned``); an absent
+    # tensor is replaced by x1 or stat, whose dtype and alignment the key holds.
+    key = (cfg, x1.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+           s is not None, mean is not None, stat_kind, stat.dtype, aligned16(x1), aligned16(x2), ints)
     _rms_norm_launch(
         x1.device, key, (cdiv(grid.n_rows, cfg.rows),),
-        x1, x2, weight if weight is not None else x1, y, s if s is not None else y, rstd, *ints, eps,
-        HAS_X2=s is not None, HAS_W=weight is not None, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows,
-        num_warps=cfg.num_warps,
+        x1, x2, *(t if t is not None else x1 for t in (weight, bias, y, s)), mean if mean is not None else stat, stat,
+        *ints, eps, divisor,
+        HAS_X2=s is not None, HAS_W=weight is not None, HAS_B=bias is not None, CENTER=mean is not None,
+        STAT=stat_kind, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
     )
-    return y, rstd, s
 
 
 _rms_norm_launch = KeyedKernel(_rms_norm_kernel)
+
+
+def _norm(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+          eps: float, center: bool, blocking: RowBlocking | None):
+    """(y, mean or None, rstd, s or None); statistics [..., 1] fp32."""
+    y = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
+    s = torch.empty_like(y) if x2 is not None else None
+    rstd = torch.empty(x1.shape[:-1] + (1,), dtype=torch.float32, device=x1.device)
+    mean = torch.empty_like(rstd) if center else None
+    if y.numel() == 0:  # N = 0: statistics of no elements are NaN, as torch's rstd (or no rows: nothing to fill)
+        for stat in (rstd, mean):
+            if stat is not None:
+                stat.fill_(float("nan"))
+        return y, mean, rstd, s
+    _launch(x1, x2, weight, bias, (y, s, mean, rstd), eps, 1.0, RSTD, blocking)
+    return y, mean, rstd, s
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
              blocking: RowBlocking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim of ``x`` [..., N] -> (y [..., N] in x.dtype, rstd [..., 1] fp32). ``blocking``
     overrides ``row_blocking(N)``, for benchmarks/rows.py's search."""
-    y, rstd, _ = _launch(x, None, weight, eps, blocking)
+    y, _, rstd, _ = _norm(x, None, weight, None, eps, False, blocking)
     return y, rstd
 
 
 def add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, eps: float):
     """``s = x1 + x2`` (rounded to the input dtype), then RMSNorm of s -> (y, rstd, s)."""
-    return _launch(x1, x2, weight, eps, None)
+    y, _, rstd, s = _norm(x1, x2, weight, None, eps, False, None)
+    return y, rstd, s
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
+               blocking: RowBlocking | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim of ``x`` [..., N] -> (y [..., N] in x.dtype, mean, rstd [..., 1] fp32).
+    ``blocking`` overrides ``row_blocking(N)``, for benchmarks/rows.py's search."""
+    y, mean, rstd, _ = _norm(x, None, weight, bias, eps, True, blocking)
+    return y, mean, rstd
+
+
+def var_mean(x: torch.Tensor, correction: float, out_dtype: torch.dtype, *,
+             std: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(variance, mean) of ``x`` [..., N] over its last dim (``std``: the standard deviation for the variance) ->
+    fresh contiguous [...] each, in ``out_dtype``; the variance divides by max(N - correction, 0), as aten's."""
+    stat = torch.empty(x.shape[:-1], dtype=out_dtype, device=x.device)
+    mean = torch.empty_like(stat)
+    if x.shape[-1] == 0:  # no elements: NaN, as aten's
+        return stat.fill_(float("nan")), mean.fill_(float("nan"))
+    if stat.numel():
+        _launch(x, None, None, None, (None, None, mean, stat), 0.0, float(max(x.shape[-1] - correction, 0)),
+                STD if std else VAR, None)
+    return stat, mean

@@ -1,7 +1,7 @@
-"""Batch-invariant softmax and log_softmax over the last dim (Triton).
+"""Batch-invariant softmax, log_softmax and logsumexp over the last dim (Triton).
 
     m = max_j x_j,   S = sum_j exp(x_j - m)    (fp32)
-    softmax = exp(x - m) * (1 / S),   log_softmax = (x - m) - log(S)
+    softmax = exp(x - m) * (1 / S),   log_softmax = (x - m) - log(S),   logsumexp = m + log(S), one per row
 
 The max is exact in any order; the sum of exponentials is what needs a fixed order. One program owns a row
 and accumulates in fixed chunks (``reduce.row_blocking``):
@@ -22,7 +22,9 @@ three instructions per element to keep results below 2**-126 (about 1.2e-38) den
 sums of exponentials are 0 or at least 1, so their bits do not change (nor log_softmax's), and softmax outputs differ
 from ``tl.exp``'s only below 1.2e-38 (H100 measurement: docs/lab-log.md, "Softmax over the vocab: exps as exp2").
 
-All -inf rows give NaN and a NaN or +inf anywhere in a row makes the whole row NaN, as in torch.
+All -inf rows give NaN and a NaN or +inf anywhere in a row makes the whole row NaN, as in torch. logsumexp takes
+m = 0 where the max is infinite, as torch does: an all -inf row gives -inf, a row holding +inf gives +inf (in rows
+longer than ``reduce.FUSED_MAX`` also when it holds a NaN as well, where torch gives NaN).
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def _write_chunk(x, y_rows, start, cols, row_mask, n_cols, shift, total, inv_tot
 @triton.jit(do_not_specialize=["n_rows"])
 def _softmax_kernel(
     x_ptr, y_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
-    LOG: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr,
-    LANES: tl.constexpr, VEC: tl.constexpr,
+    LOG: tl.constexpr, LSE: tl.constexpr, FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HEAD: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):
+    """LSE: y is [n_rows], one logsumexp per row; else [n_rows, n_cols], the (log_)softmax."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows[:, None] < n_rows
     x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
@@ -81,14 +84,21 @@ def _softmax_kernel(
     if FUSED:
         mask = row_mask & (cols < n_cols)
         x = tl.load(x_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        shifted = x - tl.max(x, axis=1)[:, None]
+        shift = tl.max(x, axis=1)
+        if LSE:
+            shift = tl.where(tl.abs(shift) == float("inf"), 0.0, shift)
+        shifted = x - shift[:, None]
         exp = tl.exp2(shifted * LOG2E)
-        total = tl.sum(exp, axis=1)[:, None]
-        if LOG:
-            y = shifted - tl.log(total)
+        if LSE:
+            lse = shift + tl.log(tl.sum(exp, axis=1))
+            tl.store(y_ptr + rows, lse.to(y_ptr.dtype.element_ty), mask=rows < n_rows)
         else:
-            y = exp * (1.0 / total)
-        tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+            total = tl.sum(exp, axis=1)[:, None]
+            if LOG:
+                y = shifted - tl.log(total)
+            else:
+                y = exp * (1.0 / total)
+            tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:  # ROWS == 1
         # -FLT_MAX, not -inf: a lane's max is then never -inf, nor x - max -inf - -inf, so masked and -inf elements
         # need no test.
@@ -103,14 +113,18 @@ def _softmax_kernel(
             lane_max, lane_sum = _online_fold(x, lane_max, lane_sum, LANES, VEC)
         shift = tl.max(lane_max, axis=0)
         total = tl.sum(lane_sum * tl.exp2((lane_max - shift) * LOG2E), axis=0)
-        inv_total = 1.0 / total  # one IEEE division per row, not per element
-        n_chunks = tl.cdiv(tl.maximum(n_cols - HEAD, 0), BLOCK)
-        for chunk in range(0, n_chunks):
-            # Last chunk first: what the first pass read last is what L1 still holds.
-            start = HEAD + (n_chunks - 1 - chunk) * BLOCK
-            x = _read_chunk(x_rows, start, cols, row_mask, n_cols, "evict_first")
-            _write_chunk(x, y_rows, start, cols, row_mask, n_cols, shift, total, inv_total, LOG)
-        _write_chunk(head, y_rows, 0, head_cols, row_mask, n_cols, shift, total, inv_total, LOG)
+        if LSE:  # an all -inf row: shift is -FLT_MAX and total 0, so -inf; a +inf makes total NaN: +inf, as torch
+            lse = tl.where(shift == float("inf"), shift, shift + tl.log(total))
+            tl.store(y_ptr + rows, lse.to(y_ptr.dtype.element_ty), mask=rows < n_rows)
+        else:
+            inv_total = 1.0 / total  # one IEEE division per row, not per element
+            n_chunks = tl.cdiv(tl.maximum(n_cols - HEAD, 0), BLOCK)
+            for chunk in range(0, n_chunks):
+                # Last chunk first: what the first pass read last is what L1 still holds.
+                start = HEAD + (n_chunks - 1 - chunk) * BLOCK
+                x = _read_chunk(x_rows, start, cols, row_mask, n_cols, "evict_first")
+                _write_chunk(x, y_rows, start, cols, row_mask, n_cols, shift, total, inv_total, LOG)
+            _write_chunk(head, y_rows, 0, head_cols, row_mask, n_cols, shift, total, inv_total, LOG)
 
 
 def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
@@ -120,8 +134,20 @@ def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
     ``blocking`` overrides ``row_blocking(N)``, for benchmarks/rows.py's search. A blocking is a function of N in
     the ops, never of M."""
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    if y.numel() == 0:
-        return y
+    if y.numel():
+        _launch(x, y, log, False, blocking)
+    return y
+
+
+def logsumexp(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """log(sum(exp(x))) of ``x`` [..., N] (unit stride along N, N >= 1) over its last dim -> fresh contiguous [...]."""
+    y = torch.empty(x.shape[:-1], dtype=out_dtype, device=x.device)
+    if y.numel():
+        _launch(x, y, False, True, None)
+    return y
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor, log: bool, lse: bool, blocking: RowBlocking | None) -> None:
     (x,), grid = row_grid(x)
     (stride_outer, stride_inner), = grid.strides
     cfg = blocking or row_blocking(x.shape[-1])
@@ -131,14 +157,13 @@ def softmax(x: torch.Tensor, out_dtype: torch.dtype, log: bool = False, *,
     # N is a multiple of 16), else one, as the compiler can prove no alignment.
     vec = ALIGN // x.element_size() if x.shape[-1] % ALIGN == 0 else 1
     ints = (grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner)
-    key = (cfg, x.dtype, out_dtype, log, aligned16(x), ints)  # the launch key (kernels/launch.py); y is fresh
+    key = (cfg, x.dtype, y.dtype, log, lse, aligned16(x), ints)  # the launch key (kernels/launch.py); y is fresh
     _softmax_launch(
         x.device, key, (cdiv(grid.n_rows, cfg.rows),),
         x, y, *ints,
-        LOG=log, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, HEAD=HEAD_CHUNKS * cfg.block,
+        LOG=log, LSE=lse, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, HEAD=HEAD_CHUNKS * cfg.block,
         LANES=min(32 * cfg.num_warps, cfg.block // vec), VEC=vec, num_warps=cfg.num_warps,
     )
-    return y
 
 
 _softmax_launch = KeyedKernel(_softmax_kernel)

@@ -173,6 +173,13 @@ def define_op(schema: str, *, fake: Callable, cpu: Callable, triton: Callable) -
         LIBRARY.impl(name, kernel, dispatch_key)
 
 
+def along_dim(x: torch.Tensor, dim: int, last_dim_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``last_dim_fn`` ([..., N] -> same shape, contiguous) along ``dim`` of ``x`` (a row kernel along another
+    dim: that dim is moved last, which costs a copy of the input and one of the output); a fresh contiguous result."""
+    moved = x.reshape(1) if x.dim() == 0 else x.movedim(dim, -1)
+    return last_dim_fn(moved).movedim(-1, dim).contiguous().reshape(x.shape)
+
+
 CPU_ROW_TILE = 16
 
 

@@ -1,12 +1,17 @@
-"""``bi::rms_norm`` and ``bi::add_rms_norm``: RMSNorm over the last dim, batch-invariant on every device.
+"""``bi::rms_norm``, ``bi::add_rms_norm`` and ``bi::layer_norm``: norms over the last dim, batch-invariant on every
+device.
 
     rms_norm(input [..., N], weight [N] | None, eps) -> (y [..., N] input.dtype, rstd [..., 1] fp32)
         rstd = rsqrt(mean(x_f32 ** 2) + eps);  y = (x_f32 * rstd * w_f32).to(input.dtype)
     add_rms_norm(x1, x2, weight, eps) -> (y, rstd, s)
         s = x1 + x2 rounded to the input dtype (exactly torch's x1 + x2), then rms_norm(s):
         the outputs of torch_npu.npu_add_rms_norm and of vLLM's fused_add_rms_norm (y, and s as the new residual).
+    layer_norm(input [..., N], weight [N] | None, bias [N] | None, eps) -> (y [..., N], mean [..., 1], rstd [..., 1])
+        mean = mean(x_f32);  rstd = rsqrt(mean((x_f32 - mean) ** 2) + eps);  y = ((x_f32 - mean) * rstd * w + b)
+        y in the input dtype, mean and rstd fp32: aten.native_layer_norm's outputs (which on CPU keep half inputs'
+        statistics in their dtype; the graph pass maps those only where the graph does not read them).
 
-The weight may have another float dtype than the input (an fp32 weight with bf16 activations).
+The weight and bias may have another float dtype than the input (fp32 parameters with bf16 activations).
 """
 
 from __future__ import annotations
@@ -23,34 +28,62 @@ from bi_compile.ops.library import Layout
 library.layout_contract("bi::rms_norm", input=Layout.UNIT_STRIDE_ROWS, weight=Layout.UNIT_STRIDE_ROWS)
 library.layout_contract("bi::add_rms_norm", x1=Layout.UNIT_STRIDE_ROWS, x2=Layout.UNIT_STRIDE_ROWS,
                         weight=Layout.UNIT_STRIDE_ROWS)
+library.layout_contract("bi::layer_norm", input=Layout.UNIT_STRIDE_ROWS, weight=Layout.UNIT_STRIDE_ROWS,
+                        bias=Layout.UNIT_STRIDE_ROWS)
 
 
 @library.memoized_on_metadata
-def _check(op: str, weight: torch.Tensor | None, **inputs: torch.Tensor) -> None:
+def _check(op: str, weight: torch.Tensor | None, bias: torch.Tensor | None = None, **inputs: torch.Tensor) -> None:
     """Dtypes, ranks, shapes, devices and layout of the inputs (``inputs``: input, or x1 and x2)."""
-    library.check_dtype(op, weight=weight, **inputs)
+    library.check_dtype(op, weight=weight, bias=bias, **inputs)
     x = next(iter(inputs.values()))
     if x.dim() == 0:
         raise library.reject(op, "needs at least one dim to normalise over", **inputs)
     if any(t.shape != x.shape or t.dtype != x.dtype for t in inputs.values()):
         raise library.reject(op, "x1 and x2 must have the same shape and dtype", **inputs)
-    if weight is not None and (weight.dim() != 1 or weight.shape[0] != x.shape[-1]):
-        raise library.reject(op, f"weight must have shape [{x.shape[-1]}] (the last dim of the input)", weight=weight,
-                             **inputs)
-    if any(t.device != x.device for t in (weight, *inputs.values()) if t is not None):
-        raise library.reject(op, "all tensors must be on one device", weight=weight, **inputs)
-    library.check_layout(op, weight=weight, **inputs)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[-1]):
+            raise library.reject(op, f"{name} must have shape [{x.shape[-1]}] (the last dim of the input)", **{name: t},
+                                 **inputs)
+    if any(t.device != x.device for t in (weight, bias, *inputs.values()) if t is not None):
+        raise library.reject(op, "all tensors must be on one device", weight=weight, bias=bias, **inputs)
+    library.check_layout(op, weight=weight, bias=bias, **inputs)
+
+
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., N] as contiguous [M, N] (a copy only for a strided x)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def _rms_norm_cpu_rows(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU path: rstd from fixed [tile, N] blocks (library.map_row_tiles), then elementwise y."""
-    n = x.shape[-1]
-    rows = x.reshape(math.prod(x.shape[:-1]), n).contiguous()
+    rows = _flat_rows(x)
     rstd = library.map_row_tiles(lambda tile: torch.rsqrt(tile.float().square().mean(-1, keepdim=True) + eps), rows)
     y = rows.float() * rstd
     if weight is not None:
         y = y * weight.float()
     return y.to(x.dtype).reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,))
+
+
+def _layer_norm_cpu_rows(x, weight, bias, eps):
+    """CPU path: mean and rstd from fixed [tile, N] blocks (library.map_row_tiles), then elementwise y."""
+
+    def tile_stats(tile: torch.Tensor) -> torch.Tensor:
+        values = tile.float()
+        mean = values.mean(-1, keepdim=True)
+        return torch.cat([mean, torch.rsqrt((values - mean).square().mean(-1, keepdim=True) + eps)], -1)
+
+    rows = _flat_rows(x)
+    stats = library.map_row_tiles(tile_stats, rows)
+    # Two fresh contiguous tensors: outputs of an op may not alias each other.
+    mean, rstd = (stats[:, i : i + 1].clone(memory_format=torch.contiguous_format) for i in (0, 1))
+    y = (rows.float() - mean) * rstd
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    stats_shape = x.shape[:-1] + (1,)
+    return y.to(x.dtype).reshape(x.shape), mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 
 def _rms_norm_fake(input, weight, eps):
@@ -95,3 +128,25 @@ def _add_rms_norm_triton(x1, x2, weight, eps):
 
 library.define_op("add_rms_norm(Tensor x1, Tensor x2, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
                   fake=_add_rms_norm_fake, cpu=_add_rms_norm_cpu, triton=_add_rms_norm_triton)
+
+
+def _layer_norm_fake(input, weight, bias, eps):
+    _check("bi::layer_norm", weight, bias, input=input)
+    stats = input.new_empty(input.shape[:-1] + (1,), dtype=torch.float32)
+    return input.new_empty(input.shape), stats, stats.new_empty(stats.shape)
+
+
+def _layer_norm_cpu(input, weight, bias, eps):
+    _check("bi::layer_norm", weight, bias, input=input)
+    return _layer_norm_cpu_rows(input, weight, bias, eps)
+
+
+def _layer_norm_triton(input, weight, bias, eps):
+    _check("bi::layer_norm", weight, bias, input=input)
+    from bi_compile.kernels.rms_norm import layer_norm as launch
+
+    return launch(input, weight, bias, eps)
+
+
+library.define_op("layer_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+                  fake=_layer_norm_fake, cpu=_layer_norm_cpu, triton=_layer_norm_triton)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-
 import torch
 
 from bi_compile.ops import library
@@ -38,12 +36,6 @@ def _plan(op: str, x: torch.Tensor, dim: int, half_to_float: bool) -> tuple[int,
     if half_to_float and x.dtype == torch.float32:
         raise library.reject(op, "half_to_float needs a float16 or bfloat16 input", self=x)
     return dim % span, torch.float32 if half_to_float else x.dtype
-
-
-def _along_last(x: torch.Tensor, dim: int, last_dim_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply ``last_dim_fn`` ([..., N] -> same shape, contiguous) along ``dim``; a fresh contiguous result."""
-    moved = x.reshape(1) if x.dim() == 0 else x.movedim(dim, -1)
-    return last_dim_fn(moved).movedim(-1, dim).contiguous().reshape(x.shape)
 
 
 def _qualname(log: bool) -> str:
@@ -73,14 +65,14 @@ def _cpu(log: bool, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Ten
         rows = moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
         return library.map_row_tiles(lambda tile: _tile_softmax(tile, log), rows).to(out_dtype).reshape(moved.shape)
 
-    return _along_last(x, dim, last_dim)
+    return library.along_dim(x, dim, last_dim)
 
 
 def _triton(log: bool, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
     dim, out_dtype = _plan(_qualname(log), x, dim, half_to_float)
     from bi_compile.kernels.softmax import softmax as launch
 
-    return _along_last(x, dim, lambda moved: launch(moved, out_dtype, log=log))
+    return library.along_dim(x, dim, lambda moved: launch(moved, out_dtype, log=log))
 
 
 for _log in (False, True):
