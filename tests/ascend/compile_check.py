@@ -136,6 +136,7 @@ def _result_types(text: str) -> list[int]:
 def live_tensor_bytes(ir: str) -> int:
     lines = ir.splitlines()
     start, end, size = {}, {}, {}
+    fills: dict[str, list[int]] = {}  # a broadcast scalar can be rematerialized: live only where it is used
     open_regions: list[tuple[int, list[str]]] = []  # (line, result names whose types the closing line gives)
     loops: list[tuple[int, int]] = []
     loop_stack: list[int] = []
@@ -161,6 +162,8 @@ def live_tensor_bytes(ir: str) -> int:
                     size[name] = nbytes
                 for name in names:
                     start[name] = end[name] = i
+                if op == "linalg.fill":
+                    fills[base] = []
         if "iter_args(" in text:  # block arguments take the loop's result types
             args = re.findall(r"(%[\w]+) = %", text.split("iter_args(", 1)[1])
             for name, nbytes in zip(args, _result_types(text)):
@@ -170,6 +173,9 @@ def live_tensor_bytes(ir: str) -> int:
             if "scf.for" in text:
                 loop_stack.append(i)
         for used in re.findall(r"%[\w.]+(?:#\d+)?", text[match.end():] if match else text):
+            if used in fills:
+                fills[used].append(i)
+                continue
             for name in (used, used + "#0"):
                 if name in end and start[name] < i:
                     end[name] = i
@@ -182,7 +188,12 @@ def live_tensor_bytes(ir: str) -> int:
             if start[name] < opened < end[name] <= closed:
                 end[name] = closed
     pressure = [0] * (len(lines) + 2)
+    for name, uses in fills.items():
+        for i in set(uses):
+            pressure[i] += size.get(name, 0)
     for name, first in start.items():
+        if name in fills:
+            continue
         nbytes = size.get(name, 0)
         # A result may take the buffer of an operand that dies on its line.
         if any(end[other] == first and start[other] < first and size.get(other, 0) >= nbytes for other in end):
