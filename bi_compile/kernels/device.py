@@ -11,7 +11,7 @@ a launcher looks its entry up with ``target(tensor.device)`` and never branches 
   tile fits the 96 KB of unified buffer a core has with double buffering on (docs/ascend.md).
 
 CPU tensors run under Triton's interpreter, which executes either backend's code: ``CPU_TARGET`` says which. It
-is the CUDA paths with few programs by default; the Ascend tests and the Ascend compile check (ci/ascend_compile.py)
+is the CUDA paths with few programs by default; the Ascend tests and the Ascend compile check (tests/ascend/compile_check.py)
 set an Ascend target there, so that the Ascend blockings run and compile without an NPU.
 """
 

@@ -8,15 +8,17 @@ Why the result of one row cannot depend on M (the number of rows in the call) or
   the K loop is sequential, there is no split-K or stream-K, and rows never share an accumulator. For fp16/bf16
   the tensor cores add each chunk in k16 steps, in order, into that accumulator, so the chunk length does not
   change the order: the K order is a function of K alone. (The portable table keeps one chunk per dtype,
-  ``BLOCK_K``, since an Ascend cube's order for other chunks is unmeasured; the Hopper table streams the weight
-  in 256-long chunks at few rows.) TMA loads and persistent programs change how tiles are fetched and which
-  program computes them, not the arithmetic;
+  ``BLOCK_K``; the Hopper table streams the weight in 256-long chunks at few rows.) TMA loads and persistent
+  programs change how tiles are fetched and which program computes them, not the arithmetic;
+- on Ascend one tile per dtype serves every M (``ASCEND_TILES``): a cube's order for other tile shapes and chunks
+  is unmeasured, so nothing that could change it follows the batch;
 - the tile shape (BLOCK_M, BLOCK_N, chunk, warps, stages, loads) is picked from the real M (and N) at run time
-  (``pick_tiles`` over the device's table, ``tile_table``); it decides which program computes an element, not
+  (``pick_tiles`` over the device's table, ``tile_table``; on CUDA); it decides which program computes an element, not
   how. On the H100, every candidate below gave the same bits (mma.sync and wgmma tiles, 64- and 256-long chunks,
   pointer and TMA loads, fp16/bf16/fp32, both B layouts, odd K), and the GPU tests check it again at every M
   where the choice changes; a candidate may only be added with them;
-- fp32 inputs use ``input_precision="ieee"`` (plain FMA), never TF32, so fp32 means fp32.
+- fp32 inputs use ``input_precision="ieee"`` (plain FMA), never TF32, so fp32 means fp32 (and every input on
+  Ascend: ``Target.dot_precision``).
 
 Rows past M and columns past N are masked (zero-filled loads, no stores): they never reach a stored element.
 """

@@ -4,11 +4,13 @@ A row kernel (here, ``rms_norm.py``, ``softmax.py``) reduces each row of a ``[..
 
 * **Blocking** (:func:`row_blocking`): a row of length N is read in chunks of ``block(N)`` elements into a
   ``[ROWS, BLOCK]`` fp32 accumulator (elementwise adds, chunk after chunk, in row order), which one
-  ``tl.sum`` over the BLOCK axis folds at the end. BLOCK, ROWS and num_warps are functions of N alone, so
-  the tree of additions for a row is fixed by (N, dtype): the row count M only decides how many programs run.
-  Rows up to ``FUSED_MAX`` fit one chunk; those kernels keep the row in registers between reduction and output
-  (one read, one write). Longer rows take one program each, except in ``row_sum``, which cuts them into pieces
-  of a length fixed by N and adds the pieces' sums in row order (:data:`SPLIT_BLOCKING`).
+  ``tl.sum`` over the BLOCK axis folds at the end. BLOCK, ROWS and num_warps are functions of N alone (and of
+  the backend: :data:`ROW_POLICIES`), so the tree of additions for a row is fixed by (N, dtype) on a device: the
+  row count M only decides how many tiles there are. Rows up to the policy's ``fused_max`` fit one chunk; those
+  kernels keep the row on chip between reduction and output (one read, one write). Longer rows take one tile
+  each, except in ``row_sum``, which cuts them into pieces of a length fixed by N and adds the pieces' sums in row
+  order (``RowPolicy.split``). A program loops over tiles: one each on CUDA, a share of them on each of an
+  Ascend NPU's vector cores (:func:`row_programs`); which program takes a tile never changes how it is summed.
 * **Layout** (:func:`row_grid`): rows need unit stride along N, but not a single row stride: row
   ``r = outer * n_inner + inner`` lies at ``outer * stride_outer + inner * stride_inner``, which covers
   contiguous, row-strided, expanded (stride 0) and head-split views such as ``qkv[:, :q].view(T, H, D)``

@@ -6,14 +6,18 @@
 The max is exact in any order; the sum of exponentials is what needs a fixed order. One program owns a row
 and accumulates in fixed chunks (``reduce.row_blocking``):
 
-* rows up to ``reduce.FUSED_MAX``: the whole row in registers, one read and one write;
-* longer rows (vocab logits): a first pass keeps one lane per thread, a running max ``m_l`` and
+* rows up to the backend's ``RowPolicy.fused_max``: the whole row on chip, one read and one write;
+* longer rows on Ascend (``LOOPED_ROWS``): a first pass over 2-D ``[1, BLOCK]`` chunks keeps a running row max
+  ``m`` and one sum per element of a chunk, ``S_j <- S_j * exp(m_old - m) + exp(x_j - m)``, folded by one tl.sum
+  over BLOCK at the end; a second pass reads the row again and writes. Each lane adds its elements in row order
+  and the fold's tree is BLOCK's, so the order is fixed by (N, dtype);
+* longer rows on CUDA (vocab logits): a first pass keeps one lane per thread, a running max ``m_l`` and
   ``S_l = sum exp(x - m_l)`` over the elements that thread loads (rescaled when ``m_l`` grows), folded at the end
   as ``S = sum_l S_l * exp(m_l - m)``; then a second pass writes the output. Two reads and one write instead of
   three reads, in an order fixed by the row length and dtype. A 151936-wide bf16 row is 304 KB, and what the second
   pass reads again must not come from HBM. L2 does not keep it (132 rows in flight stream 80 MB through its 50 MB);
   L1 (248 KB per SM) keeps the last 240 KB when the second pass walks the row backwards, and the first
-  ``HEAD_CHUNKS`` chunks (64 KB) stay in registers, which a lane per thread leaves free (a lane per element of a
+  ``head_chunks`` chunks (64 KB) stay in registers, which a lane per thread leaves free (a lane per element of a
   chunk held 16 registers a thread). H100, 256 rows: HBM reads 81.5 MB for a 78 MB input, where a lane per element
   and 32 KB kept read 89 MB (Nsight Compute; docs/lab-log.md, "A lane per thread, 64 KB of the row kept").
 
