@@ -51,7 +51,7 @@ def outputs():
     return {k: (tuple(v) if isinstance(v, tuple) else (v,)) for k, v in out.items()}
 
 def digest(ts):
-    return [hashlib.sha256(t.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest() for t in ts]
+    return [hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest() for t in ts]
 
 if sys.argv[1] == "save":
     res = outputs()
