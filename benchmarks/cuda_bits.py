@@ -16,12 +16,12 @@ def outputs():
     out = {}
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, device="cuda", generator=g).to(dtype)
-    for dtype in (torch.bfloat16, torch.float32):
-        for k, n in ((4096, 4096), (1000, 520)):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for k, n in ((1024, 3072), (4096, 4096), (1000, 520)):
             w = r(n, k, dtype=dtype) / k**0.5
             x = r(4096, k, dtype=dtype)
             bias = r(n, dtype=dtype)
-            for m in (1, 17, 65, 300, 4096):
+            for m in (1, 17, 33, 64, 65, 129, 300, 2048, 4096):
                 out[f"linear {dtype} {k} {n} {m}"] = bi.linear(x[:m], w)
                 out[f"linear+b {dtype} {k} {n} {m}"] = bi.linear(x[:m], w, bias)
                 out[f"mm {dtype} {k} {n} {m}"] = bi.mm(x[:m], w.t().contiguous())
@@ -30,7 +30,7 @@ def outputs():
         out[f"addmm {dtype}"] = bi.addmm(r(72, dtype=dtype), a[0], b[0], beta=0.5, alpha=1.5)
         ends = torch.tensor([10, 10, 300, 700], dtype=torch.int32, device="cuda")
         out[f"grouped {dtype}"] = bi.grouped_mm(r(800, 256, dtype=dtype), r(4, 256, 384, dtype=dtype), ends)
-        for n in (1000, 4096, 20000, 151936):
+        for n in (128, 1000, 4096, 16384, 20000, 151936):
             x = r(257, n, dtype=dtype) * 3
             wn = r(n, dtype=dtype)
             out[f"rms {dtype} {n}"] = bi.rms_norm(x, wn, 1e-6)
@@ -41,7 +41,7 @@ def outputs():
             out[f"mean {dtype} {n}"] = bi.mean(x, [-1], True, None)
             out[f"meansq {dtype} {n}"] = bi.mean_square(x, [-1], True)
         out[f"fullsum {dtype}"] = bi.sum(r(4096, 151936 // 8, dtype=dtype), [0, 1], False, torch.float32)
-        for hd in (128,):
+        for hd in (64, 128, 256):
             for bsz, ql, kl in ((1, 1, 2048), (8, 1, 700), (2, 37, 37), (3, 16, 1500)):
                 q = r(bsz, ql, 16, hd, dtype=dtype).transpose(1, 2)
                 kv = r(bsz, kl, 4, hd, dtype=dtype).transpose(1, 2)
