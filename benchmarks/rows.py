@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from kernels import GRAPH_TIMING, graph_sets, heading, publish, time_us
 
-from bi_compile.kernels.reduce import FUSED_MAX, RowBlocking, row_blocking, row_sum
+from bi_compile.kernels.device import Backend
+from bi_compile.kernels.reduce import ROW_POLICIES, RowBlocking, row_blocking, row_sum
 from bi_compile.kernels.rms_norm import layer_norm, rms_norm
 from bi_compile.kernels.softmax import softmax
 
@@ -53,7 +54,7 @@ def candidates(width: int, split: bool) -> list[RowBlocking]:
     """Rows that fit one chunk: rows per program x warps, up to 128 elements per thread (what the registers hold).
     Longer rows: chunk lengths x warps, up to 64 elements per thread and chunk (the online softmax keeps two fp32
     accumulators per element of a chunk); for a kernel that can ``split`` a row, also 1, 2 or 4 chunks per program."""
-    if width <= FUSED_MAX:
+    if width <= ROW_POLICIES[Backend.CUDA].fused_max:
         block = triton.next_power_of_2(width)
         return [RowBlocking(block, rows, True, warps) for rows, warps in itertools.product((1, 2, 4, 8, 16), (4, 8, 16))
                 if block * rows // (32 * warps) <= 128]

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from kernels import DEFAULT_MS, DEFAULT_SHAPES, GRAPH_TIMING, graph_sets, heading, publish, time_us
 
-from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, processor_count, tile_table
+from bi_compile.kernels.device import target
+from bi_compile.kernels.matmul import TileConfig, matmul, pick_tiles, tile_table
 
 # Few rows: weight streaming, so narrow strips and deep pipelines; many rows: wgmma tiles. (Pruned to the tiles that
 # won a row or came within 3% in the searches of 2026-11-23: docs/lab-log.md, "Tile search for the portable table".)
@@ -54,7 +55,7 @@ def sweep(k: int, n: int, m: int, dtype: torch.dtype) -> dict:
     first = (torch.randn(m, k, device="cuda").to(dtype), weight())
     arg_sets = [first] + [(torch.randn(m, k, device="cuda").to(dtype), weight()) for _ in range(graph_sets(first) - 1)]
     device = first[0].device
-    current = pick_tiles(m, n, dtype, processor_count(device), table=tile_table(device))
+    current = pick_tiles(m, n, dtype, target(device).cube_cores, table=tile_table(target(device)))
     candidates = (FEW_ROWS if m <= FEW_ROWS_MAX_M else []) + (MANY_ROWS if m >= FEW_ROWS_MAX_M else [])
     candidates += LONG_K if m <= FEW_ROWS_MAX_M else HOPPER
     candidates = [current] + [t for t in candidates if t != current]

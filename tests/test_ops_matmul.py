@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import bi_compile.ops.matmul  # noqa: F401  (registers torch.ops.bi.mm/addmm/bmm/linear)
+from bi_compile.kernels.device import target
 from bi_compile.ops.library import BIInputError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -501,8 +502,8 @@ def _sample_ms(n: int, dtype: torch.dtype) -> list[int]:
     """M in 1..8192 on both sides of every M where the kernel's tile choice changes for this N, plus a few others."""
     from bi_compile.kernels import matmul as kernels
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    processors, table = kernels.processor_count(device), kernels.tile_table(device)
+    device_target = target(torch.device("cuda", torch.cuda.current_device()))
+    processors, table = device_target.cube_cores, kernels.tile_table(device_target)
     picks = [kernels.pick_tiles(m, n, dtype, processors, table=table) for m in range(1, M_MAX + 1)]
     edges = [m for m in range(1, M_MAX) if picks[m - 1] != picks[m]]  # picks[m - 1] is M = m
     ms = {1, 2, 3, 8, 31, 100, 1000, 4097, M_MAX} | {e + d for e in edges for d in (-1, 0, 1, 2)}
@@ -547,7 +548,7 @@ def test_gpu_tile_configs_give_the_same_bits(dtype):
     from bi_compile.kernels import matmul as kernels
 
     g = torch.Generator(device="cuda").manual_seed(9)
-    hopper = kernels.has_tma(torch.device("cuda", torch.cuda.current_device()))
+    hopper = target(torch.device("cuda", torch.cuda.current_device())).tma
     for k, n in [(4096, 4096), (4104, 1000), (4097, 1000)]:
         a = torch.randn(1, 300, k, device="cuda", generator=g).to(dtype)
         w = torch.randn(n, k, device="cuda", generator=g).to(dtype)

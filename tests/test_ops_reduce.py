@@ -228,8 +228,9 @@ def test_kernel_split_rows_sum_their_pieces_in_row_order(triton_device, monkeypa
         assert_matches_reference("mean_square" if flags.get("square") else "mean" if flags else "sum", y.cpu(), [-1], False,
                                  torch.float32, full.cpu())
     # A row of 5000 in pieces of 32: 157 partial sums, more than one chunk (64 here), so they are split again.
-    monkeypatch.setattr(reduce, "FUSED_MAX", 64)
-    monkeypatch.setattr(reduce, "SPLIT_BLOCKING", reduce.RowBlocking(block=16, rows=1, fused=False, num_warps=1, piece=2))
+    small = reduce.RowPolicy(fused_max=64, tile_elements=64, max_warps=16, loop=reduce.RowBlocking(64, 1, False, 1),
+                             split=reduce.RowBlocking(block=16, rows=1, fused=False, num_warps=1, piece=2))
+    monkeypatch.setitem(reduce.ROW_POLICIES, reduce.Backend.CUDA, small)
     launch, widths = reduce._launch_row_sum, []
 
     def recorded(x, *rest):

@@ -41,13 +41,13 @@ Fully masked rows (l = 0) give 0, as torch's CPU SDPA does.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .device import Backend, launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
@@ -58,8 +58,6 @@ MAX_WORKSPACE_BYTES = 256 << 20
 MERGE_BLOCK_M = 16
 # Columns of the row-sum dot p @ ones (tl.dot's smallest N).
 ROW_SUM_N = tl.constexpr(16)
-# Used where the device reports no multiprocessor count (Ascend NPUs, the interpreter): a 910B has 20-24 AI cores.
-DEFAULT_COMPUTE_UNITS = 24
 
 
 @dataclass(frozen=True)
@@ -71,18 +69,32 @@ class AttentionConfig:
     num_stages: int
 
 
-# Keyed by (padded head dim, fp32?): the whole reduction order of a row follows from this entry. Blocks are
-# chosen so that ptxas (sm_90a) keeps the single-program schedule, which holds two accumulators, within 255
-# registers with at most ~128 bytes of spills (8 warps on 64 rows halve the per-thread accumulators). Splits
-# of 512 keys: each split restarts the load pipeline, so short splits cost bandwidth in the single-program
+# Per backend, keyed by (padded head dim, fp32?): the whole reduction order of a row follows from this entry.
+# CUDA: blocks chosen so that ptxas (sm_90a) keeps the single-program schedule, which holds two accumulators,
+# within 255 registers with at most ~128 bytes of spills (8 warps on 64 rows halve the per-thread accumulators).
+# Splits of 512 keys: each split restarts the load pipeline, so short splits cost bandwidth in the single-program
 # schedule, long ones cost parallelism in the split-KV one (B = 1, Hkv = 8, S = 8192: 128 programs).
-_CONFIGS = {
-    (64, False): AttentionConfig(64, 64, 512, 8, 3),
-    (128, False): AttentionConfig(64, 64, 512, 8, 3),
-    (256, False): AttentionConfig(64, 32, 512, 8, 2),
-    (64, True): AttentionConfig(64, 32, 512, 8, 2),
-    (128, True): AttentionConfig(64, 32, 512, 8, 2),
-    (256, True): AttentionConfig(64, 16, 512, 8, 1),
+# Ascend: q, both fp32 accumulators (the split's and the merged one), a K and a V chunk and the chunk's scores
+# within 96 KB of unified buffer at every head dim up to 256: 84 KB at head dim 128, 79 KB at 256, by the compile
+# check's estimate (vllm-ascend's BI attention takes 64-row blocks, 32 above head dim 128, which that estimate puts
+# at 105-170 KB once the merged accumulator is counted).
+ATTENTION_CONFIGS = {
+    Backend.CUDA: {
+        (64, False): AttentionConfig(64, 64, 512, 8, 3),
+        (128, False): AttentionConfig(64, 64, 512, 8, 3),
+        (256, False): AttentionConfig(64, 32, 512, 8, 2),
+        (64, True): AttentionConfig(64, 32, 512, 8, 2),
+        (128, True): AttentionConfig(64, 32, 512, 8, 2),
+        (256, True): AttentionConfig(64, 16, 512, 8, 1),
+    },
+    Backend.ASCEND: {
+        (64, False): AttentionConfig(32, 64, 512, 1, 1),
+        (128, False): AttentionConfig(32, 32, 512, 1, 1),
+        (256, False): AttentionConfig(16, 32, 512, 1, 1),
+        (64, True): AttentionConfig(32, 64, 512, 1, 1),
+        (128, True): AttentionConfig(32, 32, 512, 1, 1),
+        (256, True): AttentionConfig(16, 32, 512, 1, 1),
+    },
 }
 
 
@@ -91,9 +103,9 @@ def head_block(dim: int) -> int:
     return max(16, next_power_of_2(dim))
 
 
-def attention_config(head_dim: int, value_dim: int, dtype: torch.dtype) -> AttentionConfig:
+def attention_config(head_dim: int, value_dim: int, dtype: torch.dtype, backend: Backend = Backend.CUDA) -> AttentionConfig:
     """The config for head dims up to 256; 16 and 32 share the 64 entry (same order, smaller blocks)."""
-    return _CONFIGS[(max(64, head_block(max(head_dim, value_dim))), dtype == torch.float32)]
+    return ATTENTION_CONFIGS[backend][(max(64, head_block(max(head_dim, value_dim))), dtype == torch.float32)]
 
 
 @triton.jit
@@ -192,28 +204,25 @@ def _tile_rows(pid, m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _part_rows(split, pair, rows, m_tiles, num_heads, num_kv_heads, q_len):
+def _part_rows(split, pair, rows, num_pairs, num_heads, num_kv_heads, q_len):
     """Workspace row of (split, pair, packed row): the workspace is [num_splits, pairs, q_len * G]."""
-    num_pairs = tl.num_programs(0) // m_tiles
     return (split * num_pairs + pair).to(tl.int64) * (q_len * (num_heads // num_kv_heads)) + rows
 
 
-@triton.jit(do_not_specialize=["num_heads", "num_kv_heads", "q_len", "kv_len", "num_splits", "m_tiles"])
-def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
-    stride_qb, stride_qh, stride_ql, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_mb, stride_mh, stride_ml, stride_ms,
-    num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, scale,
+@triton.jit
+def _attention_tile(
+    pid, q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd, stride_mb, stride_mh, stride_ml, stride_ms,
+    num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (tiles x pairs, 1 or num_splits). WRITE_PARTIAL: this program's split state goes to the workspace
+    """Query tile ``pid`` (of m_tiles x pairs). WRITE_PARTIAL: split program_id(1)'s state goes to the workspace
     [num_splits, pairs * q_len * G] (+ [.., Dv] for acc); else all splits, merged, and the output."""
     pair, rows, batch, kv_head, q_pos, head, row_valid = _tile_rows(
-        tl.program_id(0), m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M)
+        pid, m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(
         q_ptr + batch * stride_qb + head[:, None] * stride_qh + q_pos[:, None] * stride_ql + d[None, :] * stride_qd,
@@ -233,7 +242,7 @@ def _attention_kernel(
             stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, scale,
             HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
         )
-        part = _part_rows(split, pair, rows, m_tiles, num_heads, num_kv_heads, q_len)
+        part = _part_rows(split, pair, rows, num_pairs, num_heads, num_kv_heads, q_len)
         tl.store(m_part_ptr + part, m, mask=row_valid)
         tl.store(l_part_ptr + part, l, mask=row_valid)
         dv = tl.arange(0, BLOCK_DV)
@@ -253,33 +262,53 @@ def _attention_kernel(
         _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len, VALUE_DIM, BLOCK_DV)
 
 
-@triton.jit(do_not_specialize=["num_heads", "num_kv_heads", "q_len", "num_splits", "m_tiles"])
+@triton.jit(do_not_specialize=["num_heads", "num_kv_heads", "q_len", "kv_len", "num_splits", "m_tiles", "num_pairs"])
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs, scale,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (programs, 1 or num_splits): program p takes the query tiles p, p + programs, ... of m_tiles x pairs
+    (one each on CUDA)."""
+    for pid in range(tl.program_id(0), m_tiles * num_pairs, tl.num_programs(0)):
+        _attention_tile(
+            pid, q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
+            stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+            stride_vb, stride_vh, stride_vs, stride_vd, stride_mb, stride_mh, stride_ml, stride_ms,
+            num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs, scale,
+            HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, WRITE_PARTIAL, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV,
+            DOT_PRECISION,
+        )
+
+
+@triton.jit(do_not_specialize=["num_heads", "num_kv_heads", "q_len", "num_splits", "m_tiles", "num_pairs"])
 def _merge_splits_kernel(
-    m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr, num_heads, num_kv_heads, q_len, num_splits, m_tiles,
+    m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr, num_heads, num_kv_heads, q_len, num_splits, m_tiles, num_pairs,
     VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Fold the split states written by ``_attention_kernel`` in split order and write the output."""
-    pair, rows, batch, kv_head, q_pos, head, row_valid = _tile_rows(
-        tl.program_id(0), m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M)
-    dv = tl.arange(0, BLOCK_DV)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for split in range(0, num_splits):
-        part = _part_rows(split, pair, rows, m_tiles, num_heads, num_kv_heads, q_len)
-        m_split = tl.load(m_part_ptr + part, mask=row_valid, other=float("-inf"))
-        l_split = tl.load(l_part_ptr + part, mask=row_valid, other=0.0)
-        acc_split = tl.load(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :],
-                            mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
-        m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
-    _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len, VALUE_DIM, BLOCK_DV)
-
-
-@functools.cache
-def _compute_units(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_COMPUTE_UNITS
+    """Fold the split states written by ``_attention_kernel`` in split order and write the output; program p
+    takes the tiles p, p + programs, ... of m_tiles x pairs."""
+    for pid in range(tl.program_id(0), m_tiles * num_pairs, tl.num_programs(0)):
+        pair, rows, batch, kv_head, q_pos, head, row_valid = _tile_rows(
+            pid, m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M)
+        dv = tl.arange(0, BLOCK_DV)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for split in range(0, num_splits):
+            part = _part_rows(split, pair, rows, num_pairs, num_heads, num_kv_heads, q_len)
+            m_split = tl.load(m_part_ptr + part, mask=row_valid, other=float("-inf"))
+            l_split = tl.load(l_part_ptr + part, mask=row_valid, other=0.0)
+            acc_split = tl.load(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :],
+                                mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
+            m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
+        _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len, VALUE_DIM, BLOCK_DV)
 
 
 def attention(
@@ -297,14 +326,16 @@ def attention(
     out = torch.empty((batch, num_heads, q_len, value_dim), dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
-    cfg = attention_config(head_dim, value_dim, query.dtype)
+    device_target = target(query.device)
+    cfg = attention_config(head_dim, value_dim, query.dtype, device_target.backend)
     rows_per_pair = q_len * (num_heads // num_kv_heads)
     m_tiles = cdiv(rows_per_pair, cfg.block_m)
-    programs = m_tiles * batch * num_kv_heads
+    num_pairs = batch * num_kv_heads
+    programs = m_tiles * num_pairs
     num_splits = cdiv(kv_len, cfg.split_n)
     workspace_bytes = num_splits * batch * num_kv_heads * rows_per_pair * (value_dim + 2) * 4
     if split_kv is None:
-        split_kv = (num_splits > 1 and programs < 2 * _compute_units(query.device)
+        split_kv = (num_splits > 1 and programs < 2 * device_target.cube_cores
                     and workspace_bytes <= MAX_WORKSPACE_BYTES)
     split_kv = split_kv and num_splits > 0
 
@@ -324,26 +355,28 @@ def attention(
         m_part = l_part = acc_part = out  # unused
 
     ints = (*query.stride(), *key.stride(), *value.stride(), *mask_strides,
-            num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles)
+            num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs)
     # The launch key (kernels/launch.py); out and the partials are fresh.
-    launch_key = (cfg, query.dtype, mask.dtype, mask_kind, is_causal, split_kv, head_dim, value_dim,
+    launch_key = (cfg, device_target, query.dtype, mask.dtype, mask_kind, is_causal, split_kv, head_dim, value_dim,
            aligned16(query), aligned16(key), aligned16(value), aligned16(mask), ints)
     _attention_launch(
-        query.device, launch_key, (programs, num_splits if split_kv else 1),
+        query.device, launch_key, (device_target.programs(programs, device_target.cube_cores), num_splits if split_kv else 1),
         query, key, value, mask, out, m_part, l_part, acc_part, *ints, scale,
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal, WRITE_PARTIAL=split_kv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n,
         BLOCK_D=head_block(head_dim), BLOCK_DV=head_block(value_dim),
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,  # fp32 means fp32, never TF32
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=device_target.dot_precision(query.dtype),
+        **launch_options(device_target.backend, cfg.num_warps, cfg.num_stages),
     )
     if split_kv:
         merge_tiles = cdiv(rows_per_pair, MERGE_BLOCK_M)
-        merge_ints = (num_heads, num_kv_heads, q_len, num_splits, merge_tiles)
+        merge_ints = (num_heads, num_kv_heads, q_len, num_splits, merge_tiles, num_pairs)
         _merge_launch(
-            query.device, (query.dtype, value_dim, merge_ints), (merge_tiles * batch * num_kv_heads,),
+            query.device, (device_target, query.dtype, value_dim, merge_ints),
+            (device_target.programs(merge_tiles * num_pairs, device_target.vector_cores),),
             m_part, l_part, acc_part, out, *merge_ints,
-            VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim), num_warps=4,
+            VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim),
+            **launch_options(device_target.backend, 4),
         )
     return out
 

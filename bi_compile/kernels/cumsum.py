@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv
-from .reduce import RowBlocking, row_blocking, row_grid, row_offsets, tl_dtype
+from .reduce import RowBlocking, row_blocking, row_grid, row_offsets, row_programs, tl_dtype
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -23,18 +24,20 @@ def _row_cumsum_kernel(
     x_ptr, y_ptr, n_rows, n_cols, n_inner, stride_outer, stride_inner,
     SUMMAND: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows[:, None] < n_rows
-    x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
-    y_rows = y_ptr + rows.to(tl.int64)[:, None] * n_cols  # y is a fresh contiguous [n_rows, n_cols]
-    cols = tl.arange(0, BLOCK)[None, :]
-    carry = tl.zeros([ROWS], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        mask = row_mask & (start + cols < n_cols)
-        x = tl.load(x_rows + start + cols, mask=mask, other=0.0).to(SUMMAND).to(tl.float32)
-        y = tl.cumsum(x, axis=1) + carry[:, None]
-        tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-        carry = tl.sum(tl.where(cols == BLOCK - 1, y, 0.0), axis=1)  # the chunk's last running sum, exactly
+    """Program p takes the row tiles p, p + programs, ... (one each on CUDA)."""
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows[:, None] < n_rows
+        x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
+        y_rows = y_ptr + rows.to(tl.int64)[:, None] * n_cols  # y is a fresh contiguous [n_rows, n_cols]
+        cols = tl.arange(0, BLOCK)[None, :]
+        carry = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            mask = row_mask & (start + cols < n_cols)
+            x = tl.load(x_rows + start + cols, mask=mask, other=0.0).to(SUMMAND).to(tl.float32)
+            y = tl.cumsum(x, axis=1) + carry[:, None]
+            tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+            carry = tl.sum(tl.where(cols == BLOCK - 1, y, 0.0), axis=1)  # the chunk's last running sum, exactly
 
 
 def cumsum(x: torch.Tensor, out_dtype: torch.dtype, *, blocking: RowBlocking | None = None) -> torch.Tensor:
@@ -45,13 +48,14 @@ def cumsum(x: torch.Tensor, out_dtype: torch.dtype, *, blocking: RowBlocking | N
         return y
     (x,), grid = row_grid(x)
     (stride_outer, stride_inner), = grid.strides
-    cfg = blocking or row_blocking(x.shape[-1])
+    backend = target(x.device).backend
+    cfg = blocking or row_blocking(x.shape[-1], backend=backend)
     ints = (grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner)
     key = (cfg, x.dtype, out_dtype, aligned16(x), ints)  # the launch key (kernels/launch.py); y is fresh
     _row_cumsum_launch(
-        x.device, key, (cdiv(grid.n_rows, cfg.rows),),
+        x.device, key, (row_programs(cdiv(grid.n_rows, cfg.rows), x.device),),
         x, y, *ints,
-        SUMMAND=tl_dtype(out_dtype), BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
+        SUMMAND=tl_dtype(out_dtype), BLOCK=cfg.block, ROWS=cfg.rows, **launch_options(backend, cfg.num_warps),
     )
     return y
 

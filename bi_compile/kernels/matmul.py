@@ -8,15 +8,17 @@ Why the result of one row cannot depend on M (the number of rows in the call) or
   the K loop is sequential, there is no split-K or stream-K, and rows never share an accumulator. For fp16/bf16
   the tensor cores add each chunk in k16 steps, in order, into that accumulator, so the chunk length does not
   change the order: the K order is a function of K alone. (The portable table keeps one chunk per dtype,
-  ``BLOCK_K``, since an Ascend cube's order for other chunks is unmeasured; the Hopper table streams the weight
-  in 256-long chunks at few rows.) TMA loads and persistent programs change how tiles are fetched and which
-  program computes them, not the arithmetic;
+  ``BLOCK_K``; the Hopper table streams the weight in 256-long chunks at few rows.) TMA loads and persistent
+  programs change how tiles are fetched and which program computes them, not the arithmetic;
+- on Ascend one tile per dtype serves every M (``ASCEND_TILES``): a cube's order for other tile shapes and chunks
+  is unmeasured, so nothing that could change it follows the batch;
 - the tile shape (BLOCK_M, BLOCK_N, chunk, warps, stages, loads) is picked from the real M (and N) at run time
-  (``pick_tiles`` over the device's table, ``tile_table``); it decides which program computes an element, not
+  (``pick_tiles`` over the device's table, ``tile_table``; on CUDA); it decides which program computes an element, not
   how. On the H100, every candidate below gave the same bits (mma.sync and wgmma tiles, 64- and 256-long chunks,
   pointer and TMA loads, fp16/bf16/fp32, both B layouts, odd K), and the GPU tests check it again at every M
   where the choice changes; a candidate may only be added with them;
-- fp32 inputs use ``input_precision="ieee"`` (plain FMA), never TF32, so fp32 means fp32.
+- fp32 inputs use ``input_precision="ieee"`` (plain FMA), never TF32, so fp32 means fp32 (and every input on
+  Ascend: ``Target.dot_precision``).
 
 Rows past M and columns past N are masked (zero-filled loads, no stores): they never reach a stored element.
 """
@@ -30,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import Backend, Target, launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv
 
 
@@ -101,15 +104,26 @@ HOPPER_TILE_CANDIDATES = {
 HOPPER_TILE_CANDIDATES[torch.bfloat16] = HOPPER_TILE_CANDIDATES[torch.float16]
 
 
-@functools.cache
-def has_tma(device: torch.device) -> bool:
-    """A CUDA device with the tensor memory accelerator (Hopper or newer)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+# Ascend (910B/A3): one tile per dtype whatever M is, so there is nothing to verify across tiles on the NPU before
+# the first run; each keeps its live tiles (A and B chunks, the fp32 accumulator, the epilogue) within 96 KB of
+# unified buffer, and the K chunk is the one the cube takes per step. Programs loop over tiles on num_aicore.
+ASCEND_TILES = {
+    torch.float16: ((1 << 62, (TileConfig(64, 128, num_warps=1, num_stages=1, block_k=128, persistent=True),)),),
+    torch.float32: ((1 << 62, (TileConfig(64, 64, num_warps=1, num_stages=1, block_k=64, persistent=True),)),),
+}
+ASCEND_TILES[torch.bfloat16] = ASCEND_TILES[torch.float16]
+
+# (backend, TMA) -> tile table; every candidate in a table gave the same bits on its device (the GPU tests check
+# the CUDA ones).
+TILE_TABLES = {
+    (Backend.CUDA, False): TILE_CANDIDATES,
+    (Backend.CUDA, True): HOPPER_TILE_CANDIDATES,
+    (Backend.ASCEND, False): ASCEND_TILES,
+}
 
 
-def tile_table(device: torch.device) -> dict:
-    """The tile table of this device: every candidate in it gave the same bits there (the GPU tests check it)."""
-    return HOPPER_TILE_CANDIDATES if has_tma(device) else TILE_CANDIDATES
+def tile_table(device_target: Target) -> dict:
+    return TILE_TABLES[device_target.backend, device_target.tma]
 
 
 def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int = 1, table: dict = TILE_CANDIDATES) -> TileConfig:
@@ -128,32 +142,21 @@ def pick_tiles(m: int, n: int, dtype: torch.dtype, processors: int, batch: int =
 
 
 @functools.lru_cache(maxsize=8192)
-def device_tiles(m: int, n: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> TileConfig:
-    """``pick_tiles`` on ``device``'s table, cached: the launcher asks once per (M, N, ...) it meets."""
-    return pick_tiles(m, n, dtype, processor_count(device), batch, tile_table(device))
+def device_tiles(m: int, n: int, dtype: torch.dtype, device_target: Target, batch: int = 1) -> TileConfig:
+    """``pick_tiles`` on the target's table, cached: the launcher asks once per (M, N, ...) it meets."""
+    return pick_tiles(m, n, dtype, device_target.cube_cores, batch, tile_table(device_target))
 
 
 def tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether TMA descriptors can describe these operands: one matrix each (batch 1), Hopper or newer (or the
     interpreter), 16-byte aligned bases and row strides, rows that do not overlap (no broadcast views)."""
-    if a.shape[0] != 1 or not (a.device.type == "cpu" or has_tma(a.device)):
+    if a.shape[0] != 1 or not (a.device.type == "cpu" or target(a.device).tma):
         return False
     k, n = b.shape[1:]
     b_rows = (b.stride(2), k) if b.stride(1) == 1 else (b.stride(1), n)  # (row stride, row length) of B's 2-D view
     rows = ((a.stride(1), k), b_rows)
     return (all(t.data_ptr() % 16 == 0 for t in (a, b))
             and all(stride >= length and stride * a.element_size() % 16 == 0 for stride, length in rows))
-
-
-@functools.cache
-def processor_count(device: torch.device) -> int:
-    """Programs that run at once: SMs on CUDA, AI cores on Ascend."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    if device.type == "cpu":
-        # Triton's interpreter: few programs, so that the tests run the loop over tiles.
-        return 4
-    return triton.runtime.driver.active.utils.get_device_properties(device.index)["num_aicore"]
 
 
 @triton.jit
@@ -300,14 +303,14 @@ def matmul(
     out = torch.empty((batch, m, n), device=a.device, dtype=a.dtype)
     if out.numel() == 0:
         return out
-    processors = processor_count(a.device)
-    tiles = tiles or device_tiles(m, n, a.dtype, a.device, batch)
+    device_target = target(a.device)
+    tiles = tiles or device_tiles(m, n, a.dtype, device_target, batch)
     block_k = tiles.block_k or BLOCK_K[a.dtype]
     num_tiles = batch * cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
     # CUDA: one program per tile, unless the tiles are persistent. Ascend wants at most one program per AI core,
     # so there (and in the interpreter) the programs loop over the tiles.
     persistent = tiles.persistent or a.device.type != "cuda"
-    grid = min(num_tiles, processors) if persistent else num_tiles
+    grid = min(num_tiles, device_target.cube_cores) if persistent else num_tiles
     use_tma = tiles.tma and tma_ready(a, b)
     b_unit_stride_k = b.stride(1) == 1
     a_arg, b_arg = a, b
@@ -323,7 +326,7 @@ def matmul(
             out.stride(0), out.stride(1))
     # The launch key (kernels/launch.py): the tiles, dtype, ints and use_tma fix every constexpr; out is fresh, so
     # the allocator aligned it.
-    key = (tiles, a.dtype, use_tma, aligned16(a), aligned16(b), has_bias and aligned16(bias), ints)
+    key = (tiles, device_target, a.dtype, use_tma, aligned16(a), aligned16(b), has_bias and aligned16(bias), ints)
     _matmul_launch(
         a.device, key, (grid,),
         a_arg, b_arg, bias_arg, out, *ints, alpha, beta,
@@ -332,13 +335,12 @@ def matmul(
         TMA=use_tma,
         B_UNIT_STRIDE_K=b_unit_stride_k,
         FLATTEN=tiles.persistent and a.device.type == "cuda",
-        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
+        INPUT_PRECISION=device_target.dot_precision(a.dtype),
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         GROUP_M=tiles.group_m,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        **launch_options(device_target.backend, tiles.num_warps, tiles.num_stages),
     )
     return out
 
@@ -346,27 +348,28 @@ def matmul(
 _matmul_launch = KeyedKernel(_matmul_kernel)
 
 
-# grouped_matmul's tiles: the groups' sizes are data (routing), so one config per dtype, chosen for the few rows
-# per expert of MoE decode.
-GROUPED_TILES = {torch.float16: TileConfig(64, 64, num_warps=4, num_stages=4),
-                 torch.bfloat16: TileConfig(64, 64, num_warps=4, num_stages=4),
-                 torch.float32: TileConfig(16, 64, num_warps=4, num_stages=3)}
+# grouped_matmul's tiles per backend: the groups' sizes are data (routing), so one config per dtype; on CUDA the one
+# chosen for the few rows per expert of MoE decode, on Ascend the matmul's own tile.
+GROUPED_TILES = {
+    Backend.CUDA: {torch.float16: TileConfig(64, 64, num_warps=4, num_stages=4),
+                   torch.bfloat16: TileConfig(64, 64, num_warps=4, num_stages=4),
+                   torch.float32: TileConfig(16, 64, num_warps=4, num_stages=3)},
+    Backend.ASCEND: {dtype: table[0][1][0] for dtype, table in ASCEND_TILES.items()},
+}
 
 
-@triton.jit(do_not_specialize=["N_GROUPS"])
-def _grouped_matmul_kernel(
-    a_ptr, b_ptr, ends_ptr, c_ptr,
-    N, K, N_GROUPS,
-    stride_am, stride_bg, stride_bk, stride_bn, stride_cm,
+@triton.jit
+def _grouped_matmul_tile(
+    tile, a_ptr, b_ptr, ends_ptr, c_ptr, N, K, N_GROUPS, stride_am, stride_bg, stride_bk, stride_bn, stride_cm,
     EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Group g owns rows [ends[g - 1], ends[g]) (ends[-1] = 0) and multiplies them by B[g]. Each group's rows are
-    cut into BLOCK_M tiles from its first row; row tile p of the grid is the p-th tile of all groups in group
-    order, found by a walk over ``ends`` (device data: no host sync, so it can be captured in a CUDA graph).
-    Grid rows past the last tile have nothing to do."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """Output tile ``tile`` = (row tile, column tile). Group g owns rows [ends[g - 1], ends[g]) (ends[-1] = 0) and
+    multiplies them by B[g]. Each group's rows are cut into BLOCK_M tiles from its first row; row tile p is the
+    p-th tile of all groups in group order, found by a walk over ``ends`` (device data: no host sync, so it can be
+    captured in a CUDA graph). Row tiles past the last group's have nothing to do."""
+    pid_m = tile // tl.cdiv(N, BLOCK_N)
+    pid_n = tile % tl.cdiv(N, BLOCK_N)
     group = tl.full((), -1, tl.int32)
     first_row = tl.full((), 0, tl.int32)
     end_row = tl.full((), 0, tl.int32)
@@ -392,6 +395,20 @@ def _grouped_matmul_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
+@triton.jit(do_not_specialize=["N_GROUPS", "TILES"])
+def _grouped_matmul_kernel(
+    a_ptr, b_ptr, ends_ptr, c_ptr,
+    N, K, N_GROUPS, TILES,
+    stride_am, stride_bg, stride_bk, stride_bn, stride_cm,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program p computes the output tiles p, p + programs, ... of TILES (one each on CUDA)."""
+    for tile in range(tl.program_id(0), TILES, tl.num_programs(0)):
+        _grouped_matmul_tile(tile, a_ptr, b_ptr, ends_ptr, c_ptr, N, K, N_GROUPS, stride_am, stride_bg, stride_bk,
+                             stride_bn, stride_cm, EVEN_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows [ends[g - 1], ends[g]) of ``a`` [T, K] times ``b[g]`` [K, N], for each group g, as a new contiguous
     [T, N] tensor in ``a.dtype``; rows past ``ends[-1]`` are zero. ``a`` has unit stride along K, ``b`` [G, K, N]
@@ -403,17 +420,19 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
     out = torch.zeros((t, n), device=a.device, dtype=a.dtype)
     if out.numel() == 0 or groups == 0:
         return out
-    tiles = GROUPED_TILES[a.dtype]
-    block_k = BLOCK_K[a.dtype]
+    device_target = target(a.device)
+    tiles = GROUPED_TILES[device_target.backend][a.dtype]
+    block_k = tiles.block_k or BLOCK_K[a.dtype]
     # Each group adds at most one partial tile: cdiv(T, BLOCK_M) + G row tiles cover any routing.
-    grid = (cdiv(t, tiles.block_m) + groups, cdiv(n, tiles.block_n))
-    _grouped_matmul_kernel[grid](
+    num_tiles = (cdiv(t, tiles.block_m) + groups) * cdiv(n, tiles.block_n)
+    grid = min(num_tiles, device_target.cube_cores) if tiles.persistent else num_tiles
+    _grouped_matmul_kernel[(grid,)](
         a, b, ends, out,
-        n, k, groups,
+        n, k, groups, num_tiles,
         a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
         EVEN_K=k % block_k == 0,
-        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
+        INPUT_PRECISION=device_target.dot_precision(a.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **launch_options(device_target.backend, tiles.num_warps, tiles.num_stages),
     )
     return out

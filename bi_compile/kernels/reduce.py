@@ -4,11 +4,13 @@ A row kernel (here, ``rms_norm.py``, ``softmax.py``) reduces each row of a ``[..
 
 * **Blocking** (:func:`row_blocking`): a row of length N is read in chunks of ``block(N)`` elements into a
   ``[ROWS, BLOCK]`` fp32 accumulator (elementwise adds, chunk after chunk, in row order), which one
-  ``tl.sum`` over the BLOCK axis folds at the end. BLOCK, ROWS and num_warps are functions of N alone, so
-  the tree of additions for a row is fixed by (N, dtype): the row count M only decides how many programs run.
-  Rows up to ``FUSED_MAX`` fit one chunk; those kernels keep the row in registers between reduction and output
-  (one read, one write). Longer rows take one program each, except in ``row_sum``, which cuts them into pieces
-  of a length fixed by N and adds the pieces' sums in row order (:data:`SPLIT_BLOCKING`).
+  ``tl.sum`` over the BLOCK axis folds at the end. BLOCK, ROWS and num_warps are functions of N alone (and of
+  the backend: :data:`ROW_POLICIES`), so the tree of additions for a row is fixed by (N, dtype) on a device: the
+  row count M only decides how many tiles there are. Rows up to the policy's ``fused_max`` fit one chunk; those
+  kernels keep the row on chip between reduction and output (one read, one write). Longer rows take one tile
+  each, except in ``row_sum``, which cuts them into pieces of a length fixed by N and adds the pieces' sums in row
+  order (``RowPolicy.split``). A program loops over tiles: one each on CUDA, a share of them on each of an
+  Ascend NPU's vector cores (:func:`row_programs`); which program takes a tile never changes how it is summed.
 * **Layout** (:func:`row_grid`): rows need unit stride along N, but not a single row stride: row
   ``r = outer * n_inner + inner`` lies at ``outer * stride_outer + inner * stride_inner``, which covers
   contiguous, row-strided, expanded (stride 0) and head-split views such as ``qkv[:, :q].view(T, H, D)``
@@ -25,17 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import Backend, launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
-
-# Rows up to this length are reduced in one chunk, held in registers (16 warps x 32 fp32 per thread).
-FUSED_MAX = 16384
-# Longer rows (vocab-sized logits) loop over chunks of this many elements, 16 per thread of 32 warps: one program per
-# SM, so that few rows are in flight and most of softmax's row is still in L1 for its second read (softmax.py).
-# row_sum cuts such rows into pieces instead (SPLIT_BLOCKING).
-LOOP_BLOCK, LOOP_WARPS = 16384, 32
-# Short rows are packed [ROWS, BLOCK] into one program until it holds about this many elements.
-TILE_ELEMENTS = 2048
-
 
 @dataclass(frozen=True)
 class RowBlocking:
@@ -48,24 +41,52 @@ class RowBlocking:
     piece: int = 0
 
 
-# row_sum cuts longer rows into pieces of 2 chunks of 16384 elements, one program (8 warps) each, and sums the pieces'
-# partial sums in row order. A full reduction (x.sum(): one row) then runs on every SM, not one: 4096 x 151936 bf16
-# in one row at 3046 GB/s instead of 40 (H100); vocab rows stay within 4% of one 32-warp program per row
-# (docs/lab-log.md, "row_sum cuts long rows into pieces").
-SPLIT_BLOCKING = RowBlocking(16384, 1, False, 8, piece=2)
+@dataclass(frozen=True)
+class RowPolicy:
+    """How a backend blocks rows; every field is a constant, so a row's blocking is a function of its length."""
+
+    fused_max: int  # rows up to this length are one chunk, kept on chip between reduction and output
+    tile_elements: int  # shorter rows are packed [ROWS, BLOCK] into one program up to this many elements
+    max_warps: int  # warps of a packed program: 8 up to 4096 elements, then up to this many
+    loop: RowBlocking  # longer rows: one program each, looping over chunks
+    split: RowBlocking  # longer rows where the kernel may cut a row into pieces (row_sum)
 
 
-def row_blocking(n_cols: int, split: bool = False) -> RowBlocking:
-    """Launch config for rows of length ``n_cols``, for a kernel that can (``split``) or cannot split a row across
-    programs. It depends on ``n_cols`` only, never on the number of rows: this is what fixes the reduction order
-    of a row whatever batch it comes in."""
-    if n_cols > FUSED_MAX:
-        return SPLIT_BLOCKING if split else RowBlocking(LOOP_BLOCK, 1, False, LOOP_WARPS)
+ROW_POLICIES = {
+    # Registers hold 16384 fp32 per program (16 warps x 32 per thread). Longer rows (vocab logits) loop over
+    # chunks of 16384, 16 per thread of 32 warps: one program per SM, so that few rows are in flight and most of
+    # softmax's row is still in L1 for its second read (softmax.py). row_sum cuts them into pieces of 2 chunks,
+    # one program (8 warps) each, and sums the pieces' partial sums in row order: a full reduction (x.sum(): one
+    # row) then runs on every SM, not one: 4096 x 151936 bf16 in one row at 3046 GB/s instead of 40 (H100); vocab
+    # rows stay within 4% of one 32-warp program per row (docs/lab-log.md, "row_sum cuts long rows into pieces").
+    Backend.CUDA: RowPolicy(fused_max=16384, tile_elements=2048, max_warps=16,
+                            loop=RowBlocking(16384, 1, False, 32), split=RowBlocking(16384, 1, False, 8, piece=2)),
+    # A vector core's unified buffer holds 96 KB with double buffering on: chunks of 4096 keep every row kernel's
+    # live tiles at 24-48 KB by the compile check's estimate (16384 took 192 KB), and a Qwen3-8B hidden row (4096)
+    # is still one chunk, read once. Pieces are 32768 elements, as on CUDA. Warps do not exist there.
+    Backend.ASCEND: RowPolicy(fused_max=4096, tile_elements=4096, max_warps=1,
+                              loop=RowBlocking(4096, 1, False, 1), split=RowBlocking(4096, 1, False, 1, piece=8)),
+}
+
+
+def row_blocking(n_cols: int, split: bool = False, backend: Backend = Backend.CUDA) -> RowBlocking:
+    """Launch config for rows of length ``n_cols`` on ``backend``, for a kernel that can (``split``) or cannot split
+    a row across programs. It depends on ``n_cols`` only, never on the number of rows: this is what fixes the
+    reduction order of a row whatever batch it comes in."""
+    policy = ROW_POLICIES[backend]
+    if n_cols > policy.fused_max:
+        return policy.split if split else policy.loop
     block = next_power_of_2(max(n_cols, 1))
-    rows = max(1, TILE_ELEMENTS // block)
-    # 8 warps up to 4096 elements a program (4096-wide rows on the H100: as fast as 16 warps or up to 1.2x faster,
-    # for every row op), 16 above.
-    return RowBlocking(block, rows, True, num_warps=min(16, max(8, block * rows // 512)))
+    rows = max(1, policy.tile_elements // block)
+    # CUDA: 8 warps up to 4096 elements a program (4096-wide rows on the H100: as fast as 16 warps or up to 1.2x
+    # faster, for every row op), 16 above.
+    return RowBlocking(block, rows, True, num_warps=min(policy.max_warps, max(8, block * rows // 512)))
+
+
+def row_programs(n_tiles: int, device: torch.device) -> int:
+    """Programs of a row kernel with ``n_tiles`` tiles (row tiles or pieces); each loops over its share."""
+    device_target = target(device)
+    return device_target.programs(n_tiles, device_target.vector_cores)
 
 
 @dataclass(frozen=True)
@@ -192,35 +213,38 @@ def _row_sum_kernel(
     PIECE: tl.constexpr,
 ):
     """out[r] = sum_j x[r, j] (MEAN: / divisor; SQUARE: of x[r, j] ** 2), each element first cast to SUMMAND as
-    aten casts to the output dtype, fp32 sums in chunks of BLOCK, folded by one tl.sum.
+    aten casts to the output dtype, fp32 sums in chunks of BLOCK, folded by one tl.sum. Program p takes the
+    tiles p, p + programs, ... (one each on CUDA).
 
-    PIECE > 0 (then ROWS == 1): program p sums chunks [PIECE * k, PIECE * (k + 1)) of row p // n_pieces, with
-    k = p % n_pieces, into out[p]: the partial sums of a row, in row order."""
-    if PIECE:
-        n_pieces = tl.cdiv(n_cols, PIECE * BLOCK)
-        rows = tl.program_id(0) // n_pieces + tl.arange(0, 1)
-        first = tl.program_id(0) % n_pieces * (PIECE * BLOCK)
-        end = tl.minimum(first + PIECE * BLOCK, n_cols)
-        outs = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
-    else:
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        first, end = 0, n_cols
-        outs = rows.to(tl.int64)
-    row_mask = rows < n_rows
-    x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
-    acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    for start in range(first, end, BLOCK):
-        mask = row_mask[:, None] & (start + cols < end)
-        x = tl.load(x_rows + start + cols, mask=mask, other=0.0)
-        x = x.to(SUMMAND).to(tl.float32)
-        if SQUARE:
-            x = x * x
-        acc += x
-    total = tl.sum(acc, axis=1)
-    if MEAN:
-        total = total / divisor
-    tl.store(out_ptr + outs, total.to(out_ptr.dtype.element_ty), mask=row_mask)
+    PIECE > 0 (then ROWS == 1): tile t sums chunks [PIECE * k, PIECE * (k + 1)) of row t // n_pieces, with
+    k = t % n_pieces, into out[t]: the partial sums of a row, in row order."""
+    n_pieces = tl.cdiv(n_cols, PIECE * BLOCK) if PIECE else 1
+    n_tiles = n_rows * n_pieces if PIECE else tl.cdiv(n_rows, ROWS)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        if PIECE:
+            rows = tile // n_pieces + tl.arange(0, 1)
+            first = tile % n_pieces * (PIECE * BLOCK)
+            end = tl.minimum(first + PIECE * BLOCK, n_cols)
+            outs = tile + tl.arange(0, 1).to(tl.int64)
+        else:
+            rows = tile * ROWS + tl.arange(0, ROWS)
+            first, end = 0, n_cols
+            outs = rows.to(tl.int64)
+        row_mask = rows < n_rows
+        x_rows = x_ptr + row_offsets(rows, n_rows, n_cols, n_inner, stride_outer, stride_inner)[:, None]
+        cols = tl.arange(0, BLOCK)[None, :]
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for start in range(first, end, BLOCK):
+            mask = row_mask[:, None] & (start + cols < end)
+            x = tl.load(x_rows + start + cols, mask=mask, other=0.0)
+            x = x.to(SUMMAND).to(tl.float32)
+            if SQUARE:
+                x = x * x
+            acc += x
+        total = tl.sum(acc, axis=1)
+        if MEAN:
+            total = total / divisor
+        tl.store(out_ptr + outs, total.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -243,28 +267,30 @@ def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square:
         return out
     (x,), grid = row_grid(x)
     n_cols, summand = x.shape[-1], out_dtype
-    cfg = blocking or row_blocking(n_cols, split=True)
+    backend = target(x.device).backend
+    cfg = blocking or row_blocking(n_cols, split=True, backend=backend)
     while cfg.piece:
         pieces = torch.empty(grid.n_rows, cdiv(x.shape[-1], cfg.piece * cfg.block), dtype=torch.float32,
                              device=x.device)
         _launch_row_sum(x, grid, pieces, summand, False, square, 1, cfg)
         x, grid = pieces, RowGrid(grid.n_rows, 1, ((pieces.shape[1], 0),))
-        summand, square, cfg = torch.float32, False, row_blocking(pieces.shape[1], split=True)
+        summand, square, cfg = torch.float32, False, row_blocking(pieces.shape[1], split=True, backend=backend)
     _launch_row_sum(x, grid, out, summand, mean, square, n_cols, cfg)
     return out
 
 
 def _launch_row_sum(x, grid: RowGrid, out, summand, mean, square, divisor, cfg: RowBlocking) -> None:
-    """One program per ``cfg.rows`` elements of ``out``: rows, or pieces of rows."""
+    """A tile per ``cfg.rows`` elements of ``out``: rows, or pieces of rows."""
     (stride_outer, stride_inner), = grid.strides
     ints = (grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner, divisor)
     # The launch key (kernels/launch.py); out is fresh.
+    programs = row_programs(cdiv(out.numel(), cfg.rows), x.device)
     key = (cfg, x.dtype, out.dtype, summand, mean, square, aligned16(x), ints)
     _row_sum_launch(
-        x.device, key, (cdiv(out.numel(), cfg.rows),),
+        x.device, key, (programs,),
         x, out, *ints,
         SUMMAND=tl_dtype(summand), MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, PIECE=cfg.piece,
-        num_warps=cfg.num_warps,
+        **launch_options(target(x.device).backend, cfg.num_warps),
     )
 
 

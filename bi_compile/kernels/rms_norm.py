@@ -8,9 +8,9 @@
 in fp32 (x = x_f32, w = w_f32, b = b_f32), y rounded to x's dtype. Each row's sums are accumulated by one program in
 fixed chunks (``reduce.row_blocking``), so their bits depend on the row length and dtype only. The variance is
 two-pass (the mean first, then the squares of the centred values), never E[x^2] - mean^2, which cancels when the
-mean is large against the spread. Rows up to ``reduce.FUSED_MAX`` are read once and kept in registers; longer rows
-are read once per pass (two for RMSNorm, three for LayerNorm), and add_rms_norm recomputes ``s`` on a later read
-rather than reading back what another thread of the program stored.
+mean is large against the spread. Rows up to the backend's ``RowPolicy.fused_max`` are read once and kept in
+registers; longer rows are read once per pass (two for RMSNorm, three for LayerNorm), and add_rms_norm recomputes
+``s`` on a later read rather than reading back what another thread of the program stored.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv
-from .reduce import RowBlocking, aligned, row_blocking, row_grid, row_offsets
+from .reduce import RowBlocking, aligned, row_blocking, row_grid, row_offsets, row_programs
 
 # The per-row statistic the kernel writes (STAT): RSTD for the norms, which also write y; VAR or STD for
-# var_mean / std_mean, which write no y.
-RSTD, VAR, STD = 0, 1, 2
+# var_mean / std_mean, which write no y. Constexpr, so that jitted code may read them (their ``.value`` is launched).
+RSTD, VAR, STD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -76,75 +77,78 @@ def _rms_norm_kernel(
     HAS_X2: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CENTER: tl.constexpr, STAT: tl.constexpr,
     FUSED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows[:, None] < n_rows
-    x1_rows = x1_ptr + row_offsets(rows, n_rows, n_cols, n_inner, x1_outer, x1_inner)[:, None]
-    x2_rows = x2_ptr + row_offsets(rows, n_rows, n_cols, n_inner, x2_outer, x2_inner)[:, None]
-    out_rows = rows.to(tl.int64)[:, None] * n_cols  # y and s are fresh contiguous [n_rows, n_cols]
-    dtype = x1_ptr.dtype.element_ty
-    cols = tl.arange(0, BLOCK)[None, :]
-    mean = tl.zeros([ROWS], dtype=tl.float32)
-    if FUSED:
-        mask = row_mask & (cols < n_cols)
-        x = _load_row_chunk(x1_rows, x2_rows, cols, mask, HAS_X2, dtype)
-        if HAS_X2:
-            tl.store(s_ptr + out_rows + cols, x.to(dtype), mask=mask)
-        if CENTER:
-            mean = tl.sum(x, axis=1) / n_cols
-        x = _centred(x, mask, mean, CENTER)
-        stat = _row_stat(tl.sum(x * x, axis=1), n_cols, eps, divisor, STAT)
-        if STAT == RSTD:
-            _store_normalised(x, stat, w_ptr, b_ptr, y_ptr + out_rows, cols, mask, n_cols, HAS_W, HAS_B)
-    else:
-        if CENTER:
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):  # one tile each on CUDA
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows[:, None] < n_rows
+        x1_rows = x1_ptr + row_offsets(rows, n_rows, n_cols, n_inner, x1_outer, x1_inner)[:, None]
+        x2_rows = x2_ptr + row_offsets(rows, n_rows, n_cols, n_inner, x2_outer, x2_inner)[:, None]
+        out_rows = rows.to(tl.int64)[:, None] * n_cols  # y and s are fresh contiguous [n_rows, n_cols]
+        dtype = x1_ptr.dtype.element_ty
+        cols = tl.arange(0, BLOCK)[None, :]
+        mean = tl.zeros([ROWS], dtype=tl.float32)
+        if FUSED:
+            mask = row_mask & (cols < n_cols)
+            x = _load_row_chunk(x1_rows, x2_rows, cols, mask, HAS_X2, dtype)
+            if HAS_X2:
+                tl.store(s_ptr + out_rows + cols, x.to(dtype), mask=mask)
+            if CENTER:
+                mean = tl.sum(x, axis=1) / n_cols
+            x = _centred(x, mask, mean, CENTER)
+            stat = _row_stat(tl.sum(x * x, axis=1), n_cols, eps, divisor, STAT)
+            if STAT == RSTD:
+                _store_normalised(x, stat, w_ptr, b_ptr, y_ptr + out_rows, cols, mask, n_cols, HAS_W, HAS_B)
+        else:
+            if CENTER:
+                acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+                for start in range(0, n_cols, BLOCK):
+                    mask = row_mask & (start + cols < n_cols)
+                    acc += _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
+                mean = tl.sum(acc, axis=1) / n_cols
             acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
                 mask = row_mask & (start + cols < n_cols)
-                acc += _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
-            mean = tl.sum(acc, axis=1) / n_cols
-        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            mask = row_mask & (start + cols < n_cols)
-            x = _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
-            if HAS_X2:
-                tl.store(s_ptr + out_rows + start + cols, x.to(dtype), mask=mask)
-            x = _centred(x, mask, mean, CENTER)
-            acc += x * x
-        stat = _row_stat(tl.sum(acc, axis=1), n_cols, eps, divisor, STAT)
-        if STAT == RSTD:
-            for start in range(0, n_cols, BLOCK):
-                mask = row_mask & (start + cols < n_cols)
                 x = _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
+                if HAS_X2:
+                    tl.store(s_ptr + out_rows + start + cols, x.to(dtype), mask=mask)
                 x = _centred(x, mask, mean, CENTER)
-                _store_normalised(x, stat, w_ptr + start, b_ptr + start, y_ptr + out_rows + start, cols, mask,
-                                  n_cols - start, HAS_W, HAS_B)
-    if CENTER:
-        tl.store(mean_ptr + rows, mean.to(mean_ptr.dtype.element_ty), mask=rows < n_rows)
-    tl.store(stat_ptr + rows, stat.to(stat_ptr.dtype.element_ty), mask=rows < n_rows)
+                acc += x * x
+            stat = _row_stat(tl.sum(acc, axis=1), n_cols, eps, divisor, STAT)
+            if STAT == RSTD:
+                for start in range(0, n_cols, BLOCK):
+                    mask = row_mask & (start + cols < n_cols)
+                    x = _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
+                    x = _centred(x, mask, mean, CENTER)
+                    _store_normalised(x, stat, w_ptr + start, b_ptr + start, y_ptr + out_rows + start, cols, mask,
+                                      n_cols - start, HAS_W, HAS_B)
+        if CENTER:
+            tl.store(mean_ptr + rows, mean.to(mean_ptr.dtype.element_ty), mask=rows < n_rows)
+        tl.store(stat_ptr + rows, stat.to(stat_ptr.dtype.element_ty), mask=rows < n_rows)
 
 
 def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
             outputs: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor],
-            eps: float, divisor: float, stat_kind: int, blocking: RowBlocking | None) -> None:
+            eps: float, divisor: float, stat_kind: tl.constexpr, blocking: RowBlocking | None) -> None:
     """Shared host side: x1, x2 [..., N] (unit stride along N), weight and bias [N] or None; ``outputs`` = (y, s,
     mean, stat), fresh, None where not computed (y only with RSTD, s only with x2; the mean is centred on)."""
     y, s, mean, stat = outputs
     tensors, grid = row_grid(x1, *(() if x2 is None else (x2,)))
     x1, x2 = tensors[0], tensors[-1]
     (x1_outer, x1_inner), (x2_outer, x2_inner) = grid.strides[0], grid.strides[-1]
-    cfg = blocking or row_blocking(x1.shape[-1])
+    backend = target(x1.device).backend
+    cfg = blocking or row_blocking(x1.shape[-1], backend=backend)
     weight, bias = (aligned(t) if t is not None else None for t in (weight, bias))
     ints = (grid.n_rows, x1.shape[-1], grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner)
     # The launch key (kernels/launch.py). Outputs are fresh and the weight and bias aligned (``aligned``); an absent
     # tensor is replaced by x1 or stat, whose dtype and alignment the key holds.
     key = (cfg, x1.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
-           s is not None, mean is not None, stat_kind, stat.dtype, aligned16(x1), aligned16(x2), ints)
+           s is not None, mean is not None, stat_kind.value, stat.dtype, aligned16(x1), aligned16(x2), ints)
     _rms_norm_launch(
-        x1.device, key, (cdiv(grid.n_rows, cfg.rows),),
+        x1.device, key, (row_programs(cdiv(grid.n_rows, cfg.rows), x1.device),),
         x1, x2, *(t if t is not None else x1 for t in (weight, bias, y, s)), mean if mean is not None else stat, stat,
         *ints, eps, divisor,
         HAS_X2=s is not None, HAS_W=weight is not None, HAS_B=bias is not None, CENTER=mean is not None,
-        STAT=stat_kind, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
+        STAT=stat_kind.value, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows,
+        **launch_options(backend, cfg.num_warps),
     )
 
 
