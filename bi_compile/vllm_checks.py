@@ -11,10 +11,9 @@ import sys
 
 SWITCH = "BI_COMPILE_VLLM"
 
-# vLLM's ``AttentionBackendEnum`` names whose split of the keys is fixed once ``VLLM_BATCH_INVARIANT=1``
-# (FLASH_ATTN: num_splits=1; TRITON_ATTN: no 3-D split-softmax path; FLEX_ATTENTION: 16x16 blocks). CPU_ATTN is the
-# only backend of the CPU platform; its split is pinned off through VLLM_CPU_ATTN_SPLIT_KV.
-INVARIANT_ATTENTION_BACKENDS = {"gpu": ("FLASH_ATTN", "TRITON_ATTN", "FLEX_ATTENTION"), "cpu": ("CPU_ATTN",)}
+# With the switch on, attention is bi-compile's BI_ATTN: vLLM's AttentionBackendEnum.CUSTOM, selected by our platform
+# (bi_compile/vllm_platform.py, a ``vllm.platform_plugins`` entry point).
+BI_PLATFORM_MODULE = "bi_compile.vllm_platform"
 
 
 class VllmSettingError(RuntimeError):
@@ -37,14 +36,20 @@ def platform_kind() -> str:
 def check_vllm_config(config) -> list[str]:
     """The settings of a ``VllmConfig`` known to break batch invariance, each as one line naming the setting."""
     from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
 
     problems = []
     platform = platform_kind()
     compilation = config.compilation_config
+    if type(current_platform).__module__ != BI_PLATFORM_MODULE:
+        problems.append(f"vLLM runs on {type(current_platform).__name__}, not bi-compile's platform, so its own "
+                        "attention runs: the vllm.platform_plugins entry point bi_compile did not activate "
+                        "(VLLM_TARGET_DEVICE=cpu makes vLLM skip platform plugins; an install of bi-compile without "
+                        "that entry point needs reinstalling)")
     backend = config.attention_config.backend
-    if backend is not None and backend.name not in INVARIANT_ATTENTION_BACKENDS[platform]:
-        problems.append(f"attention backend {backend.name} (--attention-backend) has no fixed split size; use one "
-                        f"of {', '.join(INVARIANT_ATTENTION_BACKENDS[platform])}")
+    if backend is None or backend.name != "CUSTOM":
+        problems.append(f"attention backend {getattr(backend, 'name', backend)} (--attention-backend) is not "
+                        "bi-compile's BI_ATTN (AttentionBackendEnum.CUSTOM)")
     if compilation.pass_config.fuse_allreduce_rms:
         problems.append("pass_config.fuse_allreduce_rms=true fuses the all-reduce with RMSNorm, which is not "
                         "batch-invariant (vLLM's own mode turns it off too)")

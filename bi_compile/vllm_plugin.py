@@ -21,11 +21,14 @@ engine config. It is inert unless ``BI_COMPILE_VLLM=1``. Switched on, it
    in modes 1 and 2 (CPU's default) when no route is named; in mode 3 (``VLLM_COMPILE``) vLLM's compile cache
    cannot see a process-wide pass, so there it refuses and asks for the piecewise route instead;
 3. checks vLLM's settings when the first graph is compiled (the only moment a plugin sees vLLM's config in 0.32)
-   and refuses those known to break invariance: attention backends without a fixed split, the fused
+   and refuses those known to break invariance: an attention other than bi-compile's BI_ATTN, the fused
    all-reduce + RMSNorm, ...
 
+Attention is not in any graph bi-compile sees: with the switch on, bi-compile's ``vllm.platform_plugins`` entry point
+(``bi_compile.vllm_platform``) selects its own paged attention backend, BI_ATTN (``bi_compile.vllm_attention``).
+
 ``VLLM_BATCH_INVARIANT=1`` alone does not switch the plugin on: it is vLLM's own mode, with its own aten overrides.
-On a GPU the plugin sets it (it is the only 0.32 switch that fixes the attention split; it also routes vLLM's linear
+On a GPU the plugin sets it (it covers the lm_head and sampler outside the graph; it also routes vLLM's linear
 layers and RMSNorm to vLLM's own Triton kernels, which the pass then leaves alone), on a CPU it leaves it alone.
 """
 
@@ -55,12 +58,9 @@ ENV_PINS = (
     EnvPin("VLLM_USE_AOT_COMPILE", "0", "all",
            "vLLM's AOT artifact cache key does not contain the bi_ascend pipeline's version, so a stale artifact "
            "could be loaded"),
-    EnvPin("VLLM_CPU_ATTN_SPLIT_KV", "0", "cpu",
-           "CPU attention splits a long sequence's keys over threads by a plan made for the whole batch"),
     EnvPin("VLLM_BATCH_INVARIANT", "1", "gpu",
-           "it is vLLM 0.32's only switch that fixes the attention split (FLASH_ATTN num_splits=1, TRITON_ATTN "
-           "without its 3-D split, FLEX_ATTENTION 16x16 blocks) and covers the lm_head and sampler, which run "
-           "eagerly outside the compiled graph"),
+           "it covers the lm_head and sampler, which run eagerly outside the compiled graph (attention is "
+           "bi-compile's BI_ATTN, bi_compile/vllm_platform.py)"),
     EnvPin("VLLM_USE_BREAKABLE_CUDAGRAPH", "0", "gpu",
            "breakable CUDA graphs set the compilation mode to NONE, so no graph would reach bi-compile"),
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-PINNED = ("VLLM_USE_AOT_COMPILE", "VLLM_CPU_ATTN_SPLIT_KV")
+PINNED = ("VLLM_USE_AOT_COMPILE",)
 
 
 def main() -> None:
@@ -42,13 +42,13 @@ def main() -> None:
     facts["off_pins_set"] = [name for name in PINNED if name in os.environ]
     facts["off_pre_pass"] = repr(inductor_config.post_grad_custom_pre_pass)
 
-    os.environ.update({"BI_COMPILE_VLLM": "1", "VLLM_CPU_ATTN_SPLIT_KV": "1"})
+    os.environ.update({"BI_COMPILE_VLLM": "1", "VLLM_USE_AOT_COMPILE": "1"})
     try:
         vllm_plugin.register()
         facts["conflict_error"] = None
     except vllm_checks.VllmSettingError as error:
         facts["conflict_error"] = str(error)
-    del os.environ["VLLM_CPU_ATTN_SPLIT_KV"]
+    del os.environ["VLLM_USE_AOT_COMPILE"]
 
     vllm_plugin.register()
     facts["on_pins"] = {name: os.environ.get(name) for name in PINNED}

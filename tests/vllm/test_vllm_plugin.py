@@ -48,16 +48,19 @@ def test_plugin_is_inert_when_switched_off(probe):
 
 
 def test_plugin_refuses_a_conflicting_setting_by_name(probe):
-    assert "VLLM_CPU_ATTN_SPLIT_KV=1" in probe["conflict_error"]
+    assert "VLLM_USE_AOT_COMPILE=1" in probe["conflict_error"]
 
 
 def test_plugin_switched_on_pins_the_environment_and_wires_the_pipeline(probe):
-    assert probe["on_pins"] == {"VLLM_USE_AOT_COMPILE": "0", "VLLM_CPU_ATTN_SPLIT_KV": "0"}
+    assert probe["on_pins"] == {"VLLM_USE_AOT_COMPILE": "0"}
     assert probe["on_pre_pass"] == "DefaultRoutePass"
 
 
 def test_config_check_names_each_breaking_setting(probe):
+    # The probe's process runs on vLLM's own CpuPlatform (its platform was picked with the switch off): that is the
+    # first problem of both configs; a default config has no other.
     problems = probe["breaking_config_problems"]
-    assert len(problems) == 3
-    assert "FLASHINFER" in problems[0] and "fuse_allreduce_rms" in problems[1] and "'eager'" in problems[2]
-    assert probe["default_config_problems"] == []
+    assert len(problems) == 4 and "not bi-compile's platform" in problems[0]
+    assert "FLASHINFER" in problems[1] and "fuse_allreduce_rms" in problems[2] and "'eager'" in problems[3]
+    default = probe["default_config_problems"]
+    assert len(default) == 2 and "not bi-compile's platform" in default[0] and "attention backend None" in default[1]

@@ -1,0 +1,161 @@
+"""``BI_ATTN``: a vLLM attention backend whose every query row is reduced in an order fixed by its own position
+(``torch.ops.bi.paged_attention``: pure PyTorch on CPUs, bi-compile's Triton attention on GPUs).
+
+vLLM takes it through its backend registry: it is the class behind ``AttentionBackendEnum.CUSTOM``
+(``register_backend``), and with ``BI_COMPILE_VLLM=1`` bi-compile's platform (``bi_compile.vllm_platform``) selects
+it. The KV cache of a layer is vLLM's logical ``[num_blocks, Hkv, block_size, D + Dv]`` (0.32; the same shape is
+returned by ``get_kv_cache_shape`` for releases that ask the backend for it), read through its strides in any
+physical layout vLLM picks: the keys are ``[..., :D]``, the values ``[..., D:]``.
+
+Supported: decoder self-attention, causal, fp16/bf16/fp32 with an unquantized cache, head dims up to 256, decode and
+chunked prefill. Refused, naming the feature: ALiBi, sliding windows, logit soft-capping, attention sinks, other
+attention types, quantized KV caches, fused output quantization. No CUDA-graph capture of the attention
+(``AttentionCGSupport.NEVER``): its GPU path sizes its gather by the step's longest query and sequence.
+
+This module imports vLLM: only the platform imports it, in a vLLM process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+
+import bi_compile.ops  # noqa: F401  (defines torch.ops.bi.paged_attention)
+from bi_compile.ops.paged_attention import MAX_HEAD_DIM
+from bi_compile.vllm_checks import VllmSettingError
+
+NAME = "BI_ATTN"
+
+
+@dataclass
+class BiAttentionMetadata:
+    """What one step's attention reads, straight from vLLM's ``CommonAttentionMetadata``."""
+
+    num_actual_tokens: int  # tokens of real requests; later rows of the step are padding
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [R + 1] int32
+    seq_lens: torch.Tensor  # [R] int32
+    block_table: torch.Tensor  # [R, max blocks] int32
+    slot_mapping: torch.Tensor  # [tokens] int64, -1 for tokens that write no slot
+
+
+class BiAttentionMetadataBuilder(AttentionMetadataBuilder[BiAttentionMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> BiAttentionMetadata:
+        common = common_attn_metadata
+        if common.causal is not True:
+            raise VllmSettingError(f"{NAME} runs causal decoder attention only (got causal={common.causal!r})")
+        return BiAttentionMetadata(
+            num_actual_tokens=common.num_actual_tokens, max_query_len=common.max_query_len,
+            max_seq_len=common.max_seq_len, query_start_loc=common.query_start_loc, seq_lens=common.seq_lens,
+            block_table=common.block_table_tensor, slot_mapping=common.slot_mapping,
+        )
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's [num_blocks, Hkv, block_size, D + Dv] cache -> key and value views [.., D] and [.., Dv]."""
+    return kv_cache.split([head_size, kv_cache.shape[-1] - head_size], dim=-1)
+
+
+class BiAttentionImpl(AttentionImpl[BiAttentionMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None) -> None:
+        unsupported = {
+            "ALiBi slopes": alibi_slopes is not None,
+            f"sliding window {sliding_window}": sliding_window not in (None, -1),
+            f"logits soft cap {logits_soft_cap}": logits_soft_cap not in (None, 0),
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype not in BiAttentionBackend.supported_kv_cache_dtypes,
+            "attention sinks": sinks is not None,
+        }
+        refused = [feature for feature, present in unsupported.items() if present]
+        if refused:
+            raise VllmSettingError(f"{NAME} (bi-compile's batch-invariant attention) does not support "
+                                   + ", ".join(refused))
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        """Write the step's keys and values into their slots (an exact copy; slots < 0 write nothing)."""
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        tokens = min(slot_mapping.shape[0], key.shape[0])
+        slots = slot_mapping[:tokens].long()
+        written = torch.nonzero(slots >= 0).flatten()
+        slots = slots[written]
+        block_size = key_cache.shape[2]
+        key_cache[slots // block_size, :, slots % block_size] = key[written]
+        value_cache[slots // block_size, :, slots % block_size] = value[written]
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: BiAttentionMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """query [tokens, H, D] -> output [tokens, H, Dv] (written in place; rows past the real tokens untouched)."""
+        if output_scale is not None or output_block_scale is not None:
+            raise VllmSettingError(f"{NAME} does not fuse output quantization")
+        if attn_metadata is None:  # vLLM's profiling and warm-up runs
+            return output
+        tokens = attn_metadata.num_actual_tokens
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        output[:tokens] = torch.ops.bi.paged_attention(
+            query[:tokens], key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+            attn_metadata.query_start_loc, self.scale, attn_metadata.max_query_len, attn_metadata.max_seq_len,
+        ).reshape(output[:tokens].shape)
+        return output
+
+
+class BiAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[BiAttentionImpl]:
+        return BiAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[BiAttentionMetadataBuilder]:
+        return BiAttentionMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        """For vLLM releases that ask the backend (0.26): the layout 0.32 gives every backend."""
+        return num_blocks, num_kv_heads, block_size, 2 * head_size
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return 0 < head_size <= MAX_HEAD_DIM
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return True

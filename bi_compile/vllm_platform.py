@@ -1,0 +1,111 @@
+"""The ``vllm.platform_plugins`` entry point: vLLM's own CPU or CUDA platform, with bi-compile's attention
+(``BI_ATTN``, bi_compile/vllm_attention.py) selected when ``BI_COMPILE_VLLM=1``.
+
+Why a platform and not only ``register_backend``: the registry makes ``AttentionBackendEnum.CUSTOM`` resolve to our
+class, but something must select it. On a GPU vLLM honours a selected backend; on a CPU
+``CpuPlatform.get_attn_backend_cls`` (0.32) returns CPU_ATTN whatever was selected. A platform plugin is vLLM's
+supported way to own that choice: the classes below are vLLM's ``CpuPlatform`` / ``CudaPlatform`` with two methods
+extended, nothing of vLLM patched:
+
+- ``check_and_update_config``: selects CUSTOM where the user named no backend; refuses a backend the user named,
+  naming it (the whole point is that no other attention runs);
+- ``get_attn_backend_cls``: returns ``BI_ATTN`` for CUSTOM, after vLLM's own ``validate_configuration``.
+
+The entry point activates only with ``BI_COMPILE_VLLM=1`` and only where vLLM's built-in detection finds the CPU or
+CUDA platform (an out-of-tree platform wins over the built-in ones). vLLM skips platform plugins when
+``VLLM_TARGET_DEVICE=cpu``; the plugin's config check refuses that case (``vllm_checks``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from bi_compile.vllm_checks import SWITCH, VllmSettingError, switched_on
+
+BACKEND_PATH = "bi_compile.vllm_attention.BiAttentionBackend"
+# vLLM's built-in platform (as its detection names it) -> ours.
+PLATFORMS = {
+    "vllm.platforms.cpu.CpuPlatform": "bi_compile.vllm_platform.BiCpuPlatform",
+    "vllm.platforms.cuda.CudaPlatform": "bi_compile.vllm_platform.BiCudaPlatform",
+}
+
+
+def platform_plugin() -> str | None:
+    """The ``vllm.platform_plugins`` entry point: our platform's class path, or None (vLLM's own is used)."""
+    if not switched_on():
+        return None
+    from vllm.platforms import builtin_platform_plugins
+
+    for name in ("cuda", "cpu"):
+        found = builtin_platform_plugins[name]()
+        if found in PLATFORMS:
+            return PLATFORMS[found]
+    return None
+
+
+def register_backend_class() -> None:
+    """Make ``AttentionBackendEnum.CUSTOM`` resolve to ``BI_ATTN`` in this process; refuse another owner of CUSTOM."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    custom = AttentionBackendEnum.CUSTOM
+    if custom.is_overridden() and custom.get_path() != BACKEND_PATH:
+        raise VllmSettingError(f"{SWITCH}=1 needs AttentionBackendEnum.CUSTOM for bi-compile's attention, but "
+                               f"{custom.get_path()} is registered there")
+    register_backend(custom, BACKEND_PATH)
+
+
+def select_attention(attention_config) -> None:
+    """CUSTOM (bi-compile's BI_ATTN) where no backend is named; a named different one is refused by name."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    register_backend_class()
+    named = {"--attention-backend": attention_config.backend,
+             **{f"backend_per_kind[{kind!r}]": backend
+                for kind, backend in getattr(attention_config, "backend_per_kind", {}).items()}}
+    others = [f"{flag} {backend.name}" for flag, backend in named.items()
+              if backend is not None and backend != AttentionBackendEnum.CUSTOM]
+    if others:
+        raise VllmSettingError(
+            f"{SWITCH}=1 runs attention through bi-compile's batch-invariant BI_ATTN backend; the attention backend "
+            f"named by {', '.join(others)} would replace it: drop it, or unset {SWITCH}")
+    attention_config.backend = AttentionBackendEnum.CUSTOM
+
+
+class BiAttentionPlatform:
+    """The two methods our platforms extend; mixed in before vLLM's platform class."""
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super().check_and_update_config(vllm_config)
+        select_attention(vllm_config.attention_config)
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads: int | None = None) -> str:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        if selected_backend != AttentionBackendEnum.CUSTOM:
+            return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
+        register_backend_class()
+        problems = selected_backend.get_class().validate_configuration(
+            device_capability=cls.get_device_capability(), **attn_selector_config._asdict())
+        if problems:
+            raise VllmSettingError(f"{SWITCH}=1: bi-compile's BI_ATTN cannot run this model's attention: "
+                                   + "; ".join(problems))
+        return BACKEND_PATH
+
+
+@functools.cache
+def _platform(name: str) -> type:
+    """Each class imports only its own vLLM platform (vllm.platforms.cuda imports CUDA bindings a CPU install may
+    lack); built once, so the class vLLM resolves by name is one object."""
+    if name == "BiCpuPlatform":
+        from vllm.platforms.cpu import CpuPlatform as base
+    else:
+        from vllm.platforms.cuda import CudaPlatform as base
+    return type(name, (BiAttentionPlatform, base), {"__module__": __name__, "__qualname__": name})
+
+
+def __getattr__(name: str) -> type:
+    if name in ("BiCpuPlatform", "BiCudaPlatform"):
+        return _platform(name)
+    raise AttributeError(name)
