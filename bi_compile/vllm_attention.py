@@ -34,7 +34,9 @@ import bi_compile.ops  # noqa: F401  (defines torch.ops.bi.paged_attention)
 from bi_compile.ops.paged_attention import MAX_HEAD_DIM
 from bi_compile.vllm_checks import VllmSettingError
 
-NAME = "BI_ATTN"
+NAME = "BI_ATTN"  # in messages; vLLM knows it by its enum member
+# vLLM 0.32's Attention layer looks ``get_name()`` up in AttentionBackendEnum: it must be the member's name.
+ENUM_MEMBER = "CUSTOM"
 
 
 @dataclass
@@ -136,7 +138,7 @@ class BiAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_name() -> str:
-        return NAME
+        return ENUM_MEMBER
 
     @staticmethod
     def get_impl_cls() -> type[BiAttentionImpl]:

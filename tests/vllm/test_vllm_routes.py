@@ -62,7 +62,7 @@ def test_logprobs_alone_and_batched_are_bitwise_equal(route, llm_results):
 def test_control_stock_vllm_logprobs_change_with_the_batch(llm_results):
     """Stock vLLM on CPU, same workload: CPU attention's split of long sequences (VLLM_CPU_ATTN_SPLIT_KV=1, its
     default, with 2 threads) changes some logprobs. Matmuls and norms of the bf16 tiny model happen to be invariant
-    on CPU, so this control exercises the attention pin of the plugin more than the pass itself."""
+    on CPU, so this control exercises BI_ATTN (the plugin's attention backend) more than the pass itself."""
     assert alone_batched_differences(llm_results("stock")["logprobs"]) != []
 
 
