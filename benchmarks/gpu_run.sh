@@ -6,6 +6,8 @@
 #   tests-models   pytest -m gpu on the backend and the model suite               (~6 min)
 #                  (both with BI_COMPILE_CHECK_LAUNCH_KEYS=1: every keyed kernel launch is checked against
 #                  Triton's own choice of binary, bi_compile/kernels/launch.py)
+#   bits           benchmarks/cuda_bits.py: every bi op's output bits from the source in BITS_BEFORE (e.g. a
+#                  `git archive` of the last GPU-verified commit, unpacked) against this tree's; fails if any differ
 #   warm           compile the decode step of both compiled variants, in parallel processes, to fill the Inductor
 #                  cache (cold: 110-175 s per batch class and variant; the measured run then loads the graphs)
 #   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
@@ -29,8 +31,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | warm | decode | prefill | kernels | tiles | rows | vllm-tests | vllm-serve) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, prefill, kernels, tiles, rows, vllm-tests, vllm-serve)" >&2
+    tests-ops | tests-models | bits | warm | decode | prefill | kernels | tiles | rows | vllm-tests | vllm-serve) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, bits, warm, decode, prefill, kernels, tiles, rows, vllm-tests, vllm-serve)" >&2
        exit 2 ;;
   esac
 done
@@ -46,6 +48,11 @@ for stage in "$@"; do
       BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
     tests-models)
       BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
+    bits)
+      [ -d "${BITS_BEFORE:-}" ] || { echo "bits: BITS_BEFORE must name the old source tree" >&2; exit 2; }
+      PYTHONPATH="$BITS_BEFORE" python3 benchmarks/cuda_bits.py save "$OUT/bits_before.json"
+      PYTHONPATH=. python3 benchmarks/cuda_bits.py save "$OUT/bits_after.json"
+      python3 benchmarks/cuda_bits.py compare "$OUT/bits_before.json" "$OUT/bits_after.json" | tee "$OUT/bits.log" ;;
     warm)
       i=0
       for variant in inductor+graph bi_ascend+graph; do  # same cache shapes as `decode`: batch 1 and max batch 64
