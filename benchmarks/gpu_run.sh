@@ -16,7 +16,10 @@
 #   rows           benchmarks/rows.py, one row blocking per width searched across every row op, with an invariance
 #                  check each (~2 min with ROWS_ARGS="--ms 2048 8192 32768"; a 9-minute timeout keeps what it measured)
 #   prefill        benchmarks/prefill.py: compiled prefill outside CUDA graphs, bi_ascend vs stock Inductor, 28
-#                  layers of Qwen3-0.6B, and the eager per-call cost of bi.linear / bi.rms_norm (~5 min)
+#                  layers of Qwen3-0.6B, and the eager per-call cost of bi.linear / bi.rms_norm. Each backend is
+#                  compiled first in a process of its own, in parallel, to fill the Inductor cache (~4 min on the
+#                  H200 host), then the measured run loads the graphs (Dynamo still traces: ~2.5 min a backend).
+#                  Run it alone in a call (~9 min)
 #   vllm-tests     pytest -m gpu tests/vllm/test_vllm_gpu.py: the seed tests through real vLLM, every route's engine
 #                  side by side (needs vLLM importable; results and logs in $OUT/vllm-gpu)
 #   vllm-serve     benchmarks/serve.py on the same Qwen3-0.6B-shaped checkpoint: every route back to back, 512 in /
@@ -65,6 +68,10 @@ for stage in "$@"; do
       "${DECODE[@]}" --batch-sizes 1 8 32 64 --markdown "$OUT/decode.md" --plot "$OUT/decode.png" \
         --profile "$OUT/profile.txt" 2>&1 | grep -v -i warn | tee "$OUT/decode.log" | tail -40 ;;
     prefill)
+      for backend in inductor bi_ascend; do
+        python3 benchmarks/prefill.py --backends "$backend" --repeats 1 ${PREFILL_ARGS:-} >"$OUT/prefill_warm_$backend.log" 2>&1 &
+      done
+      wait
       python3 benchmarks/prefill.py --markdown "$OUT/prefill.md" --json "$OUT/prefill.json" ${PREFILL_ARGS:-} 2>&1 \
         | grep -v -i warn | tee "$OUT/prefill.log" | tail -30 ;;
     kernels)
