@@ -1,64 +1,100 @@
-"""Digests of every bi op's CUDA outputs at fixed seeds, to check that a change keeps the GPU's bits.
+"""Digests of the bi ops' CUDA outputs at fixed seeds: does a change keep the GPU's bits?
 
-    python benchmarks/cuda_bits.py save before.json      (with the old source on PYTHONPATH)
+Run ``save`` once with the old source first on PYTHONPATH and once with the new, then ``compare`` (exit status 1
+when an output differs). The calls cover every kernel family at M values on both sides of each tile switch, row
+lengths on both sides of the fused/looped boundary, and attention with and without the KV split.
+``benchmarks/gpu_run.sh bits`` does all three, with the old source from BITS_BEFORE.
+
+    PYTHONPATH=/tmp/old python benchmarks/cuda_bits.py save before.json
     python benchmarks/cuda_bits.py save after.json
     python benchmarks/cuda_bits.py compare before.json after.json
 """
+
+from __future__ import annotations
+
+import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
-def outputs():
-    import bi_compile.ops  # noqa: F401
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def bi_outputs() -> Iterator[tuple[str, torch.Tensor | tuple[torch.Tensor, ...]]]:
+    import bi_compile.ops  # noqa: F401  (registers torch.ops.bi from whichever source is on the path)
+
     bi = torch.ops.bi
-    out = {}
     g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, device="cuda", generator=g).to(dtype)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+
+    def randn(*shape, dtype):
+        return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+    for dtype in DTYPES:
         for k, n in ((1024, 3072), (4096, 4096), (1000, 520)):
-            w = r(n, k, dtype=dtype) / k**0.5
-            x = r(4096, k, dtype=dtype)
-            bias = r(n, dtype=dtype)
+            w = randn(n, k, dtype=dtype) / k**0.5
+            x = randn(4096, k, dtype=dtype)
+            bias = randn(n, dtype=dtype)
             for m in (1, 17, 33, 64, 65, 129, 300, 2048, 4096):
-                out[f"linear {dtype} {k} {n} {m}"] = bi.linear(x[:m], w)
-                out[f"linear+b {dtype} {k} {n} {m}"] = bi.linear(x[:m], w, bias)
-                out[f"mm {dtype} {k} {n} {m}"] = bi.mm(x[:m], w.t().contiguous())
-        a = r(3, 100, 256, dtype=dtype); b = r(3, 256, 72, dtype=dtype)
-        out[f"bmm {dtype}"] = bi.bmm(a, b)
-        out[f"addmm {dtype}"] = bi.addmm(r(72, dtype=dtype), a[0], b[0], beta=0.5, alpha=1.5)
+                yield f"linear {dtype} {k}->{n} M={m}", bi.linear(x[:m], w)
+                yield f"linear+bias {dtype} {k}->{n} M={m}", bi.linear(x[:m], w, bias)
+                yield f"mm {dtype} {k}->{n} M={m}", bi.mm(x[:m], w.t().contiguous())
+        a, b = randn(3, 100, 256, dtype=dtype), randn(3, 256, 72, dtype=dtype)
+        yield f"bmm {dtype}", bi.bmm(a, b)
+        yield f"addmm {dtype}", bi.addmm(randn(72, dtype=dtype), a[0], b[0], beta=0.5, alpha=1.5)
         ends = torch.tensor([10, 10, 300, 700], dtype=torch.int32, device="cuda")
-        out[f"grouped {dtype}"] = bi.grouped_mm(r(800, 256, dtype=dtype), r(4, 256, 384, dtype=dtype), ends)
+        yield f"grouped_mm {dtype}", bi.grouped_mm(randn(800, 256, dtype=dtype), randn(4, 256, 384, dtype=dtype), ends)
         for n in (128, 1000, 4096, 16384, 20000, 151936):
-            x = r(257, n, dtype=dtype) * 3
-            wn = r(n, dtype=dtype)
-            out[f"rms {dtype} {n}"] = bi.rms_norm(x, wn, 1e-6)
-            out[f"addrms {dtype} {n}"] = bi.add_rms_norm(x, x * 0.5, wn, 1e-6)
-            out[f"softmax {dtype} {n}"] = bi.softmax(x, -1, False)
-            out[f"logsoftmax {dtype} {n}"] = bi.log_softmax(x, -1, dtype != torch.float32)
-            out[f"sum {dtype} {n}"] = bi.sum(x, [-1], False, torch.float32)
-            out[f"mean {dtype} {n}"] = bi.mean(x, [-1], True, None)
-            out[f"meansq {dtype} {n}"] = bi.mean_square(x, [-1], True)
-        out[f"fullsum {dtype}"] = bi.sum(r(4096, 151936 // 8, dtype=dtype), [0, 1], False, torch.float32)
-        for hd in (64, 128, 256):
-            for bsz, ql, kl in ((1, 1, 2048), (8, 1, 700), (2, 37, 37), (3, 16, 1500)):
-                q = r(bsz, ql, 16, hd, dtype=dtype).transpose(1, 2)
-                kv = r(bsz, kl, 4, hd, dtype=dtype).transpose(1, 2)
-                out[f"attn causal {dtype} {hd} {bsz} {ql} {kl}"] = bi.attention(q, kv, kv, None, 0.0, ql > 1, None, True)
-                mask = torch.rand(bsz, 1, ql, kl, device="cuda", generator=g) > 0.3
-                out[f"attn mask {dtype} {hd} {bsz} {ql} {kl}"] = bi.attention(q, kv, kv, mask, 0.0, False, None, True)
-    return {k: (tuple(v) if isinstance(v, tuple) else (v,)) for k, v in out.items()}
+            x = randn(257, n, dtype=dtype) * 3
+            weight = randn(n, dtype=dtype)
+            yield f"rms_norm {dtype} N={n}", bi.rms_norm(x, weight, 1e-6)
+            yield f"add_rms_norm {dtype} N={n}", bi.add_rms_norm(x, x * 0.5, weight, 1e-6)
+            yield f"softmax {dtype} N={n}", bi.softmax(x, -1, False)
+            yield f"log_softmax {dtype} N={n}", bi.log_softmax(x, -1, dtype != torch.float32)
+            yield f"sum {dtype} N={n}", bi.sum(x, [-1], False, torch.float32)
+            yield f"mean {dtype} N={n}", bi.mean(x, [-1], True, None)
+            yield f"mean_square {dtype} N={n}", bi.mean_square(x, [-1], True)
+        yield f"sum of everything {dtype}", bi.sum(randn(4096, 151936 // 8, dtype=dtype), [0, 1], False, torch.float32)
+        for head_dim in (64, 128, 256):
+            for batch, q_len, kv_len in ((1, 1, 2048), (8, 1, 700), (2, 37, 37), (3, 16, 1500)):
+                q = randn(batch, q_len, 16, head_dim, dtype=dtype).transpose(1, 2)
+                kv = randn(batch, kv_len, 4, head_dim, dtype=dtype).transpose(1, 2)
+                mask = torch.rand(batch, 1, q_len, kv_len, device="cuda", generator=g) > 0.3
+                shape = f"{dtype} D={head_dim} {batch}x{q_len}x{kv_len}"
+                yield f"attention causal {shape}", bi.attention(q, kv, kv, None, 0.0, q_len > 1, None, True)
+                yield f"attention masked {shape}", bi.attention(q, kv, kv, mask, 0.0, False, None, True)
 
-def digest(ts):
-    return [hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest() for t in ts]
 
-if sys.argv[1] == "save":
-    res = outputs()
-    json.dump({k: digest(v) for k, v in res.items()}, open(sys.argv[2], "w"))
-    print("saved", len(res))
-else:
-    a, b = json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
-    assert a.keys() == b.keys()
-    diff = [k for k in a if a[k] != b[k]]
-    print(f"{len(a)} outputs compared, {len(diff)} differ", diff[:20])
+def digest(result: torch.Tensor | tuple[torch.Tensor, ...]) -> list[str]:
+    tensors = result if isinstance(result, tuple) else (result,)
+    return [hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+            for t in tensors]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("save", help="write the digests of this source's outputs").add_argument("path", type=Path)
+    compare = commands.add_parser("compare", help="exit 1 if an output's bits differ")
+    compare.add_argument("before", type=Path)
+    compare.add_argument("after", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "save":
+        digests = {name: digest(result) for name, result in bi_outputs()}
+        args.path.write_text(json.dumps(digests, indent=0))
+        print(f"{len(digests)} outputs saved to {args.path}")
+        return 0
+    before, after = json.loads(args.before.read_text()), json.loads(args.after.read_text())
+    if before.keys() != after.keys():
+        print(f"the two runs made different calls: {sorted(before.keys() ^ after.keys())[:10]}")
+        return 1
+    differ = [name for name in before if before[name] != after[name]]
+    print(f"{len(before)} outputs compared, {len(differ)} differ" + "".join(f"\n  {name}" for name in differ))
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,8 @@
 #   tests-models   pytest -m gpu on the backend and the model suite               (~6 min)
 #                  (both with BI_COMPILE_CHECK_LAUNCH_KEYS=1: every keyed kernel launch is checked against
 #                  Triton's own choice of binary, bi_compile/kernels/launch.py)
+#   bits           benchmarks/cuda_bits.py: every bi op's output bits from the source in BITS_BEFORE (e.g. a
+#                  `git archive` of the last GPU-verified commit, unpacked) against this tree's; fails if any differ
 #   warm           compile the decode step of both compiled variants, in parallel processes, to fill the Inductor
 #                  cache (cold: 110-175 s per batch class and variant; the measured run then loads the graphs)
 #   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
@@ -14,7 +16,10 @@
 #   rows           benchmarks/rows.py, one row blocking per width searched across every row op, with an invariance
 #                  check each (~2 min with ROWS_ARGS="--ms 2048 8192 32768"; a 9-minute timeout keeps what it measured)
 #   prefill        benchmarks/prefill.py: compiled prefill outside CUDA graphs, bi_ascend vs stock Inductor, 28
-#                  layers of Qwen3-0.6B, and the eager per-call cost of bi.linear / bi.rms_norm (~5 min)
+#                  layers of Qwen3-0.6B, and the eager per-call cost of bi.linear / bi.rms_norm. Each backend is
+#                  compiled first in a process of its own, in parallel, to fill the Inductor cache (~4 min on the
+#                  H200 host), then the measured run loads the graphs (Dynamo still traces: ~2.5 min a backend).
+#                  Run it alone in a call (~9 min)
 #   vllm-tests     pytest -m gpu tests/vllm/test_vllm_gpu.py: the seed tests through real vLLM, every route's engine
 #                  side by side (needs vLLM importable; results and logs in $OUT/vllm-gpu)
 #   vllm-serve     benchmarks/serve.py on the same Qwen3-0.6B-shaped checkpoint: every route back to back, 512 in /
@@ -29,8 +34,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | warm | decode | prefill | kernels | tiles | rows | vllm-tests | vllm-serve) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, warm, decode, prefill, kernels, tiles, rows, vllm-tests, vllm-serve)" >&2
+    tests-ops | tests-models | bits | warm | decode | prefill | kernels | tiles | rows | vllm-tests | vllm-serve) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, bits, warm, decode, prefill, kernels, tiles, rows, vllm-tests, vllm-serve)" >&2
        exit 2 ;;
   esac
 done
@@ -46,6 +51,11 @@ for stage in "$@"; do
       BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
     tests-models)
       BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
+    bits)
+      [ -d "${BITS_BEFORE:-}" ] || { echo "bits: BITS_BEFORE must name the old source tree" >&2; exit 2; }
+      PYTHONPATH="$BITS_BEFORE" python3 benchmarks/cuda_bits.py save "$OUT/bits_before.json"
+      PYTHONPATH=. python3 benchmarks/cuda_bits.py save "$OUT/bits_after.json"
+      python3 benchmarks/cuda_bits.py compare "$OUT/bits_before.json" "$OUT/bits_after.json" | tee "$OUT/bits.log" ;;
     warm)
       i=0
       for variant in inductor+graph bi_ascend+graph; do  # same cache shapes as `decode`: batch 1 and max batch 64
@@ -58,6 +68,10 @@ for stage in "$@"; do
       "${DECODE[@]}" --batch-sizes 1 8 32 64 --markdown "$OUT/decode.md" --plot "$OUT/decode.png" \
         --profile "$OUT/profile.txt" 2>&1 | grep -v -i warn | tee "$OUT/decode.log" | tail -40 ;;
     prefill)
+      for backend in inductor bi_ascend; do
+        python3 benchmarks/prefill.py --backends "$backend" --repeats 1 ${PREFILL_ARGS:-} >"$OUT/prefill_warm_$backend.log" 2>&1 &
+      done
+      wait
       python3 benchmarks/prefill.py --markdown "$OUT/prefill.md" --json "$OUT/prefill.json" ${PREFILL_ARGS:-} 2>&1 \
         | grep -v -i warn | tee "$OUT/prefill.log" | tail -30 ;;
     kernels)

@@ -67,8 +67,10 @@ def test_control_a_key_that_misses_a_specialisation_is_caught(monkeypatch):
     y, rstd = torch.empty(4, 1024, device="cuda"), torch.empty(4, 1, device="cuda")
 
     def run(x):
-        careless(x.device, "one key for every input", (4,), x, x, x, y, y, rstd, 4, 1024, 1, 1040, 0, 1040, 0, 1e-6,
-                 HAS_X2=False, HAS_W=False, FUSED=True, BLOCK=1024, ROWS=1, num_warps=4)
+        careless(x.device, "one key for every input", (4,), x, x, x, x, y, y, rstd, rstd,
+                 4, 1024, 1, 1040, 0, 1040, 0, 1e-6, 1.0,
+                 HAS_X2=False, HAS_W=False, HAS_B=False, CENTER=False, STAT=0, FUSED=True, BLOCK=1024, ROWS=1,
+                 num_warps=4)
 
     run(base[:, :1024])
     with pytest.raises(launch.LaunchKeyError):
