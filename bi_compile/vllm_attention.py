@@ -32,7 +32,7 @@ from vllm.v1.attention.backend import (
 
 import bi_compile.ops  # noqa: F401  (defines torch.ops.bi.paged_attention)
 from bi_compile.ops.paged_attention import MAX_HEAD_DIM
-from bi_compile.vllm_checks import VllmSettingError
+from bi_compile.vllm_checks import RAN, VllmSettingError
 
 NAME = "BI_ATTN"  # in messages; vLLM knows it by its enum member
 # vLLM 0.32's Attention layer looks ``get_name()`` up in AttentionBackendEnum: it must be the member's name.
@@ -123,6 +123,7 @@ class BiAttentionImpl(AttentionImpl[BiAttentionMetadata]):
         if attn_metadata is None:  # vLLM's profiling and warm-up runs
             return output
         tokens = attn_metadata.num_actual_tokens
+        RAN["BI_ATTN forward"] += 1
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         output[:tokens] = torch.ops.bi.paged_attention(
             query[:tokens], key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,

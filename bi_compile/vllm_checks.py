@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 
 SWITCH = "BI_COMPILE_VLLM"
 
 # With the switch on, attention is bi-compile's BI_ATTN: vLLM's AttentionBackendEnum.CUSTOM, selected by our platform
 # (bi_compile/vllm_platform.py, a ``vllm.platform_plugins`` entry point).
 BI_PLATFORM_MODULE = "bi_compile.vllm_platform"
+
+
+# What bi-compile's vLLM parts ran in this process, by name, one count per call: the attention backend
+# ("BI_ATTN forward"), the lm_head and the sampler's row ops (bi_compile/vllm_sampling.py). Tests read it from the
+# worker (LLM.collective_rpc) to show that these really ran; nothing in bi-compile reads it.
+RAN: Counter[str] = Counter()
 
 
 class VllmSettingError(RuntimeError):

@@ -8,7 +8,9 @@ supported way to own that choice: the classes below are vLLM's ``CpuPlatform`` /
 extended, nothing of vLLM patched:
 
 - ``check_and_update_config``: selects CUSTOM where the user named no backend; refuses a backend the user named,
-  naming it (the whole point is that no other attention runs);
+  naming it (the whole point is that no other attention runs). On a CPU it also names bi-compile's worker class
+  (``bi_compile.vllm_sampling.BiCPUWorker``: the lm_head through ``bi.linear``, the sampler's row ops through the bi
+  row ops), refusing a worker class the user named;
 - ``get_attn_backend_cls``: returns ``BI_ATTN`` for CUSTOM, after vLLM's own ``validate_configuration``.
 
 The entry point activates only with ``BI_COMPILE_VLLM=1`` and only where vLLM's built-in detection finds the CPU or
@@ -71,6 +73,27 @@ def select_attention(attention_config) -> None:
     attention_config.backend = AttentionBackendEnum.CUSTOM
 
 
+# vLLM's worker class (as its platform picks it) -> bi-compile's, which owns the lm_head and the sampler
+# (bi_compile/vllm_sampling.py). The GPU's is not there yet: on a GPU vLLM's own worker runs, under the plugin's
+# VLLM_BATCH_INVARIANT=1 (docs/vllm.md).
+WORKERS = {"vllm.v1.worker.cpu_worker.CPUWorker": "bi_compile.vllm_sampling.BiCPUWorker"}
+
+
+def select_worker(parallel_config, cpu: bool) -> None:
+    """bi-compile's worker in place of the one vLLM's platform picked; a worker class the user named is refused."""
+    chosen = parallel_config.worker_cls
+    if chosen in WORKERS.values():
+        return
+    if chosen in WORKERS:
+        parallel_config.worker_cls = WORKERS[chosen]
+        return
+    if cpu:
+        raise VllmSettingError(
+            f"{SWITCH}=1 runs the lm_head and the sampler through bi-compile's worker "
+            f"({WORKERS['vllm.v1.worker.cpu_worker.CPUWorker']}); the worker class {chosen} (--worker-cls) would "
+            f"replace it: drop it, or unset {SWITCH}")
+
+
 class BiAttentionPlatform:
     """The two methods our platforms extend; mixed in before vLLM's platform class."""
 
@@ -78,6 +101,7 @@ class BiAttentionPlatform:
     def check_and_update_config(cls, vllm_config) -> None:
         super().check_and_update_config(vllm_config)
         select_attention(vllm_config.attention_config)
+        select_worker(vllm_config.parallel_config, cls.device_type == "cpu")
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads: int | None = None) -> str:

