@@ -18,7 +18,7 @@ BI_PLATFORM_MODULE = "bi_compile.vllm_platform"
 
 
 # What bi-compile's vLLM parts ran in this process, by name, one count per call: the attention backend
-# ("BI_ATTN forward"), the lm_head and the sampler's row ops (bi_compile/vllm_sampling.py). Tests read it from the
+# ("BI_ATTN forward"), the lm_head and the sampler's row ops (bi_compile/vllm_worker.py). Tests read it from the
 # worker (LLM.collective_rpc) to show that these really ran; nothing in bi-compile reads it.
 RAN: Counter[str] = Counter()
 

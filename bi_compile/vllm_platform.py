@@ -9,7 +9,7 @@ extended, nothing of vLLM patched:
 
 - ``check_and_update_config``: selects CUSTOM where the user named no backend; refuses a backend the user named,
   naming it (the whole point is that no other attention runs). On a CPU it also names bi-compile's worker class
-  (``bi_compile.vllm_sampling.BiCPUWorker``: the lm_head through ``bi.linear``, the sampler's row ops through the bi
+  (``bi_compile.vllm_worker.BiCPUWorker``: the lm_head through ``bi.linear``, the sampler's row ops through the bi
   row ops), refusing a worker class the user named;
 - ``get_attn_backend_cls``: returns ``BI_ATTN`` for CUSTOM, after vLLM's own ``validate_configuration``.
 
@@ -74,9 +74,9 @@ def select_attention(attention_config) -> None:
 
 
 # vLLM's worker class (as its platform picks it) -> bi-compile's, which owns the lm_head and the sampler
-# (bi_compile/vllm_sampling.py). The GPU's is not there yet: on a GPU vLLM's own worker runs, under the plugin's
+# (bi_compile/vllm_worker.py). The GPU's is not there yet: on a GPU vLLM's own worker runs, under the plugin's
 # VLLM_BATCH_INVARIANT=1 (docs/vllm.md).
-WORKERS = {"vllm.v1.worker.cpu_worker.CPUWorker": "bi_compile.vllm_sampling.BiCPUWorker"}
+WORKERS = {"vllm.v1.worker.cpu_worker.CPUWorker": "bi_compile.vllm_worker.BiCPUWorker"}
 
 
 def select_worker(parallel_config, cpu: bool) -> None:

