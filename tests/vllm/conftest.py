@@ -32,6 +32,8 @@ LLM_RUN_TIMEOUT_S = 900
 # The GPU suite: every route on Qwen3-0.6B's shapes (28 layers, random weights), all engines side by side on one GPU.
 GPU_ROUTES = ("stock", "vllm-bi", "bi-graph", "bi-piecewise")
 GPU_WORKLOADS = ["invariance", "chunked"]
+# On a CPU the "invariance" run of a route also runs the top-k/top-p workload (one engine start for both).
+CPU_WORKLOADS = {"invariance": ["invariance", "sampled"]}
 GPU_RUN_TIMEOUT_S = 900
 # Where the GPU suite keeps its checkpoint, logs and per-route JSON (for docs/vllm.md); a temporary folder if unset.
 GPU_OUT_VARIABLE = "BI_COMPILE_VLLM_GPU_OUT"
@@ -117,8 +119,8 @@ def llm_results(tiny_model, route_env, tmp_path_factory):
 
     def run(route: str, workload: str = "invariance") -> dict:
         if (route, workload) not in jobs:  # one at a time: the CI machine has 2 cores
-            jobs[route, workload] = RunnerJob(tiny_model, route, [workload], "cpu", out_dir,
-                                              route_env(route, workload))
+            jobs[route, workload] = RunnerJob(tiny_model, route, CPU_WORKLOADS.get(workload, [workload]), "cpu",
+                                              out_dir, route_env(route, workload))
         return jobs[route, workload].result()
 
     return run

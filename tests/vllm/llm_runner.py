@@ -1,7 +1,7 @@
 """Run the invariance workloads through vLLM's offline ``LLM`` under one route; write the results as JSON.
 
     python tests/vllm/llm_runner.py --model DIR --route bi-graph --out result.json \
-        [--engine cpu|gpu] [--workloads invariance chunked | smoke]
+        [--engine cpu|gpu] [--workloads invariance sampled chunked | smoke]
 
 A child process per route (the tests start it with a timeout): one vLLM engine per process, and the engine runs
 in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the reports of the graphs it compiled are
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from serve import ROUTES  # noqa: E402
 from workloads import (CHUNK_TOKENS, LOGPROB_SAMPLING, LOGPROB_SEED, NEEDLE_PROMPT, NEEDLE_SAMPLING,  # noqa: E402
-                       Completion, chunked_prompts, logprob_prompts, needle_trials)
+                       SAMPLED_SAMPLING, SAMPLED_SEED, Completion, chunked_prompts, logprob_prompts, needle_trials,
+                       sampled_prompts)
 
 # Engine settings per machine. cpu: what the CI tests and servers use (room for a whole batch's prompts in one step,
 # see conftest.MAX_BATCHED_TOKENS). gpu: Qwen3-0.6B shapes, prefill chunks of CHUNK_TOKENS, and a fixed KV-cache size
@@ -36,7 +37,7 @@ ENGINES = {
     "gpu": dict(max_model_len=2048, max_num_seqs=64, gpu_memory_utilization=0.1, kv_cache_memory_bytes=4 << 30,
                 max_num_batched_tokens=CHUNK_TOKENS),
 }
-WORKLOADS = ("invariance", "chunked", "smoke")
+WORKLOADS = ("invariance", "sampled", "chunked", "smoke")
 SWITCHES = ("BI_COMPILE_VLLM", "VLLM_BATCH_INVARIANT", "VLLM_USE_BREAKABLE_CUDAGRAPH", "VLLM_USE_AOT_COMPILE")
 
 
@@ -124,10 +125,10 @@ def run(model: str, route_name: str, engine: str, workloads: list[str]) -> dict:
         params = [SamplingParams(**sampling, seed=seed) for seed in seeds]
         return [completion(out) for out in llm.generate(prompts, params, use_tqdm=False)]
 
-    def alone_and_batched(prompts: list[str]) -> dict:
-        seeds = [LOGPROB_SEED + i for i in range(len(prompts))]
-        alone = [generate([p], [s], LOGPROB_SAMPLING)[0] for p, s in zip(prompts, seeds)]
-        batched = generate(prompts, seeds, LOGPROB_SAMPLING)
+    def alone_and_batched(prompts: list[str], sampling: dict = LOGPROB_SAMPLING, seed: int = LOGPROB_SEED) -> dict:
+        seeds = [seed + i for i in range(len(prompts))]
+        alone = [generate([p], [s], sampling)[0] for p, s in zip(prompts, seeds)]
+        batched = generate(prompts, seeds, sampling)
         return {"alone": [c.to_dict() for c in alone], "batched": [c.to_dict() for c in batched]}
 
     for workload in workloads:
@@ -143,6 +144,8 @@ def run(model: str, route_name: str, engine: str, workloads: list[str]) -> dict:
                                **outputs[trial.position].to_dict()})
             result["needle"] = {"alone": needle_alone.to_dict(), "trials": trials}
             result["logprobs"] = alone_and_batched(logprob_prompts())
+        elif workload == "sampled":
+            result["sampled"] = alone_and_batched(sampled_prompts(), SAMPLED_SAMPLING, SAMPLED_SEED)
         else:
             prompts = chunked_prompts()
             result["chunked"] = alone_and_batched(prompts)

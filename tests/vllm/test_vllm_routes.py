@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 from workloads import (LOGPROB_PROMPTS, LOGPROB_SAMPLING, LOGPROB_SEED, NEEDLE_PROMPT, NEEDLE_SAMPLING, NEEDLE_TRIALS,
-                       Completion, alone_batched_differences, assert_alone_batched_invariant, assert_needle_invariant,
-                       differences, logprob_prompts, needle_trials, rewrite_counts)
+                       SAMPLED_PROMPTS, SAMPLED_SAMPLING, Completion, alone_batched_differences,
+                       assert_alone_batched_invariant, assert_needle_invariant, differences, logprob_prompts,
+                       needle_trials, rewrite_counts)
 
 BI_ROUTES = ("bi-graph", "bi-piecewise")
 
@@ -24,12 +25,13 @@ def assert_linears_rewritten(result: dict) -> None:
                 if "weight_packed_linear" in f["target"] or "onednn_mm" in f["target"]]
 
 
-def workload_steps() -> tuple[int, int]:
-    """Forward steps of the invariance workload (each generated token is one step of its request's batch), and those
-    of them that asked for logprobs."""
+def workload_steps() -> tuple[int, int, int]:
+    """Forward steps of a route's CPU run (each generated token is one step of its request's batch): all of them,
+    those that asked for logprobs, and those with top-k and top-p on."""
     needle = NEEDLE_SAMPLING["max_tokens"] * (1 + NEEDLE_TRIALS)
     logprobs = LOGPROB_SAMPLING["max_tokens"] * (LOGPROB_PROMPTS + 1)  # each prompt alone, then all in one batch
-    return needle + logprobs, logprobs
+    sampled = SAMPLED_SAMPLING["max_tokens"] * (SAMPLED_PROMPTS + 1)
+    return needle + logprobs + sampled, logprobs + sampled, sampled
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
@@ -42,11 +44,21 @@ def test_logprobs_alone_and_batched_are_bitwise_equal(route, llm_results):
     assert_alone_batched_invariant(llm_results(route)["logprobs"])
 
 
+@pytest.mark.parametrize("route", BI_ROUTES)
+def test_top_k_top_p_samples_and_logprobs_alone_and_batched_are_bitwise_equal(route, llm_results):
+    assert_alone_batched_invariant(llm_results(route)["sampled"])
+
+
 def test_control_stock_vllm_logprobs_change_with_the_batch(llm_results):
     """Stock vLLM on CPU, same workload: CPU attention's split of long sequences (VLLM_CPU_ATTN_SPLIT_KV=1, its
     default, with 2 threads) changes some logprobs, and on AMX CPUs so does the linears' and lm_head's prepacked
     kernel (sgl-kernel's weight_packed_linear). The bi routes replace both (BI_ATTN; bi_compile/vllm_worker.py)."""
     assert alone_batched_differences(llm_results("stock")["logprobs"]) != []
+
+
+def test_control_stock_vllm_top_k_top_p_samples_change_with_the_batch(llm_results):
+    """The same for the top-k/top-p workload (1 of 16 prompts on the development machine, 2026-12-05)."""
+    assert alone_batched_differences(llm_results("stock")["sampled"]) != []
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
@@ -74,17 +86,18 @@ def test_plugin_alone_wires_the_pass_into_vllms_default_compile(llm_results):
 @pytest.mark.parametrize("route", BI_ROUTES)
 def test_bi_attention_lm_head_and_sampler_really_ran(route, llm_results):
     """Call counts from the engine's worker (bi_compile.vllm_checks.RAN): every step ran BI_ATTN in both layers and
-    the lm_head through bi.linear; every step that asked for logprobs ran bi.log_softmax, and every temperature step
-    bi-compile's draw (vLLM's warm-up steps add a few)."""
+    the lm_head through bi.linear; every step that asked for logprobs ran bi.log_softmax, every temperature step
+    bi-compile's draw, every top-k/top-p step its mask and bi.softmax (vLLM's warm-up steps add a few)."""
     result = llm_results(route)
     assert result["attention_backends"] == ["CUSTOM"]
     assert result["switches"]["VLLM_BATCH_INVARIANT"] is None
-    steps, logprob_steps = workload_steps()
+    steps, logprob_steps, top_k_top_p_steps = workload_steps()
     ran = result["bi_calls"]
     assert ran["BI_ATTN forward"] >= 2 * steps
     assert ran["lm_head bi.linear"] >= steps
     assert ran["sampler bi.log_softmax"] >= logprob_steps
     assert ran["sampler gumbel draw"] >= logprob_steps
+    assert ran["sampler top-k/top-p"] >= top_k_top_p_steps and ran["sampler bi.softmax"] >= top_k_top_p_steps
 
 
 def test_control_stock_vllm_runs_none_of_bi_compiles_pieces(llm_results):

