@@ -128,6 +128,8 @@ def top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | 
             raise VllmSettingError(f"top-k/top-p: {name} must have shape ({rows},), got {tuple(t.shape)}")
     if k is not None and rows and not bool(((k >= 1) & (k <= vocab)).all()):
         raise VllmSettingError(f"top-k: every k must be in 1..{vocab}, got {k.tolist()}")
+    if p is not None and rows and not bool(((p > 0) & (p <= 1)).all()):
+        raise VllmSettingError(f"top-p: every p must be in (0, 1], got {p.tolist()}")
     RAN["sampler top-k/top-p"] += 1
     ordered, index = logits.sort(dim=-1, stable=True)  # ascending
     if k is not None:

@@ -54,9 +54,10 @@ def test_top_k_is_vllms_exactly_and_top_p_keeps_vllms_answer(probe):
     assert probe["top_p_known_answer"] == probe["top_p_vllm_answer"] == [False, True, False, True]
 
 
-def test_top_k_out_of_range_is_refused_by_name(probe):
+def test_top_k_and_top_p_out_of_range_are_refused_by_name(probe):
     assert "every k must be in 1..4000, got [0]" in probe["top_k_0_error"]
     assert "got [4001]" in probe["top_k_4001_error"]
+    assert probe["top_p_1.5_error"] == "VllmSettingError: top-p: every p must be in (0, 1], got [1.5]"
 
 
 def test_logprobs_through_bi_log_softmax_are_batch_invariant(probe):

@@ -107,6 +107,10 @@ def top_k_top_p_facts(facts: dict) -> None:
             top_k_top_p(batch[:1].clone(), torch.tensor([bad_k]), None)
         except Exception as error:  # noqa: BLE001
             facts[f"top_k_{bad_k}_error"] = f"{type(error).__name__}: {error}"
+    try:
+        top_k_top_p(batch[:1].clone(), None, torch.tensor([1.5]))
+    except Exception as error:  # noqa: BLE001
+        facts["top_p_1.5_error"] = f"{type(error).__name__}: {error}"
 
 
 def sampler_facts(facts: dict) -> None:
