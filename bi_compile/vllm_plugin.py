@@ -28,8 +28,9 @@ Attention is not in any graph bi-compile sees: with the switch on, bi-compile's 
 (``bi_compile.vllm_platform``) selects its own paged attention backend, BI_ATTN (``bi_compile.vllm_attention``).
 
 ``VLLM_BATCH_INVARIANT=1`` alone does not switch the plugin on: it is vLLM's own mode, with its own aten overrides.
-On a GPU the plugin sets it (it covers the lm_head and sampler outside the graph; it also routes vLLM's linear
-layers and RMSNorm to vLLM's own Triton kernels, which the pass then leaves alone), on a CPU it leaves it alone.
+On a GPU the plugin sets it (it covers the lm_head and sampler outside the graph, which bi-compile's worker owns on a
+CPU only so far, bi_compile/vllm_worker.py; it also routes vLLM's linear layers and RMSNorm to vLLM's own Triton
+kernels, which the pass then leaves alone), on a CPU it leaves it alone.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ ENV_PINS = (
            "vLLM's AOT artifact cache key does not contain the bi_ascend pipeline's version, so a stale artifact "
            "could be loaded"),
     EnvPin("VLLM_BATCH_INVARIANT", "1", "gpu",
-           "it covers the lm_head and sampler, which run eagerly outside the compiled graph (attention is "
-           "bi-compile's BI_ATTN, bi_compile/vllm_platform.py)"),
+           "it covers the lm_head and sampler, which run eagerly outside the compiled graph and which bi-compile's "
+           "worker (bi_compile/vllm_worker.py) owns on a CPU only so far (attention is bi-compile's BI_ATTN)"),
     EnvPin("VLLM_USE_BREAKABLE_CUDAGRAPH", "0", "gpu",
            "breakable CUDA graphs set the compilation mode to NONE, so no graph would reach bi-compile"),
 )
