@@ -151,6 +151,50 @@ def eager_overheads(dtype: torch.dtype) -> dict[str, float]:
         }
 
 
+def linear_host_layers(dtype: torch.dtype) -> dict[str, float]:
+    """Per-call microseconds of each layer an eager ``bi.linear`` call passes through, outermost first, so that the
+    difference between two rows is what that layer adds (M = 1, 1024 -> 3072)."""
+    from bi_compile.kernels import matmul as matmul_kernels
+    from bi_compile.ops import matmul as matmul_ops
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 1024, device="cuda", dtype=dtype, generator=g)
+    weight = torch.randn(3072, 1024, device="cuda", dtype=dtype, generator=g)
+    a, b = x[None], weight.t()[None]
+    with torch.inference_mode():
+        return {
+            "torch.ops.bi.linear.default (what compiled code calls)": per_call_us(lambda: torch.ops.bi.linear.default(x, weight)),
+            "the CUDA kernel function, no dispatcher": per_call_us(lambda: matmul_ops._linear_triton(x, weight)),
+            "kernels.matmul, no checks or views": per_call_us(lambda: matmul_kernels.matmul(a, b)),
+            "torch.empty of the output": per_call_us(lambda: torch.empty((1, 1, 3072), device="cuda", dtype=dtype)),
+        }
+
+
+def profile_compiled_call(model, vocab: int, path: Path, point: tuple[int, int] = (1, 16), calls: int = 20) -> None:
+    """cProfile of ``calls`` compiled bi_ascend forwards at ``point`` (after warm-up), the top functions by own time
+    written to ``path``: where a compiled prefill's host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="bi_ascend", dynamic=True)
+    ids = torch.randint(0, vocab, point, device="cuda")
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            compiled(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    path.write_text(f"{calls} compiled bi_ascend forwards at {point[0]}x{point[1]}\n{text.getvalue()}")
+
+
 def markdown(env: str, title: str, points: Sequence[Point], eager: dict[str, float]) -> str:
     by_key = {(p.backend, p.batch, p.tokens): p for p in points}
     lines = [f"### {title}", "", env, "",
@@ -187,16 +231,27 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--markdown", type=Path, help="append the tables to this file")
     parser.add_argument("--json", type=Path, help="write the results to this file")
+    parser.add_argument("--profile", type=Path, help="write the host-side layers of an eager bi.linear call and a "
+                        "cProfile of compiled bi_ascend forwards at 1x16 to this file, and measure nothing else")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     device = torch.device("cuda")
     env = environment(device)
     print(env, flush=True)
+    config = qwen3_config(args.model, args.layers)
+    if args.profile:
+        layers = eager_overheads(DTYPES[args.dtype]) | linear_host_layers(DTYPES[args.dtype])
+        for name, us in layers.items():
+            print(f"{name}: {us:.1f} us per call", flush=True)
+        model = build_causal_lm(config, device=device, dtype=DTYPES[args.dtype])
+        profile_compiled_call(model, config.vocab_size, args.profile)
+        with args.profile.open("a") as f:
+            f.write("\n" + "\n".join(f"{us:8.1f} us  {name}" for name, us in layers.items()) + "\n")
+        return []
     eager = eager_overheads(DTYPES[args.dtype])  # first: seconds, where the compiles below take minutes
     for name, us in eager.items():
         print(f"eager {name}: {us:.1f} us per call", flush=True)
-    config = qwen3_config(args.model, args.layers)
     model = build_causal_lm(config, device=device, dtype=DTYPES[args.dtype])
     points = []
     for backend in args.backends:

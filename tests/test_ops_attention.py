@@ -52,7 +52,8 @@ def reference(q, k, v, mask=None, is_causal=False, scale=None):
 
 
 def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert out.transpose(1, 2).is_contiguous(), f"not laid out [B, L, H, Dv]: stride {out.stride()}"
     scale = max(ref.abs().max().item() if ref.numel() else 1.0, 1.0)
     torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=TOLERANCE[dtype] * scale)
 
@@ -367,6 +368,18 @@ def test_schema_and_fake_impl():
     mask = torch.rand(3, 1, 5, 9) > 0.5
     torch.library.opcheck(torch.ops.bi.attention.default, (q, k, v, mask), {"enable_gqa": True},
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_is_laid_out_by_position_so_the_heads_merge_without_a_copy(device):
+    """The output projection's input, out.transpose(1, 2).reshape(B, L, H * Dv), is a view of the op's output
+    (FlashAttention's layout); a contiguous [B, H, L, Dv] would cost a copy kernel per layer in a compiled model."""
+    q, k, v = (torch.randn(2, h, 7, 64, device=device) for h in (4, 2, 2))
+    out = torch.ops.bi.attention(q, k, v, is_causal=True, enable_gqa=True)
+    merged = out.transpose(1, 2).reshape(2, 7, 4 * 64)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None
+    control = out.contiguous()  # the layout this replaces: the same reshape has to copy
+    assert control.transpose(1, 2).reshape(2, 7, 4 * 64)._base is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -177,11 +177,11 @@ def _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M: tl.constexpr, BLOCK_
 @triton.jit
 def _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len,
             VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """out[batch, head, q_pos] = acc / l (out is a fresh contiguous [B, H, L, Dv]); a row that saw no key
+    """out[batch, head, q_pos] = acc / l (out is fresh, laid out [B, L, H, Dv]); a row that saw no key
     (l = 0, acc = 0) gets 0."""
     dv = tl.arange(0, BLOCK_DV)
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    out_rows = ((batch * num_heads + head) * q_len + q_pos) * VALUE_DIM
+    out_rows = ((batch * q_len + q_pos) * num_heads + head) * VALUE_DIM
     tl.store(
         out_ptr + out_rows[:, None] + dv[None, :], out.to(out_ptr.dtype.element_ty),
         mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM),
@@ -316,14 +316,15 @@ def attention(
     is_causal: bool, scale: float, split_kv: bool | None = None,
 ) -> torch.Tensor:
     """query [B, H, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv] (any batch/head/row strides, Hkv | H),
-    mask None or bool/float [B, H, L, S] (any strides, 0 for broadcast dims) -> fresh contiguous [B, H, L, Dv].
+    mask None or bool/float [B, H, L, S] (any strides, 0 for broadcast dims) -> a fresh [B, H, L, Dv] laid out
+    [B, L, H, Dv] in memory (the op's output layout, bi_compile/ops/attention.py).
 
     ``split_kv`` picks the schedule (same bits either way); None: split when the (sequence, kv head, query
     tile) programs alone would leave the device under-filled.
     """
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
-    out = torch.empty((batch, num_heads, q_len, value_dim), dtype=query.dtype, device=query.device)
+    out = query.new_empty((batch, q_len, num_heads, value_dim)).transpose(1, 2)
     if out.numel() == 0:
         return out
     device_target = target(query.device)

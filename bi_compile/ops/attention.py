@@ -2,8 +2,8 @@
 
     out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, h // G, j] + bias[b, h, i, j]) v[b, h // G, j]
 
-query [B, H, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv] -> [B, H, L, Dv] (fresh, contiguous, query's
-dtype). Semantics are SDPA's:
+query [B, H, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv] -> [B, H, L, Dv] (fresh, in the query's dtype,
+laid out [B, L, H, Dv] in memory as FlashAttention's output is). Semantics are SDPA's:
 
 - ``scale`` defaults to 1 / sqrt(D);
 - ``attn_mask`` broadcasts to [B, H, L, S]: bool (True = attend) or additive float (fp32 or the query's dtype);
@@ -177,9 +177,17 @@ def _attention_cpu(query, key, value, mask, is_causal: bool, scale: float) -> to
 # ---- the op ----
 
 
+def _new_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The op's output, [B, H, L, Dv] laid out [B, L, H, Dv] in memory as FlashAttention's is (and as the Triton
+    kernel writes it): a model's next step, transpose(1, 2) and a reshape to [B, L, H * Dv] for the output
+    projection, is then a view instead of a copy kernel."""
+    batch, heads, q_len, _ = query.shape
+    return query.new_empty((batch, q_len, heads, value.shape[3])).transpose(1, 2)
+
+
 def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     _check(query, key, value, attn_mask, dropout_p, enable_gqa)
-    return query.new_empty((*query.shape[:3], value.shape[3]))
+    return _new_output(query, value)
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
@@ -191,7 +199,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
 
 def _attention_on_cpu(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     key, value, mask, scale = _prepare(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
-    return _attention_cpu(query, key, value, mask, is_causal, scale)
+    return _new_output(query, value).copy_(_attention_cpu(query, key, value, mask, is_causal, scale))
 
 
 def _attention_triton(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
