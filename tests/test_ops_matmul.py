@@ -313,6 +313,7 @@ def test_one_compiled_graph_launches_the_tiles_of_each_run_time_m(triton_linear,
     picked = []
     choose = kernels.device_tiles
     monkeypatch.setattr(kernels, "device_tiles", lambda m, *rest: picked.append((m, choose(m, *rest))) or picked[-1][1])
+    kernels.plan_matmul.cache_clear()  # launches are planned once per layout: plan these afresh
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
     g = torch.Generator().manual_seed(11)
     x = torch.randn(300, 96, generator=g).half().to(device)
@@ -350,6 +351,7 @@ def test_compiled_calls_run_no_input_checks_once_a_shape_is_known(triton_linear,
     monkeypatch.setattr(ops, "_check_operands", counted(ops._check_operands))
     monkeypatch.setattr(library.Layout, "accepts", counted(library.Layout.accepts))
     ops._check_linear.memo.clear()
+    ops._linear_plan.memo.clear()
     library.check_layout.memo.clear()
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
     w = torch.randn(64, 96).half().to(device)
@@ -380,6 +382,35 @@ def test_bad_input_is_refused_with_one_message_eager_and_compiled(device):
     with pytest.raises(Exception) as info:
         torch.compile(lambda rows: torch.ops.bi.linear(rows, w), backend="aot_eager", dynamic=False)(x)
     assert messages[0] in str(info.value)
+
+
+def test_linear_layouts_through_the_planned_launch(triton_linear):
+    """bi::linear's Triton entry on every input layout it plans: rows of one matrix, rows of a batch of matrices
+    (a slice of a 3-D input), leading dims that merge into neither (a copy), a bias; each against the same rows
+    made contiguous, bitwise, and a second call with another tensor of the same layout reuses the plan."""
+    from bi_compile.ops import matmul as ops
+
+    device = triton_linear
+    g = torch.Generator().manual_seed(13)
+    w = torch.randn(40, 72, generator=g).half().to(device)
+    bias = torch.randn(40, generator=g).half().to(device)
+    base = torch.randn(2, 7, 6, 72, generator=g).half().to(device)
+    inputs = {
+        "2-D": base[0, 0],
+        "3-D": base[0],
+        "batch of matrices": base[:, :5, 0],  # [2, 5, K]: rows of a batch, not of one matrix
+        "merges into neither": base[:, :3, :4],  # [2, 3, 4, K]
+    }
+    for name, x in inputs.items():
+        for b in (None, bias):
+            out = torch.ops.bi.linear(x, w, b)
+            assert out.shape == (*x.shape[:-1], 40) and out.is_contiguous(), name
+            assert torch.equal(out, torch.ops.bi.linear(x.contiguous(), w, b)), name
+            expected = x.double() @ w.double().t() + (0 if b is None else b.double())
+            torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=2e-3)
+    plan = ops._linear_plan(inputs["3-D"], w, None)
+    assert plan is not None and ops._linear_plan(base[1].clone(), w, None) is plan
+    assert ops._linear_plan(inputs["merges into neither"], w, None) is None
 
 
 # ---- the Triton kernel under the interpreter (CPU tensors) ----
@@ -455,17 +486,24 @@ def test_interpreted_tile_configs_compute_the_same_function(dtype):
         assert torch.equal(kernels.matmul(a, b, tiles=tiles), expected)
 
 
+def _tma_ready(kernels, a, b) -> bool:
+    """Whether a launch with TMA tiles loads these operands with TMA: its plan allows it and both bases are aligned."""
+    tiles = kernels.TileConfig(64, 64, 4, 3, tma=True)
+    plan = kernels.plan_matmul((a.shape, a.stride()), (b.shape, b.stride()), None, a.dtype, a.device, tiles)
+    return plan.tma is not None and kernels.aligned16(a) and kernels.aligned16(b)
+
+
 def test_tma_ready_only_for_one_aligned_matrix():
     """TMA descriptors need one matrix (batch 1) with 16-byte aligned bases and row strides, rows not overlapping;
     otherwise the same tiles run with pointer loads. (On CUDA before Hopper, and on Ascend, never.)"""
     kernels = _kernels()
     a, w = torch.zeros(1, 5, 72, dtype=torch.float16), torch.zeros(40, 72, dtype=torch.float16)
-    assert kernels.tma_ready(a, w.t()[None]) and kernels.tma_ready(a, w.t().contiguous()[None])
-    assert not kernels.tma_ready(a.expand(2, 5, 72), w.t()[None].expand(2, 72, 40))  # batch 2
-    assert not kernels.tma_ready(torch.zeros(1, 5, 70, dtype=torch.float16), torch.zeros(40, 70, dtype=torch.float16).t()[None])
-    assert not kernels.tma_ready(a, torch.zeros(72, 41, dtype=torch.float16)[None, :, :40])  # K-row stride 82 bytes
-    assert not kernels.tma_ready(torch.zeros(1, 5, 73, dtype=torch.float16)[..., 1:], w.t()[None])  # base off by 2 bytes
-    assert not kernels.tma_ready(torch.zeros(1, 1, 72, dtype=torch.float16).expand(1, 5, 72), w.t()[None])  # row stride 0
+    assert _tma_ready(kernels, a, w.t()[None]) and _tma_ready(kernels, a, w.t().contiguous()[None])
+    assert not _tma_ready(kernels, a.expand(2, 5, 72), w.t()[None].expand(2, 72, 40))  # batch 2
+    assert not _tma_ready(kernels, torch.zeros(1, 5, 70, dtype=torch.float16), torch.zeros(40, 70, dtype=torch.float16).t()[None])
+    assert not _tma_ready(kernels, a, torch.zeros(72, 41, dtype=torch.float16)[None, :, :40])  # K-row stride 82 bytes
+    assert not _tma_ready(kernels, torch.zeros(1, 5, 73, dtype=torch.float16)[..., 1:], w.t()[None])  # base off by 2 bytes
+    assert not _tma_ready(kernels, torch.zeros(1, 1, 72, dtype=torch.float16).expand(1, 5, 72), w.t()[None])  # row stride 0
 
 
 @interpreter_only
@@ -480,7 +518,7 @@ def test_interpreted_tma_loads_match_pointer_loads(dtype, m, k, n):
     w = randn(n, k, dtype=dtype, device="cpu", generator=g)
     bias = randn(n, dtype=dtype, device="cpu", generator=g).expand(1, m, n)
     for b in (w.t()[None], w.t().contiguous()[None]):
-        assert kernels.tma_ready(a, b)
+        assert _tma_ready(kernels, a, b)
         pointer = kernels.matmul(a, b, bias, alpha=1.5, beta=-0.5, tiles=kernels.TileConfig(64, 64, 4, 3))
         assert_matches_reference(pointer, 1.5 * torch.bmm(a.double(), b.double()) - 0.5 * bias.double(), dtype)
         for persistent in (False, True):
@@ -553,7 +591,7 @@ def test_gpu_tile_configs_give_the_same_bits(dtype):
         a = torch.randn(1, 300, k, device="cuda", generator=g).to(dtype)
         w = torch.randn(n, k, device="cuda", generator=g).to(dtype)
         for b in (w.t()[None], w.t().contiguous()[None]):
-            assert kernels.tma_ready(a, b) == (hopper and k != 4097)
+            assert _tma_ready(kernels, a, b) == (hopper and k != 4097)
             outs = [kernels.matmul(a, b, tiles=tiles) for tiles in _candidates(kernels, dtype)]
             assert all(torch.equal(outs[0], out) for out in outs[1:]), f"K={k} N={n} stride={b.stride()}"
 

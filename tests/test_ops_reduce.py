@@ -262,6 +262,34 @@ def test_op_triton_path_layouts(triton_device, name):
         ops._triton(kind, x, [0, -3], False, None)
 
 
+def test_op_triton_path_launches_in_place_rows_from_its_plan(triton_device, monkeypatch):
+    """Rows the kernel reads in place (a view of aligned data) take the launch planned once per layout; misaligned
+    data, rows that need a copy and split rows take row_sum. Both give the same bits."""
+    from bi_compile.kernels import reduce as kernels
+    from bi_compile.ops import reduce as ops
+
+    general = []
+    row_sum = kernels.row_sum
+    monkeypatch.setattr(kernels, "row_sum", lambda *args, **kwargs: general.append(args[0].shape) or row_sum(*args, **kwargs))
+    x = torch.randn(3, 5, 80, device=triton_device).to(torch.bfloat16)  # rows 80 elements apart
+    long_rows = torch.randn(2, 40000, device=triton_device)
+    cases = {  # input, dim, whether the planned launch takes it, the rows as a contiguous [..., R]
+        "rows in place": (x[..., :64], [-1], True, x[..., :64].contiguous()),
+        "a 3-D batch of rows": (x[:, :4, :64], [-1], True, x[:, :4, :64].contiguous()),
+        "reduced dim first, in place": (x.transpose(0, 2), [0], True, x.transpose(0, 1).contiguous()),
+        "misaligned data": (x[..., 1:65], [-1], False, x[..., 1:65].contiguous()),  # starting 2 bytes in
+        "rows that need a copy": (x, [0, 2], False, x.transpose(0, 1).reshape(5, 240)),
+        "rows in pieces": (long_rows, [-1], False, long_rows),
+    }
+    for name, (inp, dim, planned, rows) in cases.items():
+        general.clear()
+        out = ops._triton(ops.MEAN_SQUARE, inp, dim, True, torch.float32)
+        assert (general == []) == planned, name
+        assert torch.equal(out.flatten(), row_sum(rows, torch.float32, mean=True, square=True).flatten()), name
+    launch = ops._in_place_launch(ops.MEAN_SQUARE, x[..., :64], [-1], True, torch.float32)
+    assert ops._in_place_launch(ops.MEAN_SQUARE, x.clone()[..., :64], [-1], True, torch.float32) is launch
+
+
 # ---------------------------------------------------------------- GPU
 
 

@@ -147,18 +147,6 @@ def device_tiles(m: int, n: int, dtype: torch.dtype, device_target: Target, batc
     return pick_tiles(m, n, dtype, device_target.cube_cores, batch, tile_table(device_target))
 
 
-def tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether TMA descriptors can describe these operands: one matrix each (batch 1), Hopper or newer (or the
-    interpreter), 16-byte aligned bases and row strides, rows that do not overlap (no broadcast views)."""
-    if a.shape[0] != 1 or not (a.device.type == "cpu" or target(a.device).tma):
-        return False
-    k, n = b.shape[1:]
-    b_rows = (b.stride(2), k) if b.stride(1) == 1 else (b.stride(1), n)  # (row stride, row length) of B's 2-D view
-    rows = ((a.stride(1), k), b_rows)
-    return (all(t.data_ptr() % 16 == 0 for t in (a, b))
-            and all(stride >= length and stride * a.element_size() % 16 == 0 for stride, length in rows))
-
-
 @triton.jit
 def _accumulate_k(
     a_ptr, b_ptr, offs_m, offs_n, in_m, in_n, K, stride_am, stride_bk, stride_bn,
@@ -280,6 +268,93 @@ def _matmul_kernel(
                          TMA, B_UNIT_STRIDE_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
+# An operand's metadata as a plan reads it: (shape, strides).
+Operand = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True, eq=False)
+class MatmulPlan:
+    """What a launch needs from its operands' metadata, worked out once per layout (``plan_matmul``): a launch with
+    a layout seen before reads only the data pointers. Hashed by identity: a plan is the first part of its launches'
+    key (kernels/launch.py), and ``plan_matmul`` returns the same plan for the same layout."""
+
+    device: torch.device
+    dtype: torch.dtype
+    out_shape: tuple[int, ...]  # a fresh contiguous output of this shape is [batch, M, N] to the kernel
+    grid: tuple[int]
+    ints: tuple[int, ...]  # M, N, K, BATCH and the strides, in the kernel's order
+    has_bias: bool
+    # The TMA descriptors' (shape, strides, block) of A and B where the tiles load with TMA and the strides allow
+    # it; a launch uses them when both bases are 16-byte aligned too, else the same tiles with pointer loads.
+    tma: tuple | None
+    meta: dict  # the constexprs and launch options with pointer loads
+    tma_meta: dict  # the same with TMA loads
+
+
+@functools.lru_cache(maxsize=8192)
+def plan_matmul(a: Operand, b: Operand, bias_strides: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device,
+                tiles: TileConfig | None = None, out_shape: tuple[int, ...] | None = None) -> MatmulPlan:
+    """The launch of ``A [batch, M, K] @ B [batch, K, N] (+ bias of strides bias_strides)`` into a fresh contiguous
+    ``out_shape`` (default [batch, M, N]). The tiles follow the real M: a plan is made from a call's metadata."""
+    (batch, m, k), a_strides = a
+    (_, _, n), b_strides = b
+    device_target = target(device)
+    tiles = tiles or device_tiles(m, n, dtype, device_target, batch)
+    block_k = tiles.block_k or BLOCK_K[dtype]
+    num_tiles = batch * cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
+    # CUDA: one program per tile, unless the tiles are persistent. Ascend wants at most one program per AI core,
+    # so there (and in the interpreter) the programs loop over the tiles.
+    persistent = tiles.persistent or device.type != "cuda"
+    grid = min(num_tiles, device_target.cube_cores) if persistent else num_tiles
+    b_unit_stride_k = b_strides[1] == 1
+    ints = (m, n, k, batch, a_strides[0], a_strides[1], *b_strides, *(bias_strides or (0, 0, 0)), m * n, n)
+    meta = dict(
+        HAS_BIAS=bias_strides is not None,
+        EVEN_K=k % block_k == 0,
+        TMA=False,
+        B_UNIT_STRIDE_K=b_unit_stride_k,
+        FLATTEN=tiles.persistent and device.type == "cuda",
+        INPUT_PRECISION=device_target.dot_precision(dtype),
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=block_k,
+        GROUP_M=tiles.group_m,
+        **launch_options(device_target.backend, tiles.num_warps, tiles.num_stages),
+    )
+    # TMA describes one matrix per operand (batch 1), on Hopper or newer (or the interpreter), with 16-byte
+    # aligned row strides and rows that do not overlap (no broadcast views).
+    b_rows = (b_strides[2], k) if b_unit_stride_k else (b_strides[1], n)  # (row stride, row length) of B's 2-D view
+    tma = None
+    if (tiles.tma and batch == 1 and (device.type == "cpu" or device_target.tma)
+            and all(stride >= length and stride * dtype.itemsize % 16 == 0 for stride, length in ((a_strides[1], k), b_rows))):
+        b_desc = (((n, k), (b_strides[2], b_strides[1]), (tiles.block_n, block_k)) if b_unit_stride_k
+                  else ((k, n), (b_strides[1], b_strides[2]), (block_k, tiles.block_n)))
+        tma = (((m, k), (a_strides[1], a_strides[2]), (tiles.block_m, block_k)), b_desc)
+    return MatmulPlan(device, dtype, out_shape or (batch, m, n), (grid,), ints, bias_strides is not None, tma, meta,
+                      {**meta, "TMA": True})
+
+
+def launch_matmul(plan: MatmulPlan, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                  alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """Run ``plan`` on operands with its layout (any tensors whose data starts where the operands' does: a weight
+    for its transposed view, say) into ``out``, a fresh tensor of ``plan.out_shape``; returns ``out``."""
+    a_aligned, b_aligned = aligned16(a), aligned16(b)
+    use_tma = plan.tma is not None and a_aligned and b_aligned
+    a_arg, b_arg = a, b
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        (a_shape, a_strides, a_block), (b_shape, b_strides, b_block) = plan.tma
+        a_arg = TensorDescriptor(a, list(a_shape), list(a_strides), list(a_block))
+        b_arg = TensorDescriptor(b, list(b_shape), list(b_strides), list(b_block))
+    # The launch key (kernels/launch.py): the plan fixes every constexpr and int; out is fresh, so the allocator
+    # aligned it.
+    key = (plan, use_tma, a_aligned, b_aligned, plan.has_bias and aligned16(bias))
+    _matmul_launch(plan.device, key, plan.grid, a_arg, b_arg, bias if plan.has_bias else out, out, *plan.ints,
+                   alpha, beta, **(plan.tma_meta if use_tma else plan.meta))
+    return out
+
+
 def matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -298,51 +373,41 @@ def matmul(
     with the bit checks of benchmarks/tiles.py and the GPU tests).
     The op layer validates inputs; this launcher assumes them valid.
     """
-    batch, m, k = a.shape
-    n = b.shape[2]
-    out = torch.empty((batch, m, n), device=a.device, dtype=a.dtype)
-    if out.numel() == 0:
-        return out
-    device_target = target(a.device)
-    tiles = tiles or device_tiles(m, n, a.dtype, device_target, batch)
-    block_k = tiles.block_k or BLOCK_K[a.dtype]
-    num_tiles = batch * cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
-    # CUDA: one program per tile, unless the tiles are persistent. Ascend wants at most one program per AI core,
-    # so there (and in the interpreter) the programs loop over the tiles.
-    persistent = tiles.persistent or a.device.type != "cuda"
-    grid = min(num_tiles, device_target.cube_cores) if persistent else num_tiles
-    use_tma = tiles.tma and tma_ready(a, b)
-    b_unit_stride_k = b.stride(1) == 1
-    a_arg, b_arg = a, b
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        a_arg = TensorDescriptor.from_tensor(a[0], [tiles.block_m, block_k])
-        b_arg = (TensorDescriptor.from_tensor(b[0].t(), [tiles.block_n, block_k]) if b_unit_stride_k
-                 else TensorDescriptor.from_tensor(b[0], [block_k, tiles.block_n]))
     has_bias = bias is not None and beta != 0.0
-    bias_arg = bias if has_bias else out  # never read when HAS_BIAS is False
-    ints = (m, n, k, batch, a.stride(0), a.stride(1), *b.stride(), *(bias.stride() if has_bias else (0, 0, 0)),
-            out.stride(0), out.stride(1))
-    # The launch key (kernels/launch.py): the tiles, dtype, ints and use_tma fix every constexpr; out is fresh, so
-    # the allocator aligned it.
-    key = (tiles, device_target, a.dtype, use_tma, aligned16(a), aligned16(b), has_bias and aligned16(bias), ints)
-    _matmul_launch(
-        a.device, key, (grid,),
-        a_arg, b_arg, bias_arg, out, *ints, alpha, beta,
-        HAS_BIAS=has_bias,
-        EVEN_K=k % block_k == 0,
-        TMA=use_tma,
-        B_UNIT_STRIDE_K=b_unit_stride_k,
-        FLATTEN=tiles.persistent and a.device.type == "cuda",
-        INPUT_PRECISION=device_target.dot_precision(a.dtype),
-        BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=block_k,
-        GROUP_M=tiles.group_m,
-        **launch_options(device_target.backend, tiles.num_warps, tiles.num_stages),
-    )
-    return out
+    plan = plan_matmul((a.shape, a.stride()), (b.shape, b.stride()), bias.stride() if has_bias else None,
+                       a.dtype, a.device, tiles)
+    out = torch.empty(plan.out_shape, device=a.device, dtype=a.dtype)
+    return launch_matmul(plan, a, b, bias, out, alpha, beta) if out.numel() else out
+
+
+def plan_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> MatmulPlan | None:
+    """The plan of ``input [..., K] @ weight[N, K].T + bias[N]`` from the tensors' metadata (never their data):
+    the leading dims of input merge into the rows of one matrix, or of a batch of them, whichever the strides
+    allow, and the weight is read in place as B = weight.t() (batch stride 0). None where the leading dims merge
+    into neither (a sliced 4-D input, say): the caller passes a contiguous copy, which changes no value."""
+    shape, strides = input.shape, input.stride()
+    k, rows = shape[-1], shape[:-1].numel()
+    meta = torch.empty_strided(shape, strides, dtype=input.dtype, device="meta")
+    leads = [(1, rows)] + ([(shape[:-2].numel(), shape[-2])] if len(shape) > 2 else [])
+    for lead in leads:
+        try:
+            a = meta.view(*lead, k)
+            break
+        except RuntimeError:
+            continue
+    else:
+        return None
+    batch, n = a.shape[0], weight.shape[0]
+    b_strides = (0, weight.stride(1), weight.stride(0))
+    bias_strides = None if bias is None else (0, 0, bias.stride(0))
+    return plan_matmul((tuple(a.shape), a.stride()), ((batch, k, n), b_strides), bias_strides, input.dtype,
+                       input.device, out_shape=(*shape[:-1], n))
+
+
+def launch_linear(plan: MatmulPlan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Run ``plan_linear``'s plan: a fresh contiguous [..., N] in input's dtype."""
+    out = torch.empty(plan.out_shape, device=plan.device, dtype=plan.dtype)
+    return launch_matmul(plan, input, weight, bias, out) if out.numel() else out
 
 
 _matmul_launch = KeyedKernel(_matmul_kernel)

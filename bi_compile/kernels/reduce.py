@@ -279,19 +279,57 @@ def row_sum(x: torch.Tensor, out_dtype: torch.dtype, mean: bool = False, square:
     return out
 
 
-def _launch_row_sum(x, grid: RowGrid, out, summand, mean, square, divisor, cfg: RowBlocking) -> None:
-    """A tile per ``cfg.rows`` elements of ``out``: rows, or pieces of rows."""
+@dataclass(frozen=True, eq=False)
+class RowLaunch:
+    """A row kernel's launch worked out from metadata once (grid, ints, constexprs and launch options): a launch
+    with a layout seen before reads only the data pointers. Hashed by identity: the plan is the first part of its
+    launches' key (kernels/launch.py), and the cached planners return the same plan for the same layout."""
+
+    device: torch.device
+    out_shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    grid: tuple[int]
+    ints: tuple[int, ...]
+    meta: dict
+
+
+@functools.lru_cache(maxsize=8192)
+def _row_sum_plan(device: torch.device, n_cols: int, grid: RowGrid, out_shape: tuple[int, ...], out_dtype: torch.dtype,
+                  summand: torch.dtype, mean: bool, square: bool, divisor: int, cfg: RowBlocking) -> RowLaunch:
+    """A tile per ``cfg.rows`` elements of the output: rows, or pieces of rows."""
     (stride_outer, stride_inner), = grid.strides
-    ints = (grid.n_rows, x.shape[-1], grid.n_inner, stride_outer, stride_inner, divisor)
-    # The launch key (kernels/launch.py); out is fresh.
-    programs = row_programs(cdiv(out.numel(), cfg.rows), x.device)
-    key = (cfg, x.dtype, out.dtype, summand, mean, square, aligned16(x), ints)
-    _row_sum_launch(
-        x.device, key, (programs,),
-        x, out, *ints,
-        SUMMAND=tl_dtype(summand), MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, PIECE=cfg.piece,
-        **launch_options(target(x.device).backend, cfg.num_warps),
-    )
+    ints = (grid.n_rows, n_cols, grid.n_inner, stride_outer, stride_inner, divisor)
+    programs = row_programs(cdiv(math.prod(out_shape), cfg.rows), device)
+    meta = dict(SUMMAND=tl_dtype(summand), MEAN=mean, SQUARE=square, BLOCK=cfg.block, ROWS=cfg.rows, PIECE=cfg.piece,
+                **launch_options(target(device).backend, cfg.num_warps))
+    return RowLaunch(device, out_shape, out_dtype, (programs,), ints, meta)
+
+
+def launch_row_sum(plan: RowLaunch, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``plan`` on ``x`` (rows with the plan's layout) into ``out``, or into a fresh tensor of the plan's shape."""
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=plan.device)
+    # The launch key (kernels/launch.py): the plan fixes every constexpr and int; out is fresh.
+    _row_sum_launch(plan.device, (plan, x.dtype, aligned16(x)), plan.grid, x, out, *plan.ints, **plan.meta)
+    return out
+
+
+def plan_row_sum(rows: torch.Tensor, device: torch.device, out_dtype: torch.dtype, mean: bool, square: bool,
+                 out_shape: tuple[int, ...]) -> RowLaunch | None:
+    """``row_sum``'s launch on ``device`` for rows with the shape and strides of ``rows`` [..., R], where one launch reads the rows in place
+    (16-byte aligned data, a layout ``row_grid`` takes without a copy, rows of one piece) and writes a fresh
+    ``out_shape``; else None, and the caller takes ``row_sum``."""
+    n_cols = rows.shape[-1]
+    cfg = row_blocking(n_cols, split=True, backend=target(device).backend)
+    copies, grid = _row_plan(((tuple(rows.shape), rows.stride(), 0),))
+    if any(copies) or cfg.piece or not n_cols or not math.prod(out_shape):
+        return None
+    return _row_sum_plan(device, n_cols, grid, tuple(out_shape), out_dtype, out_dtype, mean, square, n_cols, cfg)
+
+
+def _launch_row_sum(x, grid: RowGrid, out, summand, mean, square, divisor, cfg: RowBlocking) -> None:
+    plan = _row_sum_plan(x.device, x.shape[-1], grid, tuple(out.shape), out.dtype, summand, mean, square, divisor, cfg)
+    launch_row_sum(plan, x, out)
 
 
 _row_sum_launch = KeyedKernel(_row_sum_kernel)

@@ -85,22 +85,6 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise library.reject("bi::linear", f"'bias' must have shape ({weight.shape[0]},)", bias=bias, weight=weight)
 
 
-def _linear_rows(input: torch.Tensor) -> torch.Tensor:
-    """input [..., K] as [batch, rows, K]: a view that merges the leading dims into rows, or into (batch, rows),
-    whichever the strides allow. Leading dims that merge into neither (a sliced 4-D input, say) are copied
-    once; that changes no value."""
-    k = input.shape[-1]
-    rows = input.shape[:-1].numel()
-    try:
-        return input.view(1, rows, k)
-    except RuntimeError:  # only inputs of rank >= 3 get here
-        pass
-    try:
-        return input.view(input.shape[:-2].numel(), input.shape[-2], k)
-    except RuntimeError:
-        return input.reshape(1, rows, k)
-
-
 # ---- CPU: batch-invariant by construction ----
 
 
@@ -205,17 +189,25 @@ def _linear_cpu(input, weight, bias=None):
     return _cpu_product(rows, weight.t(), bias, 1.0, 1.0).view(*input.shape[:-1], weight.shape[0])
 
 
-def _linear_triton(input, weight, bias=None):
+@library.memoized_on_metadata
+def _linear_plan(input, weight, bias):
+    """The inputs checked and the kernel's launch planned, once per layout: a compiled graph's later calls with
+    that layout cost one lookup here (docs/benchmarks.md, "Prefill outside CUDA graphs")."""
     from bi_compile.kernels import matmul as kernels
 
     _check_linear(input, weight, bias)
     library.check_layout("bi::linear", input=input, weight=weight, bias=bias)
-    a = _linear_rows(input)
-    batch, rows, _ = a.shape
-    n = weight.shape[0]
-    b = weight.t().expand(batch, -1, -1)  # batch stride 0: every batch reads the one weight
-    bias3 = None if bias is None else bias.expand(batch, rows, n)
-    return kernels.matmul(a, b, bias3).view(*input.shape[:-1], n)
+    return kernels.plan_linear(input, weight, bias)
+
+
+def _linear_triton(input, weight, bias=None):
+    from bi_compile.kernels import matmul as kernels
+
+    plan = _linear_plan(input, weight, bias)
+    if plan is None:  # leading dims that merge into no rows view (a sliced 4-D input, say): copied once
+        input = input.contiguous()
+        plan = _linear_plan(input, weight, bias)
+    return kernels.launch_linear(plan, input, weight, bias)
 
 
 # input [..., K] @ weight[N, K].T + bias[N] -> [..., N]; the weight is read in place, never transposed.

@@ -124,10 +124,30 @@ def _cpu(kind: _Kind, x, dim, keepdim=False, dtype=None):
     return library.map_row_tiles(tile_sums, rows).reshape(plan.out_shape)
 
 
-def _triton(kind: _Kind, x, dim, keepdim=False, dtype=None):
-    plan = _plan(kind.name, x, dim, keepdim, dtype)
-    from bi_compile.kernels.reduce import row_sum
+@library.memoized_on_metadata
+def _in_place_launch(kind: _Kind, x: torch.Tensor, dim, keepdim: bool, dtype):
+    """The kernel's launch planned once per layout where the rows are a view of ``x`` that one launch reads in
+    place (kernels.reduce.plan_row_sum), else None: a compiled graph's later calls cost one lookup here
+    (docs/benchmarks.md, "Prefill outside CUDA graphs")."""
+    from bi_compile.kernels.reduce import plan_row_sum
 
+    plan = _plan(kind.name, x, dim, keepdim, dtype)
+    if kind.root:
+        return None
+    meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    rows = _as_rows(meta, plan)
+    if rows is not meta and rows._base is not meta:  # the rows are a copy
+        return None
+    return plan_row_sum(rows, x.device, plan.out_dtype, kind.mean, kind.square, plan.out_shape)
+
+
+def _triton(kind: _Kind, x, dim, keepdim=False, dtype=None):
+    from bi_compile.kernels.reduce import launch_row_sum, row_sum
+
+    launch = _in_place_launch(kind, x, dim, keepdim, dtype)
+    if launch is not None and x.data_ptr() % 16 == 0:
+        return launch_row_sum(launch, x)
+    plan = _plan(kind.name, x, dim, keepdim, dtype)
     rows = _as_rows(x, plan)
     if kind.root:  # the root of the fp32 sum of squares (its elements widened from the input dtype: exact)
         return row_sum(rows, torch.float32, square=True).sqrt_().to(plan.out_dtype).reshape(plan.out_shape)
