@@ -148,6 +148,9 @@ def eager_overheads(dtype: torch.dtype) -> dict[str, float]:
             "F.linear M=1 1024->3072": per_call_us(lambda: F.linear(x, weight)),
             "bi.rms_norm M=1 1024": per_call_us(lambda: torch.ops.bi.rms_norm(x, norm_weight, 1e-6)),
             "F.rms_norm M=1 1024": per_call_us(lambda: F.rms_norm(x, (1024,), norm_weight, 1e-6)),
+            # What a compiled Qwen3 graph calls for each RMSNorm's variance, against the same in aten.
+            "bi.mean_square M=1 1024": per_call_us(lambda: torch.ops.bi.mean_square(x, [-1], True)),
+            "aten mean of squares M=1 1024": per_call_us(lambda: x.float().pow(2).mean(-1, keepdim=True)),
         }
 
 
@@ -160,12 +163,13 @@ def linear_host_layers(dtype: torch.dtype) -> dict[str, float]:
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(1, 1024, device="cuda", dtype=dtype, generator=g)
     weight = torch.randn(3072, 1024, device="cuda", dtype=dtype, generator=g)
-    a, b = x[None], weight.t()[None]
+    plan = matmul_ops._linear_plan(x, weight, None)
     with torch.inference_mode():
         return {
             "torch.ops.bi.linear.default (what compiled code calls)": per_call_us(lambda: torch.ops.bi.linear.default(x, weight)),
             "the CUDA kernel function, no dispatcher": per_call_us(lambda: matmul_ops._linear_triton(x, weight)),
-            "kernels.matmul, no checks or views": per_call_us(lambda: matmul_kernels.matmul(a, b)),
+            "kernels.launch_linear, its plan made (no checks or planning)":
+                per_call_us(lambda: matmul_kernels.launch_linear(plan, x, weight, None)),
             "torch.empty of the output": per_call_us(lambda: torch.empty((1, 1, 3072), device="cuda", dtype=dtype)),
         }
 

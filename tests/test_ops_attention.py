@@ -489,6 +489,27 @@ def test_gpu_sequences_are_batch_invariant_bf16(mode, cache_len):
     assert variant_sequences(bi_attend, mode, torch.bfloat16, "cuda", sizes, cache_len, max_queries, seed=cache_len) == 0
 
 
+@interpreter_only
+def test_interpreted_op_launches_broadcast_operands_from_its_plan():
+    """The op's Triton entry plans the launch once per layout on the broadcast views (key/value of batch 1, a
+    [L, S] bool mask, a [B, 1, L, S] additive one, GQA) and launches it on the inputs' own data: the same bits as
+    the launcher on the explicit views, and the same plan for another call with that layout."""
+    from bi_compile.ops import attention as ops
+
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(2, 4, 5, 32, generator=g).half()
+    k, v = torch.randn(1, 2, 37, 32, generator=g).half(), torch.randn(1, 2, 37, 16, generator=g).half()
+    masks = [None, torch.rand(5, 37, generator=g) > 0.3, torch.randn(2, 1, 5, 37, generator=g).half()]
+    for mask in masks:
+        for causal in (False, True):
+            out = ops._attention_triton(q, k, v, mask, 0.0, causal, None, True)
+            assert out.shape == (2, 4, 5, 16) and out.transpose(1, 2).is_contiguous()
+            assert torch.equal(out, triton_attend(None)(q, k, v, mask, causal))
+    plan = ops._triton_plan(q, k, v, masks[1], 0.0, True, True)
+    assert ops._triton_plan(q.clone(), k.clone(), v.clone(), masks[1].clone(), 0.0, True, True) is plan
+    assert ops._triton_plan(q, k, v, masks[1], 0.0, False, True) is not plan
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

@@ -38,12 +38,16 @@ def _op_calls(g: torch.Generator):
             yield lambda x=shifted, half=dtype != torch.float32: torch.ops.bi.log_softmax(x, -1, half)
             yield lambda x=x: torch.ops.bi.sum(x, [-1], False, torch.float32)
             yield lambda x=x: torch.ops.bi.mean(x, [0], True, None)
+            yield lambda x=x: torch.ops.bi.mean_square(x, [-1], True)
+            yield lambda x=shifted: torch.ops.bi.mean_square(x, [-1], True)
+            yield lambda x=x, w=w: torch.ops.bi.linear(x[None].expand(2, -1, -1), w)  # a batch of matrices, stride 0
         for batch, q_len, kv_len in ((1, 1, 2048), (3, 16, 16), (2, 7, 600)):
             q = torch.randn(batch, q_len, 8, 128, device="cuda", generator=g).to(dtype).transpose(1, 2)
             kv = torch.randn(batch, kv_len, 4, 128, device="cuda", generator=g).to(dtype).transpose(1, 2)
             mask = torch.rand(batch, 1, q_len, kv_len, device="cuda", generator=g) > 0.3
             yield lambda q=q, kv=kv: torch.ops.bi.attention(q, kv, kv, None, 0.0, True, None, True)
             yield lambda q=q, kv=kv, mask=mask: torch.ops.bi.attention(q, kv, kv, mask, 0.0, False, None, True)
+            yield lambda q=q, kv=kv[:1], mask=mask[0, 0]: torch.ops.bi.attention(q, kv, kv, mask, 0.0, False, None, True)
 
 
 def test_every_launch_key_maps_to_the_binary_triton_picks(monkeypatch):
@@ -75,3 +79,26 @@ def test_control_a_key_that_misses_a_specialisation_is_caught(monkeypatch):
     run(base[:, :1024])
     with pytest.raises(launch.LaunchKeyError):
         run(base[:, 1:1025])
+
+
+def test_direct_launches_call_the_launch_hooks_a_profiler_sets():
+    """The direct path passes Triton's launch hooks on when one is set (profilers see every launch) and none when
+    none is; control: the same calls after the hook is removed reach it no more."""
+    from triton import knobs
+
+    calls = list(_op_calls(torch.Generator(device="cuda").manual_seed(1)))[:12]
+    for call in calls:  # every key known: the calls below take the direct path
+        call()
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+    assert len(seen) >= len(calls)
+    count = len(seen)
+    for call in calls:
+        call()
+    assert len(seen) == count

@@ -41,6 +41,7 @@ Fully masked rows (l = 0) give 0, as torch's CPU SDPA does.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,9 @@ from .device import Backend, launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+# An operand's metadata as a plan reads it: (shape, strides).
+Operand = tuple[tuple[int, ...], tuple[int, ...]]
 
 # Split mode writes (Dv + 2) fp32 per query row and split; beyond this it is not worth the memory.
 MAX_WORKSPACE_BYTES = 256 << 20
@@ -311,24 +315,31 @@ def _merge_splits_kernel(
         _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len, VALUE_DIM, BLOCK_DV)
 
 
-def attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-    is_causal: bool, scale: float, split_kv: bool | None = None,
-) -> torch.Tensor:
-    """query [B, H, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv] (any batch/head/row strides, Hkv | H),
-    mask None or bool/float [B, H, L, S] (any strides, 0 for broadcast dims) -> a fresh [B, H, L, Dv] laid out
-    [B, L, H, Dv] in memory (the op's output layout, bi_compile/ops/attention.py).
+@dataclass(frozen=True, eq=False)
+class AttentionPlan:
+    """What a launch needs from the operands' metadata, worked out once per layout (``plan_attention``): a launch
+    with a layout seen before reads only the data pointers. Hashed by identity: a plan is the first part of its
+    launches' key (kernels/launch.py), and ``plan_attention`` returns the same plan for the same layout."""
 
-    ``split_kv`` picks the schedule (same bits either way); None: split when the (sequence, kv head, query
-    tile) programs alone would leave the device under-filled.
-    """
-    batch, num_heads, q_len, head_dim = query.shape
-    num_kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
-    out = query.new_empty((batch, q_len, num_heads, value_dim)).transpose(1, 2)
-    if out.numel() == 0:
-        return out
-    device_target = target(query.device)
-    cfg = attention_config(head_dim, value_dim, query.dtype, device_target.backend)
+    device: torch.device
+    dtype: torch.dtype
+    out_shape: tuple[int, int, int, int]  # [B, L, H, Dv]: the op returns it transposed to [B, H, L, Dv]
+    mask_kind: int
+    grid: tuple[int, int]
+    ints: tuple[int, ...]
+    meta: dict
+    # Split KV: the fp32 partials' shapes ([splits, rows], [splits, rows, Dv]) and the merge's grid, ints and meta.
+    split: tuple | None
+
+
+@functools.lru_cache(maxsize=8192)
+def _plan(query: Operand, key: Operand, value: Operand, mask: tuple[torch.dtype, tuple[int, ...]] | None,
+          is_causal: bool, split_kv: bool | None, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
+    (batch, num_heads, q_len, head_dim), q_strides = query
+    (_, num_kv_heads, kv_len, _), k_strides = key
+    value_dim = value[0][3]
+    device_target = target(device)
+    cfg = attention_config(head_dim, value_dim, dtype, device_target.backend)
     rows_per_pair = q_len * (num_heads // num_kv_heads)
     m_tiles = cdiv(rows_per_pair, cfg.block_m)
     num_pairs = batch * num_kv_heads
@@ -339,47 +350,75 @@ def attention(
         split_kv = (num_splits > 1 and programs < 2 * device_target.cube_cores
                     and workspace_bytes <= MAX_WORKSPACE_BYTES)
     split_kv = split_kv and num_splits > 0
-
-    if mask is None:
-        mask_kind, mask, mask_strides = MASK_NONE, query, (0, 0, 0, 0)
-    else:
-        # A bool tensor is read as bytes: the same memory, a dtype every Triton backend loads.
-        mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
-        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        mask_strides = mask.stride()
-    if split_kv:
-        parts = batch * num_kv_heads * rows_per_pair
-        m_part = torch.empty((num_splits, parts), dtype=torch.float32, device=query.device)
-        l_part = torch.empty_like(m_part)
-        acc_part = torch.empty((num_splits, parts, value_dim), dtype=torch.float32, device=query.device)
-    else:
-        m_part = l_part = acc_part = out  # unused
-
-    ints = (*query.stride(), *key.stride(), *value.stride(), *mask_strides,
+    # A bool mask is read as bytes: the same memory, a dtype every Triton backend loads.
+    mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask[0] == torch.bool else MASK_ADDITIVE
+    mask_strides = (0, 0, 0, 0) if mask is None else mask[1]
+    ints = (*q_strides, *k_strides, *value[1], *mask_strides,
             num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs)
-    # The launch key (kernels/launch.py); out and the partials are fresh.
-    launch_key = (cfg, device_target, query.dtype, mask.dtype, mask_kind, is_causal, split_kv, head_dim, value_dim,
-           aligned16(query), aligned16(key), aligned16(value), aligned16(mask), ints)
-    _attention_launch(
-        query.device, launch_key, (device_target.programs(programs, device_target.cube_cores), num_splits if split_kv else 1),
-        query, key, value, mask, out, m_part, l_part, acc_part, *ints, scale,
+    meta = dict(
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal, WRITE_PARTIAL=split_kv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n,
         BLOCK_D=head_block(head_dim), BLOCK_DV=head_block(value_dim),
-        DOT_PRECISION=device_target.dot_precision(query.dtype),
+        DOT_PRECISION=device_target.dot_precision(dtype),
         **launch_options(device_target.backend, cfg.num_warps, cfg.num_stages),
     )
+    split = None
     if split_kv:
+        parts = batch * num_kv_heads * rows_per_pair
         merge_tiles = cdiv(rows_per_pair, MERGE_BLOCK_M)
         merge_ints = (num_heads, num_kv_heads, q_len, num_splits, merge_tiles, num_pairs)
-        _merge_launch(
-            query.device, (device_target, query.dtype, value_dim, merge_ints),
-            (device_target.programs(merge_tiles * num_pairs, device_target.vector_cores),),
-            m_part, l_part, acc_part, out, *merge_ints,
-            VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim),
-            **launch_options(device_target.backend, 4),
-        )
+        merge_meta = dict(VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim),
+                          **launch_options(device_target.backend, 4))
+        split = ((num_splits, parts), (num_splits, parts, value_dim),
+                 (device_target.programs(merge_tiles * num_pairs, device_target.vector_cores),), merge_ints, merge_meta)
+    grid = (device_target.programs(programs, device_target.cube_cores), num_splits if split_kv else 1)
+    return AttentionPlan(device, dtype, (batch, q_len, num_heads, value_dim), mask_kind, grid, ints, meta, split)
+
+
+def plan_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                   is_causal: bool, split_kv: bool | None = None) -> AttentionPlan:
+    """The launch for operands of these shapes and strides (``attention``'s arguments; only metadata is read).
+    ``split_kv`` picks the schedule (same bits either way); None: split when the (sequence, kv head, query
+    tile) programs alone would leave the device under-filled."""
+    return _plan((query.shape, query.stride()), (key.shape, key.stride()), (value.shape, value.stride()),
+                 None if mask is None else (mask.dtype, mask.stride()), is_causal, split_kv, query.dtype, query.device)
+
+
+def launch_attention(plan: AttentionPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Run ``plan`` on operands with its layout (or tensors whose data starts where theirs does: a key/value
+    before its broadcast to the query's batch, say) -> a fresh [B, H, L, Dv] laid out [B, L, H, Dv]."""
+    out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device).transpose(1, 2)
+    if out.numel() == 0:
+        return out
+    if mask is None:
+        mask = query
+    elif plan.mask_kind == MASK_BOOL:
+        mask = mask.view(torch.uint8)
+    m_part = l_part = acc_part = out  # unused unless the keys are split
+    if plan.split is not None:
+        ml_shape, acc_shape, merge_grid, merge_ints, merge_meta = plan.split
+        m_part = torch.empty(ml_shape, dtype=torch.float32, device=plan.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty(acc_shape, dtype=torch.float32, device=plan.device)
+    # The launch key (kernels/launch.py): the plan fixes every constexpr and int; out and the partials are fresh.
+    launch_key = (plan, aligned16(query), aligned16(key), aligned16(value), aligned16(mask))
+    _attention_launch(plan.device, launch_key, plan.grid, query, key, value, mask, out, m_part, l_part, acc_part,
+                      *plan.ints, scale, **plan.meta)
+    if plan.split is not None:
+        _merge_launch(plan.device, plan, merge_grid, m_part, l_part, acc_part, out, *merge_ints, **merge_meta)
     return out
+
+
+def attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+    is_causal: bool, scale: float, split_kv: bool | None = None,
+) -> torch.Tensor:
+    """query [B, H, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv] (any batch/head/row strides, Hkv | H),
+    mask None or bool/float [B, H, L, S] (any strides, 0 for broadcast dims) -> a fresh [B, H, L, Dv] laid out
+    [B, L, H, Dv] in memory (the op's output layout, bi_compile/ops/attention.py). ``split_kv``: as
+    ``plan_attention``'s."""
+    return launch_attention(plan_attention(query, key, value, mask, is_causal, split_kv), query, key, value, mask, scale)
 
 
 _attention_launch = KeyedKernel(_attention_kernel)

@@ -79,8 +79,15 @@ class KeyedKernel:
             if found is not binary:
                 raise LaunchKeyError(f"{self.kernel.fn.__name__}: launch key {key!r} maps to two binaries")
         stream = triton.runtime.driver.active.get_current_stream(device.index)
-        enter_hook = knobs.runtime.launch_enter_hook
-        launch_metadata = binary.launch_metadata(grid, stream, *args, *constexprs) if enter_hook else None
+        enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        if _is_set(enter_hook) or _is_set(exit_hook):  # a profiler's hooks: give them what Triton's path gives
+            launch_metadata = binary.launch_metadata(grid, stream, *args, *constexprs)
+        else:  # none: the launcher then builds no metadata and calls nothing (Triton's path calls the empty chains)
+            launch_metadata = enter_hook = exit_hook = None
         binary.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, binary.function,
-                   binary.packed_metadata, launch_metadata, enter_hook, knobs.runtime.launch_exit_hook,
-                   *args, *constexprs)
+                   binary.packed_metadata, launch_metadata, enter_hook, exit_hook, *args, *constexprs)
+
+
+def _is_set(hook) -> bool:
+    """Whether a launch hook would call anything: Triton 3.6's knobs hold a chain of hooks, possibly empty."""
+    return bool(hook.calls) if hasattr(hook, "calls") else hook is not None

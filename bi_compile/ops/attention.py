@@ -202,11 +202,23 @@ def _attention_on_cpu(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     return _new_output(query, value).copy_(_attention_cpu(query, key, value, mask, is_causal, scale))
 
 
+@library.memoized_on_metadata
+def _triton_plan(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """The inputs checked and the kernel's launch planned, once per layout: a compiled graph's later calls with
+    that layout cost one lookup here (docs/benchmarks.md, "Prefill outside CUDA graphs")."""
+    from bi_compile.kernels import attention as kernels
+
+    key, value, mask, _ = _prepare(query, key, value, attn_mask, dropout_p, 1.0, enable_gqa)
+    return kernels.plan_attention(query, key, value, mask, is_causal)
+
+
 def _attention_triton(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     from bi_compile.kernels import attention as kernels
 
-    key, value, mask, scale = _prepare(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
-    return kernels.attention(query, key, value, mask, is_causal, scale)
+    plan = _triton_plan(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else scale
+    # key, value and the mask are read through their broadcast views' strides (the plan's) from their own data.
+    return kernels.launch_attention(plan, query, key, value, attn_mask, scale)
 
 
 # Batch-invariant ``F.scaled_dot_product_attention``: [B, H, L, D] x [B, Hkv, S, D] x [B, Hkv, S, Dv] -> [B, H, L, Dv].
