@@ -18,8 +18,8 @@ pytestmark = pytest.mark.gpu
 
 def _op_calls(g: torch.Generator):
     """Every kernel family at shapes and layouts that change its specialisation: odd and aligned sizes, row-strided
-    and misaligned views, batch 1 and more, bias or none, fp32 and bf16, causal and masked attention. Each call binds
-    its tensors as defaults: the calls are collected before any runs, and the loop variables move on."""
+    and misaligned views, batch 1 and more, bias or none, fp32 and bf16, causal, masked and paged attention. Each
+    call binds its tensors as defaults: the calls are collected before any runs, and the loop variables move on."""
     for dtype in (torch.bfloat16, torch.float32):
         base = torch.randn(301, 1040, device="cuda", generator=g).to(dtype)
         w = torch.randn(520, 1024, device="cuda", generator=g).to(dtype)
@@ -48,6 +48,17 @@ def _op_calls(g: torch.Generator):
             yield lambda q=q, kv=kv: torch.ops.bi.attention(q, kv, kv, None, 0.0, True, None, True)
             yield lambda q=q, kv=kv, mask=mask: torch.ops.bi.attention(q, kv, kv, mask, 0.0, False, None, True)
             yield lambda q=q, kv=kv[:1], mask=mask[0, 0]: torch.ops.bi.attention(q, kv, kv, mask, 0.0, False, None, True)
+        # Paged attention: decodes (split keys) and a prefill chunk, int32 and int64 metadata, caches that are views of
+        # one tensor, the values' data not 16-byte aligned.
+        cache = torch.randn(40, 4, 16, 200, device="cuda", generator=g).to(dtype)
+        key_cache, value_cache = cache[..., :128], cache[..., 130:194]
+        table = torch.randperm(40, device="cuda", generator=g)[:36].view(4, 9)
+        for index, q_lens in ((torch.int32, (1, 1, 1, 1)), (torch.int64, (1, 30, 2, 0))):
+            seq_lens = torch.tensor([140, 33, 70, 5], dtype=index, device="cuda")
+            starts = torch.tensor([0, *q_lens], dtype=index, device="cuda").cumsum(0).to(index)
+            q = torch.randn(sum(q_lens) + 2, 8, 128, device="cuda", generator=g).to(dtype)
+            yield lambda q=q, table=table.to(index), seq_lens=seq_lens, starts=starts, bound=max(q_lens): (
+                torch.ops.bi.paged_attention(q, key_cache, value_cache, table, seq_lens, starts, 0.1, bound, 1024))
 
 
 def test_every_launch_key_maps_to_the_binary_triton_picks(monkeypatch):

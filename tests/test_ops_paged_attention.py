@@ -1,7 +1,12 @@
 """bi::paged_attention (the attention of bi-compile's vLLM backend): against float64 over ragged block tables,
 chunked prefill and block sizes 16/32; bitwise batch invariance of a request alone vs inside batches of 2-64 at
 random places, and across chunkings of its prompt; a control showing the comparison catches a batched stock SDPA;
-input errors; the GPU path's gather under Triton's interpreter.
+input errors.
+
+The Triton kernel (the CUDA path) under Triton's interpreter (fp32, fp16): the same checks in both schedules, plus
+larger bounds keeping the bits, recycled cache slots full of NaN, the tile-slot bound, and a control (a split size
+from the bound) that the invariance checks catch. On a GPU (``-m gpu``): the same in bf16 at model sizes, and the
+op captured in a CUDA graph with static bounds, replayed with other lengths, block tables and queries.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import math
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -62,6 +67,19 @@ class Batch:
     def args(self):
         return (self.query, self.key_cache, self.value_cache, self.block_table, self.seq_lens, self.query_start_loc,
                 self.scale, self.max_query_len, self.max_seq_len)
+
+    def to(self, device: str) -> Batch:
+        """The same batch on ``device`` (the caches stay views of one [.., D + Dv] tensor)."""
+        cache = self.key_cache.untyped_storage()
+        whole = torch.empty(0, dtype=self.key_cache.dtype).set_(cache).to(device)
+        key_cache, value_cache = (whole.as_strided(t.shape, t.stride(), t.storage_offset())
+                                  for t in (self.key_cache, self.value_cache))
+        return replace(self, query=self.query.to(device), key_cache=key_cache, value_cache=value_cache,
+                       block_table=self.block_table.to(device), seq_lens=self.seq_lens.to(device),
+                       query_start_loc=self.query_start_loc.to(device))
+
+    def with_bounds(self, max_query_len: int, max_seq_len: int) -> Batch:
+        return replace(self, max_query_len=max_query_len, max_seq_len=max_seq_len)
 
 
 def pack(requests: list[Request], block_size: int, seed: int, padding_tokens: int = 0) -> Batch:
@@ -143,25 +161,27 @@ def test_matches_float64_reference(block_size, dtype, heads, kv_heads, head_dim,
 # ---- batch invariance ----
 
 
-def variant_requests(attention: Attention, dtype, block_size: int, batch_sizes, seed=0) -> int:
+def variant_requests(attention: Attention, dtype, block_size: int, batch_sizes, seed=0, max_len=300, max_chunk=40,
+                     max_prompt=None, shape=(4, 2, 64, 64), device="cpu") -> int:
     """How many (batch, request) draws give a request other bits than it has alone; each batch is random requests
-    (decodes, prefill chunks, whole prompts) in random order, packed into random blocks."""
+    (decodes, prefill chunks, whole prompts; up to ``max_len`` positions, chunks up to ``max_chunk``, prompts up to
+    ``max_prompt``) in random order, packed into random blocks. ``shape``: (heads, kv_heads, head_dim, value_dim)."""
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     pool = []
     for _ in range(max(batch_sizes) + 8):
-        n = rng.randint(1, 300)
         kind = rng.choice(("decode", "chunk", "prompt"))
-        pool.append(make_request(rng, g, n, {"decode": 1, "chunk": rng.randint(1, min(n, 40)), "prompt": n}[kind],
-                                 dtype=dtype))
+        n = rng.randint(1, max_len if kind != "prompt" or max_prompt is None else max_prompt)
+        q_len = {"decode": 1, "chunk": rng.randint(1, min(n, max_chunk)), "prompt": n}[kind]
+        pool.append(make_request(rng, g, n, q_len, *shape, dtype=dtype))
     alone: dict[int, torch.Tensor] = {}
     differ = 0
     for size in batch_sizes:
         members = rng.sample(range(len(pool)), size)
-        batch = pack([pool[i] for i in members], block_size, seed=size)
+        batch = pack([pool[i] for i in members], block_size, seed=size).to(device)
         out = attention(batch)
         for r, i in enumerate(members):
             if i not in alone:
-                alone[i] = attention(pack([pool[i]], block_size, seed=i))
+                alone[i] = attention(pack([pool[i]], block_size, seed=i).to(device))
             differ += not torch.equal(rows(out, batch, r), alone[i])
     return differ
 
@@ -172,16 +192,26 @@ def test_requests_are_batch_invariant(dtype, block_size):
     assert variant_requests(bi_paged, dtype, block_size, batch_sizes=(2, 3, 7, 16, 33, 64)) == 0
 
 
+def chunked_prompt_rows_differ(attention: Attention, prompt: Request, chunks, block_size=16,
+                               device="cpu") -> list[tuple[int, int]]:
+    """(chunk, end) of every step whose rows differ from the whole prompt's rows (the earlier chunks cached), a
+    decode of the last position included (chunk 1)."""
+    whole = attention(pack([prompt], block_size, seed=0).to(device))
+    differ = []
+    for chunk in chunks:
+        for end in range(chunk, prompt.seq_len + 1, chunk):
+            step = Request(prompt.q[end - chunk:end], prompt.k[:end], prompt.v[:end])
+            if not torch.equal(attention(pack([step], block_size, seed=end).to(device)), whole[end - chunk:end]):
+                differ.append((chunk, end))
+    return differ
+
+
 def test_rows_do_not_depend_on_how_the_prompt_was_chunked():
     """A prompt of 150 tokens in one step, then in chunks of 1, 7, 40 and 64 (the earlier chunks cached): each
     position's row has the same bits, and a decode at position 149 equals the prompt's last row."""
     rng, g = random.Random(3), torch.Generator().manual_seed(3)
     prompt = make_request(rng, g, 150, 150, dtype=torch.bfloat16)
-    whole = bi_paged(pack([prompt], 16, seed=0))
-    for chunk in (1, 7, 40, 64):
-        for end in range(chunk, 151, chunk):
-            step = Request(prompt.q[end - chunk:end], prompt.k[:end], prompt.v[:end])
-            assert torch.equal(bi_paged(pack([step], 16, seed=end)), whole[end - chunk:end]), (chunk, end)
+    assert chunked_prompt_rows_differ(bi_paged, prompt, (1, 7, 40, 64)) == []
 
 
 def test_invariant_to_the_thread_count():
@@ -258,7 +288,9 @@ def test_schema_and_fake_impl():
     torch.library.opcheck(torch.ops.bi.paged_attention.default, b.args(), test_utils=("test_schema", "test_faketensor"))
 
 
-# ---- the GPU path (gather + the Triton kernel) under Triton's interpreter ----
+
+
+# ---- the Triton kernel (CUDA) under Triton's interpreter: CPU tensors, fp32 and fp16 ----
 
 interpreter_only = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel on CPU tensors under TRITON_INTERPRET=1"
@@ -266,24 +298,230 @@ interpreter_only = pytest.mark.skipif(
 
 
 def triton_paged(batch: Batch) -> torch.Tensor:
-    """The GPU path on CPU tensors: the op would route them to the CPU path, so the gather is called directly with
-    the Triton launcher."""
-    from bi_compile.kernels import attention as kernels
+    """The op's Triton entry (checks, plan, launch) called directly: the op routes CPU tensors to the CPU path."""
+    pytest.importorskip("triton")
+    return paged_attention._paged_attention_triton(*batch.args())
 
-    def attend(q, k, v, mask, scale):
-        return kernels.attention(q, k, v, mask.expand(q.shape[0], q.shape[1], -1, -1), False, scale)
 
-    return paged_attention._paged_attention_dense(*batch.args(), attend)
+def triton_schedule(split_kv: bool) -> Attention:
+    """The kernel in one schedule: a program per split and a merge kernel, or the splits merged in one program."""
+    from bi_compile.kernels import paged_attention as kernels
+
+    return lambda batch: kernels.paged_attention(*batch.args(), split_kv=split_kv)
+
+
+def splits_from_the_bound(batch: Batch) -> torch.Tensor:
+    """Control: the same kernel with its split size derived from ``max_seq_len`` (four splits whatever the length,
+    the way a split-KV kernel sizes its work for the step), so a row's reduction tree follows the batch."""
+    from bi_compile.kernels import paged_attention as kernels
+
+    plan = kernels.plan_paged_attention(batch.query, batch.key_cache, batch.value_cache, batch.block_table)
+    block_n = plan.meta["BLOCK_N"]
+    split_n = -(-batch.max_seq_len // (4 * block_n)) * block_n
+    plan = replace(plan, split_n=split_n, meta=dict(plan.meta, SPLIT_N=split_n),
+                   merge_meta=dict(plan.merge_meta, SPLIT_N=split_n))
+    return kernels.launch_paged_attention(plan, *batch.args(), split_kv=False)
+
+
+# (seq_len, q_len): decodes, chunks starting mid-tile and mid-block, a whole prompt, two 512-key splits.
+INTERPRETED_RAGGED = [(1, 1), (37, 1), (70, 13), (33, 33), (96, 31), (600, 1), (530, 20)]
 
 
 @interpreter_only
-def test_interpreted_gpu_path_matches_reference_and_is_batch_invariant():
-    rng, g = random.Random(6), torch.Generator().manual_seed(6)
-    requests = [make_request(rng, g, n, l, dtype=torch.float16) for n, l in [(1, 1), (37, 1), (70, 13), (20, 20)]]
-    batch = pack(requests, 16, seed=7, padding_tokens=2)
-    out = triton_paged(batch)
+@pytest.mark.parametrize("dtype, block_size, heads, kv_heads, head_dim, value_dim", [
+    (torch.float32, 16, 4, 4, 64, 64), (torch.float16, 32, 4, 2, 64, 40), (torch.float32, 16, 8, 2, 64, 24),
+    (torch.float16, 32, 6, 1, 40, 64)],
+    ids=["G1-bs16-fp32", "G2-bs32-dv40-fp16", "G4-bs16-dv24-fp32", "G6-bs32-d40-fp16"])
+def test_interpreted_kernel_matches_float64_reference_in_both_schedules(dtype, block_size, heads, kv_heads, head_dim,
+                                                                      value_dim):
+    """Ragged block tables (random, non-contiguous block ids, wider than needed), decodes and prefill chunks, GQA
+    1/2/4/6: within tolerance of float64, both schedules the same bits, padding rows (NaN queries) exactly 0."""
+    rng, g = random.Random(11), torch.Generator().manual_seed(11)
+    requests = [make_request(rng, g, n, l, heads, kv_heads, head_dim, value_dim, dtype) for n, l in INTERPRETED_RAGGED]
+    batch = pack(requests, block_size, seed=12, padding_tokens=3)
+    batch.query[-3:] = math.nan
+    merged, split = (triton_schedule(s)(batch) for s in (False, True))
+    assert merged.shape == (batch.query.shape[0], heads, value_dim) and merged.dtype == dtype
+    assert torch.equal(merged, split)
     for r, request in enumerate(requests):
         ref = reference(request, batch.scale)
-        torch.testing.assert_close(rows(out, batch, r).double(), ref, rtol=0, atol=2e-3 * max(ref.abs().max().item(), 1))
-        assert torch.equal(rows(out, batch, r), triton_paged(pack([request], 32, seed=r)))
-    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
+        torch.testing.assert_close(rows(merged, batch, r).double(), ref, rtol=0,
+                                   atol=TOLERANCE[dtype] * max(ref.abs().max().item(), 1.0))
+    assert torch.equal(merged[-3:], torch.zeros_like(merged[-3:]))
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype, block_size", [(torch.float16, 16), (torch.float32, 32)], ids=["fp16", "fp32"])
+def test_interpreted_kernel_requests_are_batch_invariant(dtype, block_size):
+    """Batches of 2 to 16 at random places (the op's own schedule choice: the small ones split, the large ones
+    merged), decodes and chunks up to 600 positions (two splits), prompts up to 64: every request has the bits it
+    has alone."""
+    assert variant_requests(triton_paged, dtype, block_size, batch_sizes=(2, 5, 16), max_len=600, max_chunk=16,
+                            max_prompt=64) == 0
+
+
+@interpreter_only
+def test_interpreted_kernel_rows_do_not_depend_on_how_the_prompt_was_chunked():
+    """A 70-token prompt whole, in chunks of 1 (decodes), 9 and 40; and a 540-token prompt (two splits) whole and
+    in two chunks of 270 (the merged schedule; the reference test has both give the same bits)."""
+    rng, g = random.Random(13), torch.Generator().manual_seed(13)
+    short = make_request(rng, g, 70, 70, dtype=torch.float16)
+    assert chunked_prompt_rows_differ(triton_paged, short, (1, 9, 40)) == []
+    long = make_request(rng, g, 540, 540, dtype=torch.float16)
+    assert chunked_prompt_rows_differ(triton_paged, long, (270,), block_size=32) == []
+
+
+@interpreter_only
+@pytest.mark.parametrize("split_kv", [False, True], ids=["merged", "split"])
+def test_interpreted_kernel_larger_bounds_keep_the_bits(split_kv):
+    """max_query_len and max_seq_len are bounds (a CUDA graph passes static ones): more tile slots and splits than
+    the step needs change no bit."""
+    rng, g = random.Random(14), torch.Generator().manual_seed(14)
+    batch = pack([make_request(rng, g, n, l, dtype=torch.float16) for n, l in INTERPRETED_RAGGED], 16, seed=15,
+                 padding_tokens=2)
+    attend = triton_schedule(split_kv)
+    tight = attend(batch)
+    for max_query_len, max_seq_len in [(batch.max_query_len + 1, batch.max_seq_len), (64, 1100), (1000, 2048)]:
+        assert torch.equal(attend(batch.with_bounds(max_query_len, max_seq_len)), tight)
+
+
+@interpreter_only
+def test_interpreted_kernel_ignores_recycled_cache_slots():
+    """NaN in every cache slot a request does not own (past its length in its last block, the blocks its table
+    lists past them) and in the keys after a row's position: no NaN reaches an output row."""
+    rng, g = random.Random(16), torch.Generator().manual_seed(16)
+    requests = [make_request(rng, g, n, l, dtype=torch.float16) for n, l in [(37, 1), (70, 13), (20, 20)]]
+    batch = pack(requests, 16, seed=17)
+    clean = triton_paged(batch)
+    owned = torch.zeros(batch.key_cache.shape[:3], dtype=torch.bool)
+    for r, request in enumerate(requests):
+        for j in range(request.seq_len):
+            owned[batch.block_table[r, j // 16], :, j % 16] = True
+    batch.key_cache[~owned] = math.nan
+    batch.value_cache[~owned] = math.nan
+    poisoned = triton_paged(batch)
+    assert not poisoned.isnan().any() and torch.equal(poisoned, clean)
+
+
+@interpreter_only
+def test_interpreted_control_a_split_count_from_the_bound_varies():
+    """The comparisons above can fail: the kernel with its split size derived from max_seq_len gives a request
+    other bits inside a batch than alone, and other bits for a larger bound."""
+    assert variant_requests(splits_from_the_bound, torch.float32, 16, batch_sizes=(4,), max_len=600, max_chunk=4,
+                            max_prompt=16) > 0
+    rng, g = random.Random(18), torch.Generator().manual_seed(18)
+    batch = pack([make_request(rng, g, 600, 4, dtype=torch.float32)], 16, seed=19)
+    assert not torch.equal(splits_from_the_bound(batch), splits_from_the_bound(batch.with_bounds(4, 4096)))
+
+
+def test_tile_slots_bound_every_request_mix():
+    """``max_tiles`` (host ints only) is never below the tiles a batch of those T, R and max_query_len needs."""
+    from bi_compile.kernels.paged_attention import max_tiles
+
+    rng = random.Random(20)
+    for _ in range(2000):
+        positions = rng.choice((1, 2, 4, 8, 16, 64))
+        q_lens = [rng.choice((0, 1, rng.randint(1, 200))) for _ in range(rng.randint(1, 9))]
+        contexts = [rng.randint(0, 300) for _ in q_lens]
+        tiles = sum((c + q - 1) // positions - c // positions + 1 for c, q in zip(contexts, q_lens) if q)
+        tokens = sum(q_lens) + rng.randint(0, 5)
+        assert tiles <= max_tiles(tokens, len(q_lens), max(q_lens), positions)
+
+
+# ---- GPU: bf16 at model sizes, CUDA graphs ----
+
+GPU_SHAPES = [(32, 8, 128, 128), (16, 8, 128, 128), (8, 1, 64, 64), (4, 1, 256, 256)]
+
+
+def cuda_paged(batch: Batch) -> torch.Tensor:
+    return torch.ops.bi.paged_attention(*batch.args())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "H{}kv{}d{}".format(*s))
+def test_gpu_requests_are_batch_invariant_bf16(shape):
+    """Batches of 2 to 64 (decodes and chunks up to 5000 positions, prompts up to 1024; small batches split the
+    keys, large ones merge in one program): every request has the bits it has alone."""
+    assert variant_requests(cuda_paged, torch.bfloat16, 16, batch_sizes=(2, 7, 33, 64), max_len=5000, max_chunk=300,
+                            max_prompt=1024, shape=shape, device="cuda") == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_matches_reference_and_schedules_and_bounds_agree(dtype):
+    """Llama-8B-like heads over block sizes 16/32/64: within tolerance of float64; the split and merged schedules
+    and larger bounds give the same bits; padding rows are 0."""
+    from bi_compile.kernels import paged_attention as kernels
+
+    rng, g = random.Random(21), torch.Generator().manual_seed(21)
+    lengths = [(1, 1), (700, 1), (5000, 1), (1500, 300), (600, 600), (2049, 17)]
+    requests = [make_request(rng, g, n, l, 32, 8, 128, 128, dtype) for n, l in lengths]
+    for block_size in (16, 32, 64):
+        batch = pack(requests, block_size, seed=block_size, padding_tokens=5).to("cuda")
+        out = cuda_paged(batch)
+        for r, request in enumerate(requests):
+            ref = reference(request, batch.scale)
+            torch.testing.assert_close(rows(out, batch, r).double().cpu(), ref, rtol=0,
+                                       atol=TOLERANCE[dtype] * max(ref.abs().max().item(), 1.0))
+        assert torch.equal(out[-5:], torch.zeros_like(out[-5:]))
+        for split_kv in (False, True):
+            for bounds in [(batch.max_query_len, batch.max_seq_len), (2048, 1 << 15)]:
+                assert torch.equal(kernels.paged_attention(*batch.with_bounds(*bounds).args(), split_kv=split_kv), out)
+
+
+@pytest.mark.gpu
+def test_gpu_rows_do_not_depend_on_how_the_prompt_was_chunked():
+    """A 3000-token prompt (six splits) whole and in chunks of 512, 1000 and 1500; its last 40 positions as
+    decodes."""
+    rng, g = random.Random(22), torch.Generator().manual_seed(22)
+    prompt = make_request(rng, g, 3000, 3000, 32, 8, 128, 128, torch.bfloat16)
+    assert chunked_prompt_rows_differ(cuda_paged, prompt, (512, 1000, 1500), device="cuda") == []
+    whole = cuda_paged(pack([prompt], 16, seed=0).to("cuda"))
+    for end in range(2961, 3001):
+        decode = Request(prompt.q[end - 1:end], prompt.k[:end], prompt.v[:end])
+        assert torch.equal(cuda_paged(pack([decode], 16, seed=end).to("cuda")), whole[end - 1:end]), end
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_query_len, batch_size", [(1, 1), (1, 48), (16, 8)], ids=["decode1", "decode48", "mixed8"])
+def test_gpu_paged_attention_replays_in_a_cuda_graph(max_query_len, batch_size):
+    """The op captured with static inputs and static bounds (max_seq_len: the cache's capacity, 8192; max_query_len:
+    1 for a uniform decode step, else the step's token budget), replayed after the lengths, block tables and
+    queries change in place: the bits of eager calls with the step's own bounds. Padding tokens get 0."""
+    g = torch.Generator(device="cuda").manual_seed(23)
+    heads, kv_heads, dim, block_size, capacity = 32, 8, 128, 16, 8192
+    blocks_per_request = capacity // block_size
+    num_blocks = batch_size * blocks_per_request + 7
+    cache = torch.randn(num_blocks, kv_heads, block_size, 2 * dim, device="cuda", generator=g).bfloat16()
+    key_cache, value_cache = cache.split([dim, dim], dim=-1)
+    tokens = batch_size * max_query_len + 3  # static, with padding
+    query = torch.randn(tokens, heads, dim, device="cuda", generator=g).bfloat16()
+    block_table = torch.zeros(batch_size, blocks_per_request, dtype=torch.int32, device="cuda")
+    seq_lens = torch.ones(batch_size, dtype=torch.int32, device="cuda")
+    query_start_loc = torch.zeros(batch_size + 1, dtype=torch.int32, device="cuda")
+    args = (query, key_cache, value_cache, block_table, seq_lens, query_start_loc, dim**-0.5)
+
+    def new_step(step: int) -> tuple[int, int]:
+        q_lens = torch.randint(1, max_query_len + 1, (batch_size,), device="cuda", generator=g)
+        lens = q_lens + torch.randint(0, capacity - max_query_len, (batch_size,), device="cuda", generator=g)
+        if step == 0:
+            lens[0] = capacity  # one full cache
+        seq_lens.copy_(lens)
+        query_start_loc.copy_(torch.cat([q_lens.new_zeros(1), q_lens.cumsum(0)]))
+        block_table.copy_(torch.randperm(num_blocks, device="cuda", generator=g)[:block_table.numel()]
+                          .view_as(block_table))
+        query.copy_(torch.randn(query.shape, device="cuda", generator=g))
+        return int(q_lens.max()), int(lens.max())
+
+    new_step(0)
+    torch.ops.bi.paged_attention(*args, max_query_len, capacity)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.bi.paged_attention(*args, max_query_len, capacity)
+    for step in range(3):
+        bounds = new_step(step)
+        graph.replay()
+        eager = torch.ops.bi.paged_attention(*args, *bounds)
+        assert torch.equal(captured, eager), step
+        assert torch.equal(captured[int(query_start_loc[-1]):], torch.zeros_like(captured[int(query_start_loc[-1]):]))

@@ -12,8 +12,11 @@ for token t of request r at position p(t). Inputs, as vLLM's paged-attention met
 - key_cache [num_blocks, Hkv, block_size, D], value_cache [num_blocks, Hkv, block_size, Dv], any strides: key j of
   request r is slot ``j % block_size`` of block ``block_table[r, j // block_size]``. The new tokens' keys must be
   in the cache already.
-- ``max_query_len``, ``max_seq_len``: upper bounds of the lengths, given by the caller (vLLM keeps them on the host),
-  so the GPU path sizes its buffers without reading the device.
+- ``max_query_len``, ``max_seq_len``: upper bounds of the query lengths and of ``seq_lens``, host ints given by
+  the caller (vLLM keeps them on the host), so the GPU path sizes its grid and workspace without reading the
+  device. Under CUDA-graph capture pass static bounds that hold for every replay (``max_model_len`` for
+  ``max_seq_len``; 1 for ``max_query_len`` in a uniform decode step, else the step's token budget): a larger bound
+  never changes a bit. A bound that does not hold drops keys or tokens (never reads out of bounds).
 
 Supported: fp16, bf16, fp32 (q and both caches one dtype), D and Dv up to 256, Hkv dividing H, int32/int64 metadata.
 
@@ -29,10 +32,19 @@ not on the other requests, its place in the batch, or how its request's prompt w
   exp) has one shape per (D, Dv, G), whatever the batch; rows and tiles are independent in every one of them.
   Keys a row may not see are set to -inf with ``torch.where`` and add exact zeros (exp(-inf) = 0), and cache slots
   past a request's length are zeroed before use (a recycled block may hold anything, NaN included).
-- CUDA / Ascend: the requests are gathered into a padded [R, H, max_query_len, D] query and [R, Hkv, max_seq_len,
-  D] keys and values with a bool mask, and ``bi::attention`` does the rest: fixed 512-key splits anchored at key 0,
-  a fixed query tile, masked keys exact no-ops (bi_compile/kernels/attention.py), so neither the padding nor the
-  batch changes a row's bits.
+- CUDA (``bi_compile.kernels.paged_attention``, Triton): the caches are read where they lie, through the block
+  table. A program owns one kv head and a tile of 64 rows: the G heads of the kv head (G rounded up to a power of
+  two) at ``64 / G`` consecutive positions of one request, tiles anchored at the request's position 0 (the same
+  tile and slot for a row whatever the chunking; one position per tile from G = 64 on). Keys are reduced as in ``bi::attention``: fixed 512-key splits anchored at key 0, chunks in order
+  inside a split, split states merged in order with pinned fma; masked keys are exact no-ops and slots past a
+  request's length are never read. The grid depends only on T, R, the head counts and the two bounds (tile slots
+  for ``max_query_len``, splits for ``max_seq_len``); a first small kernel finds each slot's (request, first
+  position) on the device from ``seq_lens`` and ``query_start_loc`` and zeroes the padding rows, so the op makes
+  no device-to-host read and a CUDA graph can capture it. A small batch of decodes takes one program per split and
+  a merge kernel, a large one merges in the split programs: the same bits.
+- Ascend (PrivateUse1): the requests are gathered into a padded [R, H, max_query_len, D] query and [R, Hkv,
+  max_seq_len, D] keys and values with a bool mask, and ``bi::attention`` does the rest (the same 512-key splits),
+  so neither the padding nor the batch changes a row's bits; its buffers follow the bounds too.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ import math
 
 import torch
 
-from bi_compile.ops import attention as _attention  # noqa: F401  (defines torch.ops.bi.attention, used on GPUs)
+from bi_compile.ops import attention as _attention  # noqa: F401  (defines torch.ops.bi.attention, used on Ascend)
 from bi_compile.ops import library
 from bi_compile.ops.library import Layout
 
@@ -172,7 +184,7 @@ def _attend_step(q, k, v, visible, m, l, acc, scale: float):
     return m_new, l * alpha + p.sum(-1, keepdim=True), acc * alpha + torch.bmm(p, v)
 
 
-# ---- GPU: gathered into padded dense tensors for bi::attention ----
+# ---- Ascend: gathered into padded dense tensors for bi::attention ----
 
 
 def _paged_attention_dense(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
@@ -234,9 +246,26 @@ def _paged_attention_on_cpu(query, key_cache, value_cache, block_table, seq_lens
     return _paged_attention_cpu(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale)
 
 
+@library.memoized_on_metadata
+def _triton_plan(query, key_cache, value_cache, block_table, seq_lens, query_start_loc):
+    """The inputs checked and the kernel's launch layout planned, once per layout; None on Ascend (the gather)."""
+    from bi_compile.kernels import device
+    from bi_compile.kernels import paged_attention as kernels
+
+    _prepare(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+    if device.target(query.device).backend is device.Backend.ASCEND:
+        return None
+    return kernels.plan_paged_attention(query, key_cache, value_cache, block_table)
+
+
 def _paged_attention_triton(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
                             max_query_len, max_seq_len):
-    _prepare(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+    from bi_compile.kernels import paged_attention as kernels
+
+    plan = _triton_plan(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+    if plan is not None:
+        return kernels.launch_paged_attention(plan, query, key_cache, value_cache, block_table, seq_lens,
+                                              query_start_loc, scale, max_query_len, max_seq_len)
     if block_table.shape[0] == 0 or max_query_len == 0:
         return query.new_zeros((*query.shape[:2], value_cache.shape[3]))
     return _paged_attention_dense(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
