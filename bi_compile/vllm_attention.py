@@ -9,8 +9,20 @@ physical layout vLLM picks: the keys are ``[..., :D]``, the values ``[..., D:]``
 
 Supported: decoder self-attention, causal, fp16/bf16/fp32 with an unquantized cache, head dims up to 256, decode and
 chunked prefill. Refused, naming the feature: ALiBi, sliding windows, logit soft-capping, attention sinks, other
-attention types, quantized KV caches, fused output quantization. No CUDA-graph capture of the attention
-(``AttentionCGSupport.NEVER``): its GPU path sizes its gather by the step's longest query and sequence.
+attention types, quantized KV caches, fused output quantization, decode context parallelism.
+
+Written against vLLM 0.26 (GPU) and 0.32 (CPU), one body for both (bi_compile/vllm_compat.py names what differs
+and checks the installed vLLM): 0.26's runner asks ``get_kv_cache_shape``, 0.32's resolves the layout itself.
+
+CUDA graphs: on CUDA the builder declares ``AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE``, so vLLM captures full
+graphs of uniform decode steps (FULL_DECODE_ONLY, or the decode half of FULL_AND_PIECEWISE) and runs the other
+steps eagerly or piecewise. A graph replays one launch grid, so a uniform decode step passes
+``torch.ops.bi.paged_attention`` static bounds, ``max_query_len = 1`` and ``max_seq_len = max_model_len``, whatever
+its requests' lengths (the kernel's grid depends on the rows, heads, dtypes and the two bounds only; a larger
+bound never changes a bit); every other step passes its own. The rows are the query's (vLLM pads a graph's step
+to its capture size), so the builder needs no capture sizes. The KV-cache write makes no device-to-host read
+either: padding tokens (slot -1) write into vLLM's null block, which no request is ever given. On a CPU the
+builder declares no graph support (``NEVER``; vLLM runs no CUDA graphs there).
 
 This module imports vLLM: only the platform imports it, in a vLLM process.
 """
@@ -29,10 +41,11 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
+from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
 
 import bi_compile.ops  # noqa: F401  (defines torch.ops.bi.paged_attention)
 from bi_compile.ops.paged_attention import MAX_HEAD_DIM
-from bi_compile.vllm_checks import RAN, VllmSettingError
+from bi_compile.vllm_checks import RAN, VllmSettingError, platform_kind
 
 NAME = "BI_ATTN"  # in messages; vLLM knows it by its enum member
 # vLLM 0.32's Attention layer looks ``get_name()`` up in AttentionBackendEnum: it must be the member's name.
@@ -53,19 +66,33 @@ class BiAttentionMetadata:
 
 
 class BiAttentionMetadataBuilder(AttentionMetadataBuilder[BiAttentionMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
-
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if vllm_config.parallel_config.decode_context_parallel_size > 1:
+            raise VllmSettingError(f"{NAME} does not split the KV cache across ranks: drop "
+                                   "--decode-context-parallel-size")
+        # The static bound on a request's length for a uniform decode step (captured once, replayed for all).
+        self.max_model_len = vllm_config.model_config.max_model_len
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """Full CUDA graphs of uniform decode steps on a GPU (the op is capture-safe there); none on a CPU."""
+        if platform_kind() == "gpu":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> BiAttentionMetadata:
         common = common_attn_metadata
         if common.causal is not True:
             raise VllmSettingError(f"{NAME} runs causal decoder attention only (got causal={common.causal!r})")
+        if common.max_query_len == 1:  # a uniform decode step: bounds that hold for every replay of its graph
+            max_query_len, max_seq_len = 1, self.max_model_len
+        else:
+            max_query_len, max_seq_len = common.max_query_len, common.max_seq_len
         return BiAttentionMetadata(
-            num_actual_tokens=common.num_actual_tokens, max_query_len=common.max_query_len,
-            max_seq_len=common.max_seq_len, query_start_loc=common.query_start_loc, seq_lens=common.seq_lens,
+            num_actual_tokens=common.num_actual_tokens, max_query_len=max_query_len, max_seq_len=max_seq_len,
+            query_start_loc=common.query_start_loc, seq_lens=common.seq_lens,
             block_table=common.block_table_tensor, slot_mapping=common.slot_mapping,
         )
 
@@ -76,6 +103,8 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor
 
 
 class BiAttentionImpl(AttentionImpl[BiAttentionMetadata]):
+    supports_dcp: bool = False  # 0.26's AttentionImpl says True by default
+
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
                  kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
@@ -103,15 +132,16 @@ class BiAttentionImpl(AttentionImpl[BiAttentionMetadata]):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        """Write the step's keys and values into their slots (an exact copy; slots < 0 write nothing)."""
+        """Write the step's keys and values into their slots (an exact copy). Padding tokens (slot < 0) write into
+        vLLM's null block, which no request reads: no data-dependent shape, so a CUDA graph can capture it."""
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         tokens = min(slot_mapping.shape[0], key.shape[0])
-        slots = slot_mapping[:tokens].long()
-        written = torch.nonzero(slots >= 0).flatten()
-        slots = slots[written]
         block_size = key_cache.shape[2]
-        key_cache[slots // block_size, :, slots % block_size] = key[written]
-        value_cache[slots // block_size, :, slots % block_size] = value[written]
+        slots = slot_mapping[:tokens].long()
+        slots = torch.where(slots >= 0, slots, NULL_BLOCK_ID * block_size)
+        blocks, offsets = slots // block_size, slots % block_size
+        key_cache[blocks, :, offsets] = key[:tokens]
+        value_cache[blocks, :, offsets] = value[:tokens]
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: BiAttentionMetadata | None, output: torch.Tensor,
@@ -152,7 +182,8 @@ class BiAttentionBackend(AttentionBackend):
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
                            cache_dtype_str: str = "auto") -> tuple[int, ...]:
-        """For vLLM releases that ask the backend (0.26): the layout 0.32 gives every backend."""
+        """Asked by 0.26's model runner (abstract there; 0.32 no longer asks): the logical layout 0.32 gives every
+        backend, [blocks, Hkv, block_size, D + Dv] with Dv = D."""
         return num_blocks, num_kv_heads, block_size, 2 * head_size
 
     @classmethod

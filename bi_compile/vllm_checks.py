@@ -68,8 +68,8 @@ def check_vllm_config(config) -> list[str]:
             not config.parallel_config.disable_custom_all_reduce and \
             os.environ.get("VLLM_CUSTOM_ALLREDUCE_ALGO") != "1stage":
         problems.append("custom all-reduce (tensor_parallel_size > 1) without VLLM_CUSTOM_ALLREDUCE_ALGO=1stage "
-                        "reduces in an order that depends on the message size; set VLLM_BATCH_INVARIANT=1 or "
-                        "--disable-custom-all-reduce")
+                        "reduces in an order that depends on the message size (bi-compile's platform turns it off; "
+                        "did it activate?); set --disable-custom-all-reduce")
     return problems
 
 

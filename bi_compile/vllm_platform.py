@@ -7,10 +7,12 @@ class, but something must select it. On a GPU vLLM honours a selected backend; o
 supported way to own that choice: the classes below are vLLM's ``CpuPlatform`` / ``CudaPlatform`` with two methods
 extended, nothing of vLLM patched:
 
-- ``check_and_update_config``: selects CUSTOM where the user named no backend; refuses a backend the user named,
-  naming it (the whole point is that no other attention runs). On a CPU it also names bi-compile's worker class
-  (``bi_compile.vllm_worker.BiCPUWorker``: the lm_head through ``bi.linear``, the sampler's row ops through the bi
-  row ops), refusing a worker class the user named;
+- ``check_and_update_config``: refuses a vLLM that bi-compile's classes do not fit (``vllm_compat``, naming what
+  it lacks); selects CUSTOM where the user named no backend; refuses a backend the user named, naming it (the whole
+  point is that no other attention runs); names bi-compile's worker class (``BiCPUWorker`` / ``BiGPUWorker`` in
+  ``bi_compile.vllm_worker``: the lm_head through ``bi.linear``, the sampler's row ops through the bi row ops),
+  refusing a worker class the user named; on a GPU with ``tensor_parallel_size > 1`` it turns vLLM's custom
+  all-reduce off (its reduction order depends on the message size) unless ``VLLM_CUSTOM_ALLREDUCE_ALGO=1stage``;
 - ``get_attn_backend_cls``: returns ``BI_ATTN`` for CUSTOM, after vLLM's own ``validate_configuration``.
 
 The entry point activates only with ``BI_COMPILE_VLLM=1`` and only where vLLM's built-in detection finds the CPU or
@@ -21,8 +23,13 @@ CUDA platform (an out-of-tree platform wins over the built-in ones). vLLM skips 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 from bi_compile.vllm_checks import SWITCH, VllmSettingError, switched_on
+from bi_compile.vllm_compat import check_vllm_api
+
+logger = logging.getLogger(__name__)
 
 BACKEND_PATH = "bi_compile.vllm_attention.BiAttentionBackend"
 # vLLM's built-in platform (as its detection names it) -> ours.
@@ -74,24 +81,34 @@ def select_attention(attention_config) -> None:
 
 
 # vLLM's worker class (as its platform picks it) -> bi-compile's, which owns the lm_head and the sampler
-# (bi_compile/vllm_worker.py). The GPU's is not there yet: on a GPU vLLM's own worker runs, under the plugin's
-# VLLM_BATCH_INVARIANT=1 (docs/vllm.md).
-WORKERS = {"vllm.v1.worker.cpu_worker.CPUWorker": "bi_compile.vllm_worker.BiCPUWorker"}
+# (bi_compile/vllm_worker.py).
+WORKERS = {
+    "vllm.v1.worker.cpu_worker.CPUWorker": "bi_compile.vllm_worker.BiCPUWorker",
+    "vllm.v1.worker.gpu_worker.Worker": "bi_compile.vllm_worker.BiGPUWorker",
+}
 
 
-def select_worker(parallel_config, cpu: bool) -> None:
+def select_worker(parallel_config) -> None:
     """bi-compile's worker in place of the one vLLM's platform picked; a worker class the user named is refused."""
     chosen = parallel_config.worker_cls
     if chosen in WORKERS.values():
         return
-    if chosen in WORKERS:
-        parallel_config.worker_cls = WORKERS[chosen]
-        return
-    if cpu:
+    if chosen not in WORKERS:
         raise VllmSettingError(
             f"{SWITCH}=1 runs the lm_head and the sampler through bi-compile's worker "
-            f"({WORKERS['vllm.v1.worker.cpu_worker.CPUWorker']}); the worker class {chosen} (--worker-cls) would "
-            f"replace it: drop it, or unset {SWITCH}")
+            f"({' or '.join(WORKERS.values())}); the worker class {chosen} (--worker-cls) would replace it: drop "
+            f"it, or unset {SWITCH}")
+    parallel_config.worker_cls = WORKERS[chosen]
+
+
+def select_all_reduce(parallel_config) -> None:
+    """On a GPU with tensor parallelism, vLLM's custom all-reduce off: its kernel (one-stage or two-stage, picked by
+    the message size) sums in an order that follows the batch. Its one-stage form, named by the user, stays."""
+    if parallel_config.tensor_parallel_size > 1 and not parallel_config.disable_custom_all_reduce and \
+            os.environ.get("VLLM_CUSTOM_ALLREDUCE_ALGO") != "1stage":
+        parallel_config.disable_custom_all_reduce = True
+        logger.info("bi-compile: %s=1 turned vLLM's custom all-reduce off (tensor_parallel_size %d)", SWITCH,
+                    parallel_config.tensor_parallel_size)
 
 
 class BiAttentionPlatform:
@@ -99,9 +116,13 @@ class BiAttentionPlatform:
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
+        kind = "cpu" if cls.device_type == "cpu" else "gpu"
+        check_vllm_api(kind)
         super().check_and_update_config(vllm_config)
         select_attention(vllm_config.attention_config)
-        select_worker(vllm_config.parallel_config, cls.device_type == "cpu")
+        select_worker(vllm_config.parallel_config)
+        if kind == "gpu":
+            select_all_reduce(vllm_config.parallel_config)
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads: int | None = None) -> str:

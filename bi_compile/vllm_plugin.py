@@ -27,10 +27,11 @@ engine config. It is inert unless ``BI_COMPILE_VLLM=1``. Switched on, it
 Attention is not in any graph bi-compile sees: with the switch on, bi-compile's ``vllm.platform_plugins`` entry point
 (``bi_compile.vllm_platform``) selects its own paged attention backend, BI_ATTN (``bi_compile.vllm_attention``).
 
-``VLLM_BATCH_INVARIANT=1`` alone does not switch the plugin on: it is vLLM's own mode, with its own aten overrides.
-On a GPU the plugin sets it (it covers the lm_head and sampler outside the graph, which bi-compile's worker owns on a
-CPU only so far, bi_compile/vllm_worker.py; it also routes vLLM's linear layers and RMSNorm to vLLM's own Triton
-kernels, which the pass then leaves alone), on a CPU it leaves it alone.
+``VLLM_BATCH_INVARIANT=1`` alone does not switch the plugin on: it is vLLM's own mode, with its own aten overrides,
+its own Triton matmul for the linear layers (opaque to the pass) and its own attention choice. With the switch on
+it is refused (pinned to 0): bi-compile owns the attention (BI_ATTN), the linear layers (the pass), the lm_head and
+the sampler (bi_compile/vllm_worker.py) on both platforms, and two owners of one op would leave it unclear which
+one ran. What bi-compile does not own, the pins below keep fixed (NCCL, vLLM's own all-reduce kernels).
 """
 
 from __future__ import annotations
@@ -59,12 +60,33 @@ ENV_PINS = (
     EnvPin("VLLM_USE_AOT_COMPILE", "0", "all",
            "vLLM's AOT artifact cache key does not contain the bi_ascend pipeline's version, so a stale artifact "
            "could be loaded"),
-    EnvPin("VLLM_BATCH_INVARIANT", "1", "gpu",
-           "it covers the lm_head and sampler, which run eagerly outside the compiled graph and which bi-compile's "
-           "worker (bi_compile/vllm_worker.py) owns on a CPU only so far (attention is bi-compile's BI_ATTN)"),
+    EnvPin("VLLM_BATCH_INVARIANT", "0", "all",
+           "vLLM's own batch-invariant mode would take the linear layers (its Triton matmul, which the pass cannot "
+           "see), the lm_head and the sampler from bi-compile; BI_COMPILE_VLLM=1 owns them: unset one of the two"),
+    EnvPin("VLLM_USE_V2_MODEL_RUNNER", "0", "all",
+           "bi-compile's worker swaps the V1 model runner's Sampler; vLLM picks the V2 runner, with another "
+           "sampler, for dense models on a GPU"),
     EnvPin("VLLM_USE_BREAKABLE_CUDAGRAPH", "0", "gpu",
-           "breakable CUDA graphs set the compilation mode to NONE, so no graph would reach bi-compile"),
+           "vLLM turns breakable CUDA graphs on by itself for some architectures (where this is unset), and they "
+           "set the compilation mode to NONE, so no graph would reach bi-compile"),
+    EnvPin("VLLM_ALLREDUCE_USE_SYMM_MEM", "0", "gpu",
+           "vLLM's symmetric-memory all-reduce picks its algorithm by message size, so a row's sum order would "
+           "follow the batch (tensor_parallel_size > 1)"),
+    # NCCL, for the collectives outside bi-compile's graphs (an eager step, a reduce-scatter the pass has no bi op
+    # for): one algorithm, protocol and channel, so a reduction's order does not follow the message size.
+    EnvPin("NCCL_ALGO", "allreduce:tree", "gpu",
+           "NCCL picks ring or tree per message size; a ring sums each chunk starting at another rank, and which "
+           "chunk an element falls in moves with the message size"),
+    EnvPin("NCCL_PROTO", "Simple", "gpu",
+           "the LL and LL128 protocols, picked per message size, cut a message into other pieces"),
+    EnvPin("NCCL_MIN_NCHANNELS", "1", "gpu", "the channel count, picked per message size, splits the message"),
+    EnvPin("NCCL_MAX_NCHANNELS", "1", "gpu", "the channel count, picked per message size, splits the message"),
+    EnvPin("NCCL_NVLS_ENABLE", "0", "gpu", "NVLink SHARP reduces inside the switch, in an order NCCL does not fix"),
+    EnvPin("NCCL_COLLNET_ENABLE", "0", "gpu", "CollNet reduces in the network, in an order NCCL does not fix"),
 )
+# Not pinned, and why: CUBLAS_WORKSPACE_CONFIG. On the bi routes no matmul is left to cuBLAS (the pass makes every
+# mm/addmm/bmm in vLLM's graphs bi.linear, the worker the lm_head; the audit names any it could not), and the
+# variable only makes cuBLAS repeatable run to run, not the same across batch sizes.
 
 
 def pin_environment(platform: str) -> list[EnvPin]:

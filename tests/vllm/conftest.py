@@ -31,7 +31,7 @@ RUN_ENV = {"OMP_NUM_THREADS": "2"}
 LLM_RUN_TIMEOUT_S = 900
 # The GPU suite: every route on Qwen3-0.6B's shapes (28 layers, random weights), all engines side by side on one GPU.
 GPU_ROUTES = ("stock", "vllm-bi", "bi-graph", "bi-piecewise")
-GPU_WORKLOADS = ["invariance", "chunked"]
+GPU_WORKLOADS = ["invariance", "sampled", "chunked"]
 # On a CPU the "invariance" run of a route also runs the top-k/top-p workload (one engine start for both).
 CPU_WORKLOADS = {"invariance": ["invariance", "sampled"]}
 GPU_RUN_TIMEOUT_S = 900

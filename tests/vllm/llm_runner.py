@@ -38,7 +38,8 @@ ENGINES = {
                 max_num_batched_tokens=CHUNK_TOKENS),
 }
 WORKLOADS = ("invariance", "sampled", "chunked", "smoke")
-SWITCHES = ("BI_COMPILE_VLLM", "VLLM_BATCH_INVARIANT", "VLLM_USE_BREAKABLE_CUDAGRAPH", "VLLM_USE_AOT_COMPILE")
+SWITCHES = ("BI_COMPILE_VLLM", "VLLM_BATCH_INVARIANT", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_BREAKABLE_CUDAGRAPH",
+            "VLLM_USE_AOT_COMPILE")
 
 
 class GraphCounter:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-PINNED = ("VLLM_USE_AOT_COMPILE",)
+PINNED = ("VLLM_USE_AOT_COMPILE", "VLLM_BATCH_INVARIANT", "VLLM_USE_V2_MODEL_RUNNER")
 
 
 def main() -> None:
@@ -49,6 +49,13 @@ def main() -> None:
     except vllm_checks.VllmSettingError as error:
         facts["conflict_error"] = str(error)
     del os.environ["VLLM_USE_AOT_COMPILE"]
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"  # vLLM's own mode beside bi-compile's: refused, not mixed
+    try:
+        vllm_plugin.register()
+        facts["batch_invariant_error"] = None
+    except vllm_checks.VllmSettingError as error:
+        facts["batch_invariant_error"] = str(error)
+    del os.environ["VLLM_BATCH_INVARIANT"]
 
     vllm_plugin.register()
     facts["on_pins"] = {name: os.environ.get(name) for name in PINNED}

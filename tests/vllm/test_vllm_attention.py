@@ -1,6 +1,7 @@
 """bi-compile's attention backend (BI_ATTN) and platform through vLLM's own types, probed without an engine in a child
-process (attention_probe.py): selection, refusals by name, and a decode + prefill-chunk step through the metadata
-builder, the KV-cache write and forward against float64."""
+process (attention_probe.py): selection, refusals by name, a decode + prefill-chunk step through the metadata
+builder, the KV-cache write and forward against float64, and what a uniform decode step hands the op (the bounds a
+CUDA graph needs)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,27 @@ def test_unsupported_attention_is_refused_by_name(probe):
 def test_a_step_through_the_backend_matches_float64(probe):
     assert probe["round_trip_max_error"] < 1e-5
     assert probe["padding_row_untouched"]
+
+
+def test_padding_tokens_write_into_vllms_null_block_only(probe):
+    """No device-to-host read in the KV-cache write (a CUDA graph captures it): slot -1 goes to block 0, which
+    vLLM's block pool never gives a request (NULL_BLOCK_ID); the requests' own blocks got their keys."""
+    assert probe["null_block_slots_written"] == [0]
+    assert probe["written_blocks"] == [0, 2, 4, 7, 9, 11]
+
+
+def test_uniform_decode_step_passes_static_bounds_and_other_steps_their_own(probe):
+    """A decode step's graph is captured once and replayed for every batch of its size: the op's bounds must not
+    follow the step (max_query_len 1, max_seq_len the model's max_model_len, 2048 here); a mixed step keeps its own
+    (5 and 40). The bounds size the GPU kernel's grid only: the same bits either way, and the same as the mixed
+    step's rows for the same tokens."""
+    assert probe["decode_step_bounds"] == [1, 2048]
+    assert probe["mixed_step_bounds"] == [5, 40]
+    assert probe["decode_static_bounds_same_bits"] and probe["decode_matches_mixed_step"]
+
+
+def test_builder_declares_decode_cuda_graphs_on_a_gpu_only_and_refuses_dcp(probe):
+    # UNIFORM_SINGLE_TOKEN_DECODE keeps FULL_DECODE_ONLY (vLLM would turn it to NONE for NEVER).
+    assert probe["cudagraph_support_gpu"] == "UNIFORM_SINGLE_TOKEN_DECODE"
+    assert probe["cudagraph_support_here"] == "NEVER"
+    assert "--decode-context-parallel-size" in probe["dcp_error"] and probe["impl_supports_dcp"] is False

@@ -1,9 +1,13 @@
 """The seed tests through real vLLM on a CUDA GPU, for both bi routes, with stock vLLM as the control and vLLM's own
-``VLLM_BATCH_INVARIANT=1`` recorded beside them.
+``VLLM_BATCH_INVARIANT=1`` (without bi-compile) recorded beside them as a comparison route.
+
+The bi routes run without ``VLLM_BATCH_INVARIANT`` (the plugin pins it to 0): bi-compile owns the attention
+(BI_ATTN), the linear layers (the pass, ``mm -> bi.linear``), the lm_head and the sampler (``BiGPUWorker``), and the
+tests check from the engine's own counts (``bi_compile.vllm_checks.RAN``) that each of them ran.
 
 Qwen3-0.6B's shapes with all 28 layers and random bf16 weights, built on the GPU (``checkpoint.py``); prefill
 chunks of ``CHUNK_TOKENS``; vLLM's default CUDA-graph capture sizes. Every route's engine starts at once in its own
-process (``conftest.gpu_results``), so the whole suite costs about one engine start. Ran on the H200 with vLLM
+process (``conftest.gpu_results``), so the whole suite costs about one engine start. Runs on the H200 with vLLM
 0.26.0 from the offline bundle (docs/vllm.md, "On a GPU" says how):
 
     PYTHONPATH=/path/to/vllm-site BI_COMPILE_VLLM_GPU_OUT=out/vllm-gpu VLLM_USE_FLASHINFER_SAMPLER=0 \
@@ -13,19 +17,33 @@ process (``conftest.gpu_results``), so the whole suite costs about one engine st
 from __future__ import annotations
 
 import pytest
-from workloads import (CHUNK_TOKENS, alone_batched_differences, assert_alone_batched_invariant,
-                       assert_needle_invariant, needle_mismatches)
+from workloads import (CHUNK_TOKENS, CHUNKED_PROMPTS, LOGPROB_PROMPTS, LOGPROB_SAMPLING, NEEDLE_SAMPLING, NEEDLE_TRIALS,
+                       SAMPLED_PROMPTS, SAMPLED_SAMPLING, alone_batched_differences, assert_alone_batched_invariant,
+                       assert_needle_invariant, needle_mismatches, rewrite_counts)
 
 pytestmark = pytest.mark.gpu
 
 BI_ROUTES = ("bi-graph", "bi-piecewise")
 # What vLLM must really have run for each bi route (after its own config checks): mode, the CUDA-graph mode, and
 # whether its attention op is inside the graphs the pass sees (mode 3 splits the graph at attention: the pieces
-# between the attention calls reach the pass, the attention runs between them).
+# between the attention calls reach the pass, the attention runs between them). BI_ATTN declares full CUDA graphs
+# for uniform decode steps, so FULL_DECODE_ONLY stays (vLLM would drop it to NONE for a backend without support),
+# and the piecewise route keeps vLLM's FULL_AND_PIECEWISE.
 EXPECTED_COMPILATION = {
     "bi-graph": ("DYNAMO_TRACE_ONCE", "FULL_DECODE_ONLY", True),
-    "bi-piecewise": ("VLLM_COMPILE", "PIECEWISE", False),
+    "bi-piecewise": ("VLLM_COMPILE", "FULL_AND_PIECEWISE", False),
 }
+
+
+def sampling_steps() -> tuple[int, int, int]:
+    """Steps of a GPU run that go through the lm_head and the sampler (one per generated token of a request's
+    batch; a chunked prompt's earlier chunks add more): all of them, those with a temperature (each asks for
+    logprobs), and those with top-k and top-p on."""
+    needle = NEEDLE_SAMPLING["max_tokens"] * (1 + NEEDLE_TRIALS)
+    logprobs = LOGPROB_SAMPLING["max_tokens"] * (LOGPROB_PROMPTS + 1)
+    sampled = SAMPLED_SAMPLING["max_tokens"] * (SAMPLED_PROMPTS + 1)
+    chunked = LOGPROB_SAMPLING["max_tokens"] * (CHUNKED_PROMPTS + 1)
+    return needle + logprobs + sampled + chunked, logprobs + sampled + chunked, sampled
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
@@ -39,6 +57,11 @@ def test_gpu_logprobs_alone_and_batched_are_bitwise_equal(route, gpu_results):
 
 
 @pytest.mark.parametrize("route", BI_ROUTES)
+def test_gpu_top_k_top_p_samples_and_logprobs_alone_and_batched_are_bitwise_equal(route, gpu_results):
+    assert_alone_batched_invariant(gpu_results(route)["sampled"])
+
+
+@pytest.mark.parametrize("route", BI_ROUTES)
 def test_gpu_chunked_prefill_logprobs_are_bitwise_equal(route, gpu_results):
     chunked = gpu_results(route)["chunked"]
     assert sum(tokens > CHUNK_TOKENS for tokens in chunked["prompt_tokens"]) >= 2  # really split, alone too
@@ -48,7 +71,7 @@ def test_gpu_chunked_prefill_logprobs_are_bitwise_equal(route, gpu_results):
 def test_gpu_control_stock_vllm_changes_with_the_batch(gpu_results):
     result = gpu_results("stock")
     found = (needle_mismatches(result) + alone_batched_differences(result["logprobs"])
-             + alone_batched_differences(result["chunked"]))
+             + alone_batched_differences(result["sampled"]) + alone_batched_differences(result["chunked"]))
     assert found != []
 
 
@@ -58,20 +81,48 @@ def test_gpu_vllm_ran_the_route_in_graph_mode_with_the_pass(route, gpu_results):
     mode, cudagraph_mode, attention_in_graph = EXPECTED_COMPILATION[route]
     assert result["compilation"]["mode"] == mode
     assert cudagraph_mode in result["compilation"]["cudagraph_mode"]
-    assert set(result["attention_backends"]) == {"CUSTOM"}, result["attention_backends"]  # BI_ATTN, bi_compile.vllm_platform
     # Captured at start-up, and replayed by the workloads' decode steps.
     assert result["cuda_graphs_at_start"]["captures"] > 0
     assert result["cuda_graphs"]["replays"] > result["cuda_graphs_at_start"]["replays"]
     # The pass audited and rewrote the model's graphs; where vLLM's attention is in them, the audit names it.
     assert result["reports"] and all(sum(report["counts"].values()) > 0 for report in result["reports"])
-    assert sum(sum(report["rewrites"].values()) for report in result["reports"]) > 0
     unknown = {f["target"] for report in result["reports"] for f in report["findings"]}
     assert any("unified_attention" in target for target in unknown) == attention_in_graph
 
 
+@pytest.mark.parametrize("route", BI_ROUTES)
+def test_gpu_linear_layers_reach_the_pass_without_vllms_batch_invariant_mode(route, gpu_results):
+    """Without VLLM_BATCH_INVARIANT vLLM's linear layers call F.linear, which reaches the graph as mm and becomes
+    bi.linear; vLLM's own Triton matmul and norm kernels (``triton_kernel_wrapper_functional``, 169 of them per
+    bi-graph run when the plugin still set VLLM_BATCH_INVARIANT=1) are gone."""
+    result = gpu_results(route)
+    assert result["switches"]["VLLM_BATCH_INVARIANT"] == "0" and result["switches"]["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert sum(rewrite_counts(result, "aten.mm.default -> bi.linear")) > 0
+    unknown = {f["target"] for report in result["reports"] for f in report["findings"]}
+    assert not [target for target in unknown if "triton_kernel_wrapper" in target], unknown
+
+
+@pytest.mark.parametrize("route", BI_ROUTES)
+def test_gpu_bi_attention_lm_head_and_sampler_really_ran(route, gpu_results):
+    """Call counts from the engine's worker (bi_compile.vllm_checks.RAN). The lm_head and the sampler run eagerly
+    every step; BI_ATTN's Python forward runs in every eager or piecewise step and while a graph is captured, not
+    when a captured decode graph replays, so its count has no per-step floor."""
+    result = gpu_results(route)
+    assert result["attention_backends"] == ["CUSTOM"]  # BI_ATTN, bi_compile.vllm_platform
+    steps, temperature_steps, top_k_top_p_steps = sampling_steps()
+    ran = result["bi_calls"]
+    assert ran["BI_ATTN forward"] > 0
+    assert ran["lm_head bi.linear"] >= steps
+    assert ran["sampler bi.log_softmax"] >= temperature_steps
+    # The GPU draw is vLLM's exponential noise over bi.softmax (the Gumbel kernel is the CPU's).
+    assert ran["sampler bi.softmax"] >= temperature_steps and ran.get("sampler gumbel draw", 0) == 0
+    assert ran["sampler top-k/top-p"] >= top_k_top_p_steps
+
+
 def test_gpu_vllm_batch_invariant_mode_ran_and_says_how(gpu_results):
-    """vLLM's own mode is measured beside the bi routes, not held to invariance here: its result (mode, CUDA-graph
-    mode, attention backend, differences) goes to docs/vllm.md from the JSON that the suite writes."""
+    """vLLM's own mode (VLLM_BATCH_INVARIANT=1, no bi-compile) is measured beside the bi routes, not held to
+    invariance here: its result (mode, CUDA-graph mode, attention backend, differences) goes to docs/vllm.md from
+    the JSON that the suite writes."""
     result = gpu_results("vllm-bi")
-    assert result["switches"]["VLLM_BATCH_INVARIANT"] == "1"
-    assert result["reports"] == []  # no bi pass on this route
+    assert result["switches"]["VLLM_BATCH_INVARIANT"] == "1" and result["switches"]["BI_COMPILE_VLLM"] is None
+    assert result["reports"] == [] and result["bi_calls"] == {}  # no bi pass, none of bi-compile's pieces

@@ -51,8 +51,15 @@ def test_plugin_refuses_a_conflicting_setting_by_name(probe):
     assert "VLLM_USE_AOT_COMPILE=1" in probe["conflict_error"]
 
 
+def test_plugin_refuses_vllms_own_batch_invariant_mode_beside_it(probe):
+    """BI_COMPILE_VLLM=1 owns the linear layers, lm_head and sampler; VLLM_BATCH_INVARIANT=1 would hand them to
+    vLLM's mode. Refused (not warned): a run that mixes the two would measure neither."""
+    assert "VLLM_BATCH_INVARIANT=1 (needs 0: vLLM's own batch-invariant mode" in probe["batch_invariant_error"]
+
+
 def test_plugin_switched_on_pins_the_environment_and_wires_the_pipeline(probe):
-    assert probe["on_pins"] == {"VLLM_USE_AOT_COMPILE": "0"}
+    assert probe["on_pins"] == {"VLLM_USE_AOT_COMPILE": "0", "VLLM_BATCH_INVARIANT": "0",
+                                "VLLM_USE_V2_MODEL_RUNNER": "0"}
     assert probe["on_pre_pass"] == "DefaultRoutePass"
 
 

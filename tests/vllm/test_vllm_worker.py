@@ -85,7 +85,7 @@ def test_every_bi_piece_counted_its_calls(probe):
 
 
 def test_the_worker_swaps_the_sampler_and_scopes_its_layers_to_its_own_model(probe):
-    assert probe["api_checked"]
+    assert probe["api_checked"] == "0.32"  # vllm_compat's table entry for this vLLM
     assert probe["installed"] == ["BiSampler", "processed_logprobs", "BiTopKTopPSampler"]
     # The out-of-tree LogitsProcessor is registered only while the worker loads its model.
     assert probe["load_model"] == {"during": "BiLogitsProcessor", "built": "BiLogitsProcessor", "after": False,
@@ -97,6 +97,8 @@ def test_the_worker_swaps_the_sampler_and_scopes_its_layers_to_its_own_model(pro
     # A class someone else registered is refused by name, and nothing of ours stays behind.
     assert "LogitsProcessor (vllm.v1.sample.sampler.Sampler)" in probe["load_model_taken_error"]
     assert probe["after_taken"] == []
+    # On a GPU only the lm_head's class: the CPU-only weight flag is not set on vLLM's linear layers there.
+    assert probe["gpu_load_model"] == {"during": "BiLogitsProcessor", "linears_during": []}
 
 
 def test_what_the_sampler_cannot_own_is_refused_by_name(probe):
@@ -104,8 +106,10 @@ def test_what_the_sampler_cannot_own_is_refused_by_name(probe):
     assert "--speculative-config" in probe["install_spec_error"]
 
 
-def test_platform_picks_bi_worker_on_cpu_and_refuses_a_named_worker(probe):
+def test_platform_picks_bi_worker_on_cpu_and_gpu_and_refuses_a_named_worker(probe):
     assert probe["worker_cls"] == "bi_compile.vllm_worker.BiCPUWorker"
     assert probe["worker_class"] == ["BiCPUWorker", "BiWorker", "CPUWorker"]
+    assert probe["gpu_worker_cls"] == "bi_compile.vllm_worker.BiGPUWorker"
+    assert probe["gpu_worker_class"] == ["BiGPUWorker", "BiWorker", "Worker"]  # vllm.v1.worker.gpu_worker.Worker
+    assert probe["workers_share_methods"]
     assert "my.own.Worker (--worker-cls)" in probe["worker_named_error"]
-    assert probe["gpu_worker_cls"] == "vllm.v1.worker.gpu_worker.Worker"  # GPU: not owned yet (docs/vllm.md)

@@ -164,10 +164,11 @@ def install_facts(facts: dict) -> None:
     from vllm.v1.sample.sampler import Sampler
 
     from bi_compile import vllm_platform, vllm_worker
-    from bi_compile.vllm_worker import BiLogitsProcessor, BiSampler, BiWorker, check_vllm_api, install_sampler
+    from bi_compile.vllm_checks import platform_kind
+    from bi_compile.vllm_compat import check_vllm_api
+    from bi_compile.vllm_worker import BiLogitsProcessor, BiSampler, BiWorker, install_sampler
 
-    check_vllm_api()
-    facts["api_checked"] = True
+    facts["api_checked"] = check_vllm_api(platform_kind()).release
     runner = types.SimpleNamespace(sampler=Sampler("processed_logprobs"), speculative_config=None)
     install_sampler(runner)
     facts["installed"] = [type(runner.sampler).__name__, runner.sampler.logprobs_mode,
@@ -204,19 +205,31 @@ def install_facts(facts: dict) -> None:
     finally:
         del op_registry_oot["LogitsProcessor"]
     facts["after_taken"] = sorted(op_registry_oot)
+    # On a GPU the linear layers stay vLLM's (their F.linear reaches the graph as mm): only the lm_head is ours.
+    from unittest import mock
+
+    with mock.patch.object(vllm_worker, "current_platform", types.SimpleNamespace(is_cpu=lambda: False)):
+        worker.load_model()
+    facts["gpu_load_model"] = {"during": getattr(worker.during, "__name__", None),
+                               "linears_during": sorted(name for name, cls in worker.linears.items() if cls)}
 
     config = types.SimpleNamespace(worker_cls="vllm.v1.worker.cpu_worker.CPUWorker")
-    vllm_platform.select_worker(config, cpu=True)
+    vllm_platform.select_worker(config)
     facts["worker_cls"] = config.worker_cls
     facts["worker_class"] = [c.__name__ for c in vllm_worker.BiCPUWorker.__mro__[:3]]
     named = types.SimpleNamespace(worker_cls="my.own.Worker")
     try:
-        vllm_platform.select_worker(named, cpu=True)
+        vllm_platform.select_worker(named)
     except Exception as error:  # noqa: BLE001
         facts["worker_named_error"] = f"{type(error).__name__}: {error}"
     gpu = types.SimpleNamespace(worker_cls="vllm.v1.worker.gpu_worker.Worker")
-    vllm_platform.select_worker(gpu, cpu=False)
+    vllm_platform.select_worker(gpu)
     facts["gpu_worker_cls"] = gpu.worker_cls
+    facts["gpu_worker_class"] = [c.__name__ for c in vllm_worker.BiGPUWorker.__mro__[:3]]
+    # One body for both: the methods the workers extend are BiWorker's, not copies.
+    facts["workers_share_methods"] = all(
+        getattr(vllm_worker.BiCPUWorker, m) is getattr(vllm_worker.BiGPUWorker, m) is getattr(BiWorker, m)
+        for m in ("init_device", "load_model"))
     facts["bi_sampler_is_sampler"] = issubclass(BiSampler, Sampler) and issubclass(BiLogitsProcessor, LogitsProcessor)
 
 
