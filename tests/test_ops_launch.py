@@ -57,8 +57,9 @@ def _op_calls(g: torch.Generator):
             seq_lens = torch.tensor([140, 33, 70, 5], dtype=index, device="cuda")
             starts = torch.tensor([0, *q_lens], dtype=index, device="cuda").cumsum(0).to(index)
             q = torch.randn(sum(q_lens) + 2, 8, 128, device="cuda", generator=g).to(dtype)
-            yield lambda q=q, table=table.to(index), seq_lens=seq_lens, starts=starts, bound=max(q_lens): (
-                torch.ops.bi.paged_attention(q, key_cache, value_cache, table, seq_lens, starts, 0.1, bound, 1024))
+            yield lambda q=q, key_cache=key_cache, value_cache=value_cache, table=table.to(index), seq_lens=seq_lens, \
+                starts=starts, bound=max(q_lens): torch.ops.bi.paged_attention(q, key_cache, value_cache, table,
+                                                                               seq_lens, starts, 0.1, bound, 1024)
 
 
 def test_every_launch_key_maps_to_the_binary_triton_picks(monkeypatch):
