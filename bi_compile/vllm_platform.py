@@ -26,12 +26,16 @@ import functools
 import logging
 import os
 
+from bi_compile.passes import declare_invariant
 from bi_compile.vllm_checks import SWITCH, VllmSettingError, switched_on
 from bi_compile.vllm_compat import check_vllm_api
 
 logger = logging.getLogger(__name__)
 
 BACKEND_PATH = "bi_compile.vllm_attention.BiAttentionBackend"
+# vLLM's attention op in compiled graphs, and why the audit counts it invariant once this platform picked BI_ATTN.
+ATTENTION_OP = "vllm::unified_attention_with_output"
+ATTENTION_REASON = "its layer runs BI_ATTN (bi::paged_attention), the only attention backend bi-compile's platform allows"
 # vLLM's built-in platform (as its detection names it) -> ours.
 PLATFORMS = {
     "vllm.platforms.cpu.CpuPlatform": "bi_compile.vllm_platform.BiCpuPlatform",
@@ -136,6 +140,8 @@ class BiAttentionPlatform:
         if problems:
             raise VllmSettingError(f"{SWITCH}=1: bi-compile's BI_ATTN cannot run this model's attention: "
                                    + "; ".join(problems))
+        # check_and_update_config refused every other backend, so each attention layer of this process runs BI_ATTN.
+        declare_invariant(ATTENTION_OP, ATTENTION_REASON)
         return BACKEND_PATH
 
 

@@ -5,6 +5,7 @@
 ``cache_hash`` the version key of all of it. Code outside this package imports from the package only.
 """
 
+from .audit import declare_invariant
 from .pipeline import BatchInvariantPass, audit_exported, run_pipeline
 from .replace import REPLACEMENTS, decompositions_keeping_rewritten_ops
 from .report import (BatchInvarianceError, BatchInvarianceWarning, Finding, Report, clear_reports, last_report,
@@ -12,5 +13,5 @@ from .report import (BatchInvarianceError, BatchInvarianceWarning, Finding, Repo
 from .cache_hash import source_hash
 
 __all__ = ["REPLACEMENTS", "BatchInvarianceError", "BatchInvarianceWarning", "BatchInvariantPass", "Finding", "Report",
-           "audit_exported", "clear_reports", "decompositions_keeping_rewritten_ops", "last_report", "record_report",
+           "audit_exported", "clear_reports", "declare_invariant", "decompositions_keeping_rewritten_ops", "last_report", "record_report",
            "reports", "run_pipeline", "source_hash"]

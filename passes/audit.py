@@ -10,7 +10,12 @@
   Collectives are variant where they sum floats across ranks (all-reduce, reduce-scatter: the transport picks the
   association from the message size) and invariant where they only move data (all-gather, broadcast, all-to-all,
   wait_tensor) or reduce exactly (integers, max, min);
-- unknown: anything else — custom ops of other libraries (vLLM's attention and MoE), random ops.
+- unknown: anything else — custom ops of other libraries (vLLM's MoE, attention under another backend), random ops.
+
+Two kinds of other libraries' ops count as invariant *by construction*, and the report lists each with its reason:
+those in :data:`FOREIGN_ORDER_FREE` (no reduction across tokens: elementwise ops and cache writes), and those an
+owner declared for this process with :func:`declare_invariant` (vLLM's attention op, once bi-compile's vLLM platform
+has made ``BI_ATTN`` the only attention backend there: bi_compile/vllm_platform.py).
 
 The audit changes nothing; its ``Report`` is what ``strict=True`` raises on and what ``bi-compile audit`` prints.
 """
@@ -80,7 +85,21 @@ ORDER_FREE = frozenset(
         "sym_storage_offset resize_ set_ detach alias convert_element_type device_put floor_divide histc bincount"
     ).split()
 )
+# Other libraries' ops in which no element depends on another token: name -> why (shown in the report).
+FOREIGN_ORDER_FREE = {
+    "_C::rotary_embedding": "rotates each query/key element pair by the cos/sin of its own token's position",
+    "_C::silu_and_mul": "silu(gate) * up, element by element",
+    "vllm::unified_kv_cache_update": "copies each token's key and value into that token's cache slot",
+}
+# Ops declared invariant in this process by whoever chose their implementation (declare_invariant): name -> why.
+_DECLARED: dict[str, str] = {}
 ACCUMULATING = {"index_put": "accumulate", "_unsafe_index_put": "accumulate", "scatter": "reduce"}
+
+
+def declare_invariant(name: str, reason: str) -> None:
+    """Classify the op ``name`` (``namespace::op``) as invariant by construction in this process, for ``reason``: for
+    an op whose implementation its caller picked and owns, such as vLLM's attention op under ``BI_ATTN``."""
+    _DECLARED[name] = reason
 
 
 def integer_arithmetic(call) -> bool:
@@ -109,32 +128,44 @@ def reducing_collective(call) -> str:
     return "variant" if floating_sum else "invariant"
 
 
-def classify(node: Node) -> tuple[str, str]:
-    """(kind, target name) of a call node."""
+def by_construction(name: str) -> str | None:
+    """Why another library's op ``name`` is invariant by construction, or None."""
+    return FOREIGN_ORDER_FREE.get(name) or _DECLARED.get(name)
+
+
+def classify(node: Node) -> tuple[str, str, str | None]:
+    """(kind, target name, why it is invariant by construction where another library's op is) of a call node."""
     if node.target is operator.getitem or not isinstance(node.target, torch._ops.OperatorBase):
-        return "invariant", str(node.target)  # Python/SymInt arithmetic on sizes, tuple access
+        return "invariant", str(node.target), None  # Python/SymInt arithmetic on sizes, tuple access
     call = op_call(node)
     if call is None:  # a higher-order op we cannot look into
-        return "unknown", str(node.target)
+        return "unknown", str(node.target), None
     op = call.op
     label = f"auto_functionalized({call.name})" if node.target in FUNCTIONALIZED else call.name
+    reason = by_construction(op._schema.name)
+    if reason:
+        return "invariant", label, reason
+    return _classify_call(call, op), label, None
+
+
+def _classify_call(call, op) -> str:
     core = op.namespace in CORE_NAMESPACES
     name = op._schema.name.split("::")[1] if core else op._schema.name
     if op.namespace == "bi":
-        return "invariant", label
+        return "invariant"
     if op._schema.name in REDUCING_COLLECTIVES:
-        return reducing_collective(call), label
+        return reducing_collective(call)
     if op._schema.name in ORDER_FREE_COLLECTIVES:
-        return "invariant", label
+        return "invariant"
     if core and name in ACCUMULATING:
-        return ("variant" if call.arguments.get(ACCUMULATING[name]) else "invariant"), label
+        return "variant" if call.arguments.get(ACCUMULATING[name]) else "invariant"
     if (core and name in VARIANT) or name in VARIANT_FOREIGN:
-        return ("invariant" if integer_arithmetic(call) or max_norm(call) else "variant"), label
+        return "invariant" if integer_arithmetic(call) or max_norm(call) else "variant"
     if torch.Tag.pointwise in op.tags or op.is_view or (core and name in ORDER_FREE):
-        return "invariant", label
+        return "invariant"
     if core and torch.Tag.nondeterministic_seeded not in op.tags and not op._schema.returns:
-        return "invariant", label  # no result to vary
-    return "unknown", label
+        return "invariant"  # no result to vary
+    return "unknown"
 
 
 def audit_pass(graph: Graph) -> Report:
@@ -142,8 +173,10 @@ def audit_pass(graph: Graph) -> Report:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        kind, target = classify(node)
+        kind, target, reason = classify(node)
         report.counts[kind] += 1
         if kind != "invariant":
             report.findings.append(Finding(node.name, target, kind, source_line(node)))
+        elif reason:
+            report.by_construction[target] = reason
     return report

@@ -27,6 +27,8 @@ class Report:
     copied_inputs: list[str] = field(default_factory=list)  # graph inputs copied on every call (should be none)
     counts: dict[str, int] = field(default_factory=lambda: {"invariant": 0, "variant": 0, "unknown": 0})
     findings: list[Finding] = field(default_factory=list)
+    # Other libraries' ops counted invariant by construction (passes/audit.py): target -> why.
+    by_construction: dict[str, str] = field(default_factory=dict)
     cached_graphs: int = 0  # graphs Inductor loaded from its cache, audited when compiled (counted above)
     unaudited_graphs: int = 0  # graphs Inductor loaded from its cache with no audit on record (not counted)
 
@@ -44,6 +46,7 @@ class Report:
                     mine[key] = mine.get(key, 0) + n
             merged.copied_inputs += report.copied_inputs
             merged.findings += report.findings
+            merged.by_construction.update(report.by_construction)
             merged.cached_graphs += report.cached_graphs
             merged.unaudited_graphs += report.unaudited_graphs
         return merged
@@ -61,6 +64,7 @@ class Report:
         lines += [f"  rewrote {n:4d} x {rewrite}" for rewrite, n in sorted(self.rewrites.items())]
         lines += [f"  copied  {n:4d} x {where} (layout contract)" for where, n in sorted(self.copies.items())]
         lines += [f"  copies graph input {name} on every call" for name in self.copied_inputs]
+        lines += [f"  invariant by construction: {target} ({why})" for target, why in sorted(self.by_construction.items())]
         lines += [f"  {f.kind:8s} {f.target}  ({f.node})  {f.source or 'no source line'}" for f in self.findings]
         if self.cached_graphs:
             lines.append(f"  {self.cached_graphs} graph(s) loaded from Inductor's cache: counted above as audited "

@@ -195,6 +195,32 @@ def test_audit_names_unknown_custom_ops_by_source_line():
     assert "torch.ops.bi_test.opaque(x)" in finding.source
 
 
+def test_audit_counts_ops_invariant_by_construction_and_says_why(monkeypatch):
+    """Another library's op is unknown until the table of order-free foreign ops lists it, or its owner declares it
+    for this process (vLLM's attention op under BI_ATTN); then it is invariant, and the report says why."""
+    from bi_compile.passes import audit, declare_invariant
+
+    lib = torch.library.Library("bi_test", "FRAGMENT")
+    for name in ("elementwise", "owned"):
+        lib.define(f"{name}(Tensor x) -> Tensor")
+        lib.impl(name, lambda x: x * 2, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"bi_test::{name}", lambda x: torch.empty_like(x), lib=lib)
+
+    def fn(x):
+        return torch.ops.bi_test.elementwise(x) + torch.ops.bi_test.owned(x)
+
+    _, before, _ = rewritten(fn, torch.randn(3))
+    assert sorted(f.target for f in before.findings) == ["bi_test.elementwise.default", "bi_test.owned.default"]
+    monkeypatch.setitem(audit.FOREIGN_ORDER_FREE, "bi_test::elementwise", "doubles each element")
+    monkeypatch.setattr(audit, "_DECLARED", {})
+    declare_invariant("bi_test::owned", "its owner picked an invariant implementation")
+    _, after, _ = rewritten(fn, torch.randn(3))
+    assert after.findings == [] and after.counts["unknown"] == 0
+    assert after.by_construction == {"bi_test.elementwise.default": "doubles each element",
+                                     "bi_test.owned.default": "its owner picked an invariant implementation"}
+    assert "invariant by construction: bi_test.owned.default (its owner picked" in after.format()
+
+
 def tiny_qwen3(attn_implementation: str):
     """A 2-layer transformers Qwen3 (4 query heads, 2 kv heads), seeded random weights, fp32."""
     transformers = pytest.importorskip("transformers")
