@@ -20,6 +20,11 @@
 #                  compiled first in a process of its own, in parallel, to fill the Inductor cache (~4 min on the
 #                  H200 host), then the measured run loads the graphs (Dynamo still traces: ~2.5 min a backend).
 #                  Run it alone in a call (~9 min)
+#   vllm-stage     for a machine without vLLM: copy the parts of the offline vLLM bundle carried in this call
+#                  (.gpu-vllm/parts/, from ../shared/gpu-vllm/build_bundle.sh; one part per call, back to back) to
+#                  /tmp/stage; once the parts there match .gpu-vllm/MANIFEST's checksum, extract them to /tmp/site and
+#                  install the server's wheels carried in .gpu-vllm/server/ there. The vllm stages then run with
+#                  PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 (docs/vllm.md, "On a GPU")
 #   vllm-tests     pytest -m gpu tests/vllm/test_vllm_gpu.py: the seed tests through real vLLM, every route's engine
 #                  side by side (needs vLLM importable; results and logs in $OUT/vllm-gpu)
 #   vllm-serve     benchmarks/serve.py on the same Qwen3-0.6B-shaped checkpoint: every route back to back, 512 in /
@@ -34,8 +39,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | bits | warm | decode | prefill | kernels | tiles | rows | vllm-tests | vllm-serve) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, bits, warm, decode, prefill, kernels, tiles, rows, vllm-tests, vllm-serve)" >&2
+    tests-ops | tests-models | bits | warm | decode | prefill | kernels | tiles | rows | vllm-stage | vllm-tests | vllm-serve) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, bits, warm, decode, prefill, kernels, tiles, rows, vllm-stage, vllm-tests, vllm-serve)" >&2
        exit 2 ;;
   esac
 done
@@ -81,6 +86,19 @@ for stage in "$@"; do
       python3 benchmarks/tiles.py ${TILES_ARGS:-} --json "$OUT/tiles.json" --markdown "$OUT/tiles.md" 2>&1 | grep -v "it/s" | tail -45 ;;
     rows)
       timeout 540 python3 benchmarks/rows.py ${ROWS_ARGS:-} --json "$OUT/rows.json" --markdown "$OUT/rows.md" 2>&1 | grep -v "it/s" | tail -30 ;;
+    vllm-stage)
+      mkdir -p /tmp/stage /tmp/site
+      cp .gpu-vllm/parts/site.tar.xz.part* /tmp/stage/ 2>/dev/null || true
+      want=$(awk '/site.tar.xz$/ {print $1}' .gpu-vllm/MANIFEST)
+      have=$(cat /tmp/stage/site.tar.xz.part* | sha256sum | cut -d' ' -f1)
+      if [ "$have" = "$want" ]; then
+        cat /tmp/stage/site.tar.xz.part* | xz -dc -T0 | tar -xf - -C /tmp/site
+        ! ls .gpu-vllm/server/*.whl >/dev/null 2>&1 ||
+          python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-vllm/server/*.whl
+        echo "vllm-stage: bundle extracted to /tmp/site"
+      else
+        echo "vllm-stage: parts so far: $(cd /tmp/stage && ls site.tar.xz.part* | tr '\n' ' ')(carry the next one)"
+      fi ;;
     vllm-tests)  # a failing test must not stop the benchmark stage after it
       BI_COMPILE_VLLM_GPU_OUT="$OUT/vllm-gpu" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs \
         tests/vllm/test_vllm_gpu.py 2>&1 | tee "$OUT/vllm_tests.log" | tail -30 || true ;;
