@@ -26,9 +26,17 @@
 #                  install the server's wheels carried in .gpu-vllm/server/ there. The vllm stages then run with
 #                  PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 (docs/vllm.md, "On a GPU")
 #   vllm-tests     pytest -m gpu tests/vllm/test_vllm_gpu.py: the seed tests through real vLLM, every route's engine
-#                  side by side (needs vLLM importable; results and logs in $OUT/vllm-gpu)
+#                  side by side (needs vLLM importable; results and logs in $OUT/vllm-gpu.tgz; ~3 min)
+#   vllm-moe       benchmarks/moe.py: vLLM's fused MoE experts with their per-M config, with bi-compile's pinned one,
+#                  and through bi.grouped_mm, timed and bit-checked side by side (needs vLLM importable; ~1 min)
+#   vllm-profile   where a served step's GPU time goes: stock vLLM and the bi-graph route one after the other, 8
+#                  requests decoding 64 tokens under torch.profiler (tests/vllm/llm_runner.py --workloads profile),
+#                  the top kernels by GPU time side by side ($OUT/profile.md; ~3 min)
 #   vllm-serve     benchmarks/serve.py on the same Qwen3-0.6B-shaped checkpoint: every route back to back, 512 in /
-#                  256 out, concurrency 1 8 64 (results in $OUT/serve; extra arguments in SERVE_ARGS)
+#                  256 out, concurrency 1 8 64 (extra arguments in SERVE_ARGS; table in $OUT/serve.md, logs in
+#                  $OUT/serve-logs.tgz). A route takes 2-3 minutes: name two a call, e.g. SERVE_ARGS="--routes stock
+#                  bi-graph --concurrency 8 64 --output-len 128", then the same with "--resume --routes vllm-bi
+#                  bi-piecewise" in the next call to the still-warm machine, for one table
 #
 # `warm` and `decode` must run on the same machine (the cache lives in /tmp there): call them back to back, or
 # together (`benchmarks/gpu_run.sh warm decode`) when the model is small enough to fit 10 minutes.
@@ -39,8 +47,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | bits | warm | decode | prefill | kernels | tiles | rows | vllm-stage | vllm-tests | vllm-serve) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, bits, warm, decode, prefill, kernels, tiles, rows, vllm-stage, vllm-tests, vllm-serve)" >&2
+    tests-ops | tests-models | bits | warm | decode | prefill | kernels | tiles | rows | vllm-stage | vllm-tests | vllm-moe | vllm-profile | vllm-serve) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, bits, warm, decode, prefill, kernels, tiles, rows, vllm-stage, vllm-tests, vllm-moe, vllm-profile, vllm-serve)" >&2
        exit 2 ;;
   esac
 done
@@ -48,7 +56,12 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
 DECODE=(python3 benchmarks/decode.py --context 256 --steps 32 ${DECODE_ARGS:-})
-CHECKPOINT="$OUT/vllm-gpu/qwen3-0.6b"  # built by vllm-tests (or by vllm-serve when it runs alone)
+# Kept on the machine while it stays warm, so that a later call reuses them: the vLLM checkpoints (built by
+# vllm-tests, or by vllm-serve when it runs alone) and the serving results (SERVE_ARGS="--resume --routes ..." adds
+# routes to the same table from a later call: each route takes 2-3 minutes, four do not fit one call).
+CHECKPOINTS=/tmp/bi-compile-checkpoints
+CHECKPOINT="$CHECKPOINTS/qwen3-0.6b"
+SERVE_DIR=/tmp/bi-compile-serve
 
 for stage in "$@"; do
   case $stage in
@@ -99,12 +112,25 @@ for stage in "$@"; do
       else
         echo "vllm-stage: parts so far: $(cd /tmp/stage && ls site.tar.xz.part* | tr '\n' ' ')(carry the next one)"
       fi ;;
-    vllm-tests)  # a failing test must not stop the benchmark stage after it
-      BI_COMPILE_VLLM_GPU_OUT="$OUT/vllm-gpu" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs \
-        tests/vllm/test_vllm_gpu.py 2>&1 | tee "$OUT/vllm_tests.log" | tail -30 || true ;;
+    vllm-tests)  # a failing test must not stop the benchmark stage after it; results as one archive (a call
+      # returns few files)
+      BI_COMPILE_VLLM_GPU_OUT="$OUT/vllm-gpu" BI_COMPILE_VLLM_GPU_CHECKPOINTS="$CHECKPOINTS" python3 -m pytest -m gpu \
+        -q -p no:cacheprovider -rfEs tests/vllm/test_vllm_gpu.py 2>&1 | tee "$OUT/vllm_tests.log" | tail -30 || true
+      tar czf "$OUT/vllm-gpu.tgz" -C "$OUT" vllm-gpu && rm -rf "$OUT/vllm-gpu" ;;
+    vllm-moe)
+      python3 benchmarks/moe.py --markdown "$OUT/moe.md" 2>&1 | grep -v -i warn | tee "$OUT/moe.log" | tail -15 ;;
+    vllm-profile)
+      [ -f "$CHECKPOINT/config.json" ] || python3 tests/vllm/checkpoint.py "$CHECKPOINT" --shape qwen3-0.6b --device cuda
+      for route in stock bi-graph; do
+        python3 tests/vllm/llm_runner.py --model "$CHECKPOINT" --route $route --engine gpu --workloads profile \
+          --out "$OUT/profile-$route.json" >"$OUT/profile-$route.log" 2>&1 || tail -20 "$OUT/profile-$route.log"
+      done
+      python3 benchmarks/profile_table.py "$OUT"/profile-*.json | tee "$OUT/profile.md" ;;
     vllm-serve)
       [ -f "$CHECKPOINT/config.json" ] || python3 tests/vllm/checkpoint.py "$CHECKPOINT" --shape qwen3-0.6b --device cuda
       python3 benchmarks/serve.py --model "$CHECKPOINT" --input-len 512 --output-len 256 --concurrency 1 8 64 \
-        --out-dir "$OUT/serve" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" | tail -30 || true ;;
+        --out-dir "$SERVE_DIR" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" | tail -30 || true
+      cp "$SERVE_DIR"/serve.* "$OUT/" 2>/dev/null || true
+      tar czf "$OUT/serve-logs.tgz" -C "$SERVE_DIR" . ;;
   esac
 done

@@ -375,10 +375,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("out/serve"))
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a server to become ready")
     parser.add_argument("--bench-timeout", type=float, default=1800.0, help="seconds for one benchmark run")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the routes that --out-dir's serve.json holds from a run of the same workload on "
+                             "the same device, and run only the others: one table from several calls to one machine")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.concurrency) or (args.num_prompts is not None and args.num_prompts < 1):
         parser.error("--concurrency and --num-prompts take positive integers")
     return args
+
+
+def write_json(args, results: dict) -> None:
+    (args.out_dir / "serve.json").write_text(json.dumps(
+        {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
+         "results": {name: r if isinstance(r, str) else asdict(r) for name, r in results.items()}}, indent=1))
+
+
+WORKLOAD_ARGS = ("model", "input_len", "output_len", "concurrency", "num_prompts", "max_model_len",
+                 "gpu_memory_utilization")
+
+
+def finished_routes(args) -> dict[str, RouteResult]:
+    """The routes that --out-dir's serve.json finished, when it measured the same workload on this device; a
+    different workload or device is refused by name (their numbers must not share a table)."""
+    path = args.out_dir / "serve.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    differing = [name for name in WORKLOAD_ARGS if saved["args"].get(name) != str(getattr(args, name))]
+    if saved["environment"]["device"] != environment()["device"]:
+        differing.append(f"device ({saved['environment']['device']})")
+    if differing:
+        raise SystemExit(f"--resume: {path} measured another workload or device: {', '.join(differing)} differ")
+    return {name: RouteResult(**{**r, "by_concurrency": {int(c): v for c, v in r["by_concurrency"].items()}})
+            for name, r in saved["results"].items() if isinstance(r, dict)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,9 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     if memory is not None:
         server_args += ["--gpu-memory-utilization", str(memory)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, RouteResult | str] = {}
+    results: dict[str, RouteResult | str] = finished_routes(args) if args.resume else {}
+    resumed = list(results)
     with tempfile.TemporaryDirectory() as cache_root:
         for name in args.routes:
+            if name in results:
+                print(f"[{name}] kept from {args.out_dir / 'serve.json'}", flush=True)
+                continue
             route = ROUTES[name]
             # One fresh compile cache per route: no route may load another's compiled artifacts.
             route = Route(env={**route.env, "VLLM_CACHE_ROOT": f"{cache_root}/{name}",
@@ -407,9 +440,11 @@ def main(argv: list[str] | None = None) -> int:
             except (ServerError, subprocess.TimeoutExpired) as error:
                 results[name] = str(error)
             print(f"[{name}] {'done' if isinstance(results[name], RouteResult) else 'failed'}", flush=True)
+            write_json(args, results)  # route by route: a run cut short keeps the routes it finished
     env = environment()
     title = (f"{Path(args.model).name}: random dataset, in {args.input_len} / out {args.output_len}, "
-             f"concurrency {' '.join(map(str, args.concurrency))}; routes back to back in one run")
+             f"concurrency {' '.join(map(str, args.concurrency))}; routes back to back in one run"
+             + (f" (resumed: {', '.join(resumed)} from an earlier call on this machine)" if resumed else ""))
     header = f"{title}\n" + ", ".join(f"{k} {v}" for k, v in env.items())
     rows = table_rows(results, args.concurrency)
     targets = targets_line(results, args.concurrency)
@@ -417,9 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(targets)
     (args.out_dir / "serve.md").write_text(f"{header}\n\n{markdown_table(rows)}\n\n{targets}\n")
-    (args.out_dir / "serve.json").write_text(json.dumps(
-        {"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
-         "results": {name: r if isinstance(r, str) else asdict(r) for name, r in results.items()}}, indent=1))
+    write_json(args, results)
     for name, result in results.items():
         if isinstance(result, str):
             print(f"\n[{name}] {result}")

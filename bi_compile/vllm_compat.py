@@ -20,6 +20,8 @@ each release must have; nothing branches on the version string itself:
   subclass of it) on a CPU, build the model runner in ``init_device`` and load the model in ``load_model``. Both
   default to the V2 model runner (another sampler) for dense models on a GPU; the plugin pins the V1 runner.
 - lm_head: ``LogitsProcessor._apply_head`` in both (0.32 also accepts an ``UnquantizedLinearMethod`` head).
+- fused MoE (GPU): ``MoERunner`` holds the gate and the shared experts and runs them inside the MoE op in both;
+  the Triton experts read their config through ``try_get_optimal_moe_config`` and ``get_config_file_name``.
 - linear layers on a CPU: only 0.32's ``UnquantizedLinearMethod`` honours the flag that keeps a weight plain
   (``_cpu_skip_gemm_dispatch``), so only 0.32 is taken on a CPU.
 
@@ -65,6 +67,20 @@ COMMON: tuple[Need, ...] = (
 # What only bi-compile's CPU worker reads (the linear layers' plain weights).
 CPU: tuple[Need, ...] = (
     ("vllm.model_executor.layers.linear", "UnquantizedLinearMethod", (SKIP_CPU_GEMM_DISPATCH,)),
+)
+# What only the GPU worker reads: the fused-MoE layers whose config it pins and whose inner linears it routes to
+# bi.linear (bi_compile/vllm_moe.py), and the MoE backend the platform selects.
+GPU: tuple[Need, ...] = (
+    ("vllm.model_executor.layers.fused_moe.runner.moe_runner", "MoERunner",
+     ("gate", "shared_expert_gate", "routed_experts", "_shared_experts", "_fse_fuse_gate")),
+    ("vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method", "UnquantizedFusedMoEMethod",
+     ("unquantized_backend",)),
+    ("vllm.model_executor.layers.fused_moe.oracle.unquantized", "UnquantizedMoeBackend", ("TRITON",)),
+    ("vllm.model_executor.layers.fused_moe.fused_moe", None, ("get_config_file_name", "try_get_optimal_moe_config")),
+    ("vllm.model_executor.layers.fused_moe.config", None, ("_get_config_dtype_str",)),
+    ("vllm.utils.platform_utils", None, ("get_device_name_as_file_name",)),
+    ("vllm.config.kernel", "KernelConfig", ("moe_backend",)),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", ("get_model",)),  # the model without its graph wrapper
 )
 # vLLM's worker class per platform kind, and the methods bi-compile's worker extends.
 WORKER_BASES = {"gpu": ("vllm.v1.worker.gpu_worker", "Worker"), "cpu": ("vllm.v1.worker.cpu_worker", "CPUWorker")}
@@ -143,8 +159,7 @@ def _has_flag(owner, attr: str) -> bool:
 def missing(api: VllmApi, platform: str, resolve: Callable[[str, str | None], object] = _resolve) -> list[str]:
     """What ``api``'s vLLM must have for bi-compile's parts on ``platform`` ("gpu" or "cpu") and lacks, by name."""
     needs = [*COMMON, *api.needs, (*WORKER_BASES[platform], WORKER_METHODS)]
-    if platform == "cpu":
-        needs += CPU
+    needs += CPU if platform == "cpu" else GPU
     lacking = []
     for module, name, attrs in needs:
         owner = resolve(module, name)

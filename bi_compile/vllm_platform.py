@@ -11,8 +11,10 @@ extended, nothing of vLLM patched:
   it lacks); selects CUSTOM where the user named no backend; refuses a backend the user named, naming it (the whole
   point is that no other attention runs); names bi-compile's worker class (``BiCPUWorker`` / ``BiGPUWorker`` in
   ``bi_compile.vllm_worker``: the lm_head through ``bi.linear``, the sampler's row ops through the bi row ops),
-  refusing a worker class the user named; on a GPU with ``tensor_parallel_size > 1`` it turns vLLM's custom
-  all-reduce off (its reduction order depends on the message size) unless ``VLLM_CUSTOM_ALLREDUCE_ALGO=1stage``;
+  refusing a worker class the user named; on a GPU it selects vLLM's Triton fused MoE (``--moe-backend triton``,
+  refusing another named one: bi_compile/vllm_moe.py pins its config) and with ``tensor_parallel_size > 1`` turns
+  vLLM's custom all-reduce off (its reduction order depends on the message size) unless
+  ``VLLM_CUSTOM_ALLREDUCE_ALGO=1stage``;
 - ``get_attn_backend_cls``: returns ``BI_ATTN`` for CUSTOM, after vLLM's own ``validate_configuration``.
 
 The entry point activates only with ``BI_COMPILE_VLLM=1`` and only where vLLM's built-in detection finds the CPU or
@@ -105,6 +107,17 @@ def select_worker(parallel_config) -> None:
     parallel_config.worker_cls = WORKERS[chosen]
 
 
+def select_moe_backend(kernel_config) -> None:
+    """On a GPU, vLLM's Triton fused MoE, whose config bi-compile's worker pins for every batch size
+    (bi_compile/vllm_moe.py); a MoE backend the user named is refused by name (FlashInfer's and CUTLASS's kernels
+    are closed to that pin)."""
+    if kernel_config.moe_backend not in ("auto", "triton"):
+        raise VllmSettingError(
+            f"{SWITCH}=1 runs vLLM's fused MoE on its Triton backend with one config for every batch size; the MoE "
+            f"backend named by --moe-backend {kernel_config.moe_backend} would replace it: drop it, or unset {SWITCH}")
+    kernel_config.moe_backend = "triton"
+
+
 def select_all_reduce(parallel_config) -> None:
     """On a GPU with tensor parallelism, vLLM's custom all-reduce off: its kernel (one-stage or two-stage, picked by
     the message size) sums in an order that follows the batch. Its one-stage form, named by the user, stays."""
@@ -126,6 +139,7 @@ class BiAttentionPlatform:
         select_attention(vllm_config.attention_config)
         select_worker(vllm_config.parallel_config)
         if kind == "gpu":
+            select_moe_backend(vllm_config.kernel_config)
             select_all_reduce(vllm_config.parallel_config)
 
     @classmethod

@@ -39,7 +39,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -56,6 +58,10 @@ class EnvPin:
     why: str
 
 
+# Where bi-compile's worker writes the one fused-MoE config per (E, N) that vLLM then reads for every batch size
+# (bi_compile/vllm_moe.py): the same path in every process of one user.
+MOE_CONFIG_FOLDER = str(Path(tempfile.gettempdir()) / f"bi-compile-moe-configs-{os.getuid()}")
+
 ENV_PINS = (
     EnvPin("VLLM_USE_AOT_COMPILE", "0", "all",
            "vLLM's AOT artifact cache key does not contain the bi_ascend pipeline's version, so a stale artifact "
@@ -69,6 +75,10 @@ ENV_PINS = (
     EnvPin("VLLM_USE_BREAKABLE_CUDAGRAPH", "0", "gpu",
            "vLLM turns breakable CUDA graphs on by itself for some architectures (where this is unset), and they "
            "set the compilation mode to NONE, so no graph would reach bi-compile"),
+    EnvPin("VLLM_TUNED_CONFIG_FOLDER", MOE_CONFIG_FOLDER, "gpu",
+           "vLLM's fused MoE picks a Triton config per batch size from the tuned files there, and another tile "
+           "changes the order in which an expert's products are summed; bi-compile's folder holds one config for "
+           "every batch size"),
     EnvPin("VLLM_ALLREDUCE_USE_SYMM_MEM", "0", "gpu",
            "vLLM's symmetric-memory all-reduce picks its algorithm by message size, so a row's sum order would "
            "follow the batch (tensor_parallel_size > 1)"),

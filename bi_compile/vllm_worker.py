@@ -243,8 +243,9 @@ def layers_registered(layers: dict[str, type]):
 
 class BiWorker:
     """Mixed in before vLLM's worker class (CPU or GPU): bi-compile's layer classes are registered while the model
-    loads (the lm_head's LogitsProcessor; on a CPU every linear layer, flagged to keep its weight plain), and the
-    sampler is swapped once the model runner exists (``init_device`` builds it)."""
+    loads (the lm_head's LogitsProcessor; on a CPU every linear layer, flagged to keep its weight plain), on a GPU
+    the fused-MoE layers get their pinned config once it is loaded (bi_compile/vllm_moe.py), and the sampler is
+    swapped once the model runner exists (``init_device`` builds it)."""
 
     def init_device(self) -> None:
         check_vllm_api(platform_kind())
@@ -257,6 +258,10 @@ class BiWorker:
             layers.update({name: plain_weight_layer(cls) for name, cls in linear_layer_classes().items()})
         with layers_registered(layers):
             super().load_model(*args, **kwargs)
+        if not current_platform.is_cpu():
+            from bi_compile.vllm_moe import own_moe_layers
+
+            self.bi_moe_layers = own_moe_layers(self.model_runner.get_model())
 
 
 # Our worker class -> the platform kind whose vLLM worker it extends (vllm_compat.WORKER_BASES).

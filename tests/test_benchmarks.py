@@ -14,7 +14,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve", "all_reduce"])
+@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve", "all_reduce", "moe", "profile_table"])
 def test_script_parses_its_arguments(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
                           cwd=BENCHMARKS.parent, env={"PYTHONPATH": f"{BENCHMARKS.parent}", "PATH": "/usr/bin:/bin"})
@@ -137,3 +137,28 @@ def test_serve_plot_draws_every_concurrency(serve, tmp_path):
     result = serve.RouteResult(1.0, None, None, None, None, {1: bench_result(1.0), 64: bench_result(2.0)})
     serve.plot({"stock": result, "bi-graph": result, "vllm-bi": "failed"}, [1, 64], tmp_path / "p.png", "title")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_serve_resume_keeps_finished_routes_of_the_same_workload_and_device_only(serve, tmp_path):
+    stock = serve.RouteResult(61.2, 50.4, 30.0, 12.0, 20480, {8: bench_result(2000.0), 64: bench_result(5000.0)})
+    first = serve.parse_args(["--model", "/m", "--concurrency", "8", "64", "--out-dir", str(tmp_path)])
+    serve.write_json(first, {"stock": stock, "bi-graph": "vllm serve exited with 1"})
+    again = serve.parse_args(["--model", "/m", "--concurrency", "8", "64", "--out-dir", str(tmp_path), "--resume",
+                              "--routes", "stock", "bi-graph"])
+    kept = serve.finished_routes(again)
+    assert kept == {"stock": stock}  # the failed route runs again; concurrencies are ints again
+    other = serve.parse_args(["--model", "/m", "--concurrency", "8", "--out-dir", str(tmp_path), "--resume"])
+    with pytest.raises(SystemExit, match="concurrency differ"):
+        serve.finished_routes(other)
+
+
+def test_profile_table_gives_each_kernels_time_per_decode_step(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_table
+
+    result = {"route": "bi-graph", "compilation": {"mode": "DYNAMO_TRACE_ONCE", "cudagraph_mode": "FULL_DECODE_ONLY"},
+              "attention_backends": ["CUSTOM"],
+              "profile": {"wall_s": 0.25, "gpu_us": 6400, "decode_steps": 64,
+                          "kernels": [{"name": "_matmul_kernel", "calls": 256, "gpu_us": 3200}]}}
+    table = profile_table.route_table(result)
+    assert "100 µs of kernels per decode step" in table and "| `_matmul_kernel` | 256 | 3200 | 50.0 |" in table

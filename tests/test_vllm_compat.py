@@ -18,7 +18,7 @@ def fake_vllm(api_release: str, *, drop: tuple[str, ...] = (), cpu_flag: bool = 
     dotted names in ``drop`` (a module, a class or one attribute); ``cpu_flag``: vLLM's CPU weight set-up reads
     the flag that keeps a weight plain (0.32) or not (0.26)."""
     api = next(a for a in vllm_compat.VLLM_APIS if a.release == api_release)
-    needs = [*vllm_compat.COMMON, *vllm_compat.CPU, *api.needs,
+    needs = [*vllm_compat.COMMON, *vllm_compat.CPU, *vllm_compat.GPU, *api.needs,
              *((module, cls, vllm_compat.WORKER_METHODS) for module, cls in vllm_compat.WORKER_BASES.values())]
     owners: dict[tuple[str, str | None], dict] = {}
     for module, name, attrs in needs:
@@ -82,6 +82,8 @@ def test_each_release_is_checked_for_what_only_it_has():
     "vllm.v1.worker.gpu_worker.Worker.init_device",
     "vllm.v1.attention.backends.utils.NULL_BLOCK_ID",
     "vllm.v1.sample.ops.topk_topp_sampler",  # a whole module
+    "vllm.model_executor.layers.fused_moe.runner.moe_runner.MoERunner._fse_fuse_gate",
+    "vllm.model_executor.layers.fused_moe.fused_moe.get_config_file_name",
 ])
 def test_what_a_vllm_lacks_is_refused_by_name(dropped):
     with pytest.raises(VllmApiError, match=rf"written against vLLM 0.26's classes .*lacks {dropped}"):
@@ -94,8 +96,10 @@ def test_a_cpu_is_taken_only_where_vllm_keeps_linear_weights_plain():
     with pytest.raises(VllmApiError, match=rf"lacks vllm.model_executor.layers.linear.UnquantizedLinearMethod."
                                            rf"{SKIP_CPU_GEMM_DISPATCH}$"):
         check_vllm_api("cpu", "0.32.0", fake_vllm("0.32", cpu_flag=False))
-    # A GPU does not need the flag.
+    # A GPU does not need the flag, and a CPU does not need what the GPU worker reads of the fused MoE.
     assert check_vllm_api("gpu", "0.32.0", fake_vllm("0.32", cpu_flag=False)).release == "0.32"
+    moe = "vllm.model_executor.layers.fused_moe.runner.moe_runner.MoERunner"
+    assert check_vllm_api("cpu", "0.32.0", fake_vllm("0.32", drop=(moe,))).release == "0.32"
 
 
 # ---- the plugin's pins ----
@@ -121,8 +125,17 @@ def test_on_a_gpu_the_plugin_no_longer_hands_anything_to_vllms_batch_invariant_m
                                              "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS")} == {
         "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_USE_BREAKABLE_CUDAGRAPH": "0", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
         "NCCL_ALGO": "allreduce:tree", "NCCL_PROTO": "Simple", "NCCL_MIN_NCHANNELS": "1", "NCCL_MAX_NCHANNELS": "1"}
+    # vLLM's fused MoE reads its tuned configs from bi-compile's folder (one config for every batch size).
+    assert environ["VLLM_TUNED_CONFIG_FOLDER"] == vllm_plugin.MOE_CONFIG_FOLDER
     assert "CUBLAS_WORKSPACE_CONFIG" not in {pin.name for pin in vllm_plugin.ENV_PINS}  # nothing left for cuBLAS
     assert all(pin.why for pin in vllm_plugin.ENV_PINS)
+
+
+def test_a_tuned_moe_config_folder_of_the_users_own_is_refused_by_name_on_a_gpu(environ):
+    environ["VLLM_TUNED_CONFIG_FOLDER"] = "/my/tuned"
+    with pytest.raises(VllmSettingError, match=r"VLLM_TUNED_CONFIG_FOLDER=/my/tuned \(needs .*bi-compile-moe-configs"
+                                               r".*: vLLM's fused MoE picks a Triton config per batch size"):
+        vllm_plugin.pin_environment("gpu")
 
 
 def test_on_a_cpu_the_gpu_pins_stay_unset(environ):

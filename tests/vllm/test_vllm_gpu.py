@@ -129,3 +129,34 @@ def test_gpu_vllm_batch_invariant_mode_ran_and_says_how(gpu_results):
     result = gpu_results("vllm-bi")
     assert result["switches"]["VLLM_BATCH_INVARIANT"] == "1" and result["switches"]["BI_COMPILE_VLLM"] is None
     assert result["reports"] == [] and result["bi_calls"] == {}  # no bi pass, none of bi-compile's pieces
+
+
+# ---- MoE: Qwen3-30B-A3B's layer shapes (128 experts, top 8), 4 layers, vLLM's Triton fused MoE ----
+
+
+def test_gpu_moe_logprobs_and_chunked_prefill_alone_and_batched_are_bitwise_equal(gpu_results):
+    """Batches of 1..64 requests put M = 1..64 tokens through each MoE layer in decode (M <= 4 takes vLLM's naive
+    block assignment, without moe_align_block_size) and up to CHUNK_TOKENS in prefill: one config for all."""
+    result = gpu_results("moe-bi-graph")
+    assert_needle_invariant(result)
+    assert_alone_batched_invariant(result["logprobs"])
+    assert_alone_batched_invariant(result["chunked"])
+
+
+def test_gpu_moe_control_stock_vllm_changes_with_the_batch(gpu_results):
+    result = gpu_results("moe-stock")
+    assert result["moe_layers"] is None  # stock vLLM's worker: nothing pinned
+    found = (needle_mismatches(result) + alone_batched_differences(result["logprobs"])
+             + alone_batched_differences(result["chunked"]))
+    assert found != []
+
+
+def test_gpu_moe_layers_were_owned_and_the_audit_counts_them_invariant(gpu_results):
+    result = gpu_results("moe-bi-graph")
+    layers = result["moe_layers"]
+    assert len(layers) == 4 and all(layer["experts"] == 128 and layer["inner"] == 768 for layer in layers)
+    assert all(layer["bi_linear"] == ["gate"] for layer in layers)
+    assert result["bi_calls"]["moe bi.linear"] > 0  # the gate inside vllm::moe_forward ran bi.linear
+    assert [f for report in result["reports"] for f in report["findings"]] == []
+    declared = {target for report in result["reports"] for target in report["by_construction"]}
+    assert any("moe_forward" in target for target in declared), declared

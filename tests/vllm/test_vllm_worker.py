@@ -98,7 +98,8 @@ def test_the_worker_swaps_the_sampler_and_scopes_its_layers_to_its_own_model(pro
     assert "LogitsProcessor (vllm.v1.sample.sampler.Sampler)" in probe["load_model_taken_error"]
     assert probe["after_taken"] == []
     # On a GPU only the lm_head's class: the CPU-only weight flag is not set on vLLM's linear layers there.
-    assert probe["gpu_load_model"] == {"during": "BiLogitsProcessor", "linears_during": []}
+    # After loading, the GPU worker looks for fused-MoE layers to own (none here; test_vllm_moe.py has them).
+    assert probe["gpu_load_model"] == {"during": "BiLogitsProcessor", "linears_during": [], "moe_layers": []}
 
 
 def test_what_the_sampler_cannot_own_is_refused_by_name(probe):

@@ -183,6 +183,8 @@ def install_facts(facts: dict) -> None:
     from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 
     class FakeWorker:
+        model_runner = types.SimpleNamespace(get_model=lambda: torch.nn.Linear(2, 2))  # a model without MoE layers
+
         def load_model(self):
             self.during = op_registry_oot.get("LogitsProcessor")
             self.built = type(LogitsProcessor(10)).__name__
@@ -211,7 +213,8 @@ def install_facts(facts: dict) -> None:
     with mock.patch.object(vllm_worker, "current_platform", types.SimpleNamespace(is_cpu=lambda: False)):
         worker.load_model()
     facts["gpu_load_model"] = {"during": getattr(worker.during, "__name__", None),
-                               "linears_during": sorted(name for name, cls in worker.linears.items() if cls)}
+                               "linears_during": sorted(name for name, cls in worker.linears.items() if cls),
+                               "moe_layers": worker.bi_moe_layers}
 
     config = types.SimpleNamespace(worker_cls="vllm.v1.worker.cpu_worker.CPUWorker")
     vllm_platform.select_worker(config)
