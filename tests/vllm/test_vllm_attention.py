@@ -5,24 +5,14 @@ CUDA graph needs)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from test_vllm_plugin import child_env
-
-HERE = Path(__file__).resolve().parent
+from test_vllm_plugin import probe_facts
 
 
 @pytest.fixture(scope="module")
 def probe() -> dict:
-    completed = subprocess.run([sys.executable, str(HERE / "attention_probe.py")], capture_output=True, text=True,
-                               env=child_env(), timeout=300)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("PROBE ")]
-    assert completed.returncode == 0 and lines, completed.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("PROBE "))
+    return probe_facts("attention_probe.py")
 
 
 def test_platform_plugin_activates_only_when_switched_on(probe):

@@ -4,24 +4,16 @@ in batches are the GPU suite's (test_vllm_gpu.py, the MoE routes)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import pytest
-from test_vllm_plugin import child_env
-
-HERE = Path(__file__).resolve().parent
+from test_vllm_plugin import probe_facts
 
 
 @pytest.fixture(scope="module")
 def probe() -> dict:
-    completed = subprocess.run([sys.executable, str(HERE / "moe_probe.py")], capture_output=True, text=True,
-                               env=child_env(), timeout=600)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("PROBE ")]
-    assert completed.returncode == 0 and lines, completed.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("PROBE "))
+    return probe_facts("moe_probe.py", timeout_s=600)
 
 
 def test_vllm_then_runs_one_fused_moe_config_at_every_batch_size(probe):
@@ -60,8 +52,6 @@ def test_the_audit_counts_the_moe_ops_invariant_only_once_the_layers_are_owned(p
     ("other_folder", "VLLM_TUNED_CONFIG_FOLDER is '.*', not bi-compile's"),
 ])
 def test_a_moe_layer_that_does_not_fit_is_refused_by_name(probe, case, message):
-    import re
-
     assert re.search(message, probe["refused"][case] or ""), probe["refused"][case]
 
 

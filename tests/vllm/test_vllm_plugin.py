@@ -17,13 +17,18 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("BI_COMPILE_VLLM", "TRITON_INTERPRET")}
 
 
-@pytest.fixture(scope="module")
-def probe() -> dict:
-    completed = subprocess.run([sys.executable, str(HERE / "plugin_probe.py")], capture_output=True, text=True,
-                               env=child_env(), timeout=300)
+def probe_facts(script: str, timeout_s: float = 300) -> dict:
+    """The facts a probe script of this folder prints (its last ``PROBE {json}`` line), run in a fresh process."""
+    completed = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True, env=child_env(),
+                               timeout=timeout_s)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("PROBE ")]
     assert completed.returncode == 0 and lines, completed.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("PROBE "))
+
+
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    return probe_facts("plugin_probe.py")
 
 
 def test_import_bi_compile_does_not_import_vllm():

@@ -5,25 +5,16 @@ are installed and what is refused by name. The engine runs of test_vllm_routes.p
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from test_vllm_plugin import child_env
+from test_vllm_plugin import probe_facts
 
-HERE = Path(__file__).resolve().parent
 BATCHES = 6  # worker_probe.BATCHES: each comparison runs the row in 6 batches
 
 
 @pytest.fixture(scope="module")
 def probe() -> dict:
-    completed = subprocess.run([sys.executable, str(HERE / "worker_probe.py")], capture_output=True, text=True,
-                               env=child_env(), timeout=600)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("PROBE ")]
-    assert completed.returncode == 0 and lines, completed.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("PROBE "))
+    return probe_facts("worker_probe.py", timeout_s=600)
 
 
 def test_lm_head_through_bi_linear_is_batch_invariant_where_vllms_cpu_head_is_not(probe):
