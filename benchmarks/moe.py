@@ -89,13 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/moe.py needs a CUDA GPU: torch.cuda.is_available() is False")
     import triton
-    from vllm.utils.platform_utils import get_device_name_as_file_name
 
     import bi_compile.ops  # noqa: F401
     from bi_compile.vllm_moe import pinned_config
 
-    device = get_device_name_as_file_name()
-    pinned = pinned_config("NVIDIA_H200" if "H200" in device.split("_") else device)
+    pinned = pinned_config()
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * INNER, HIDDEN, generator=g, device="cuda", dtype=torch.bfloat16) * HIDDEN ** -0.5
     w2 = torch.randn(E, HIDDEN, INNER, generator=g, device="cuda", dtype=torch.bfloat16) * INNER ** -0.5

@@ -36,6 +36,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from bi_compile.passes import declare_invariant
 from bi_compile.vllm_checks import RAN, SWITCH, VllmSettingError
 from bi_compile.vllm_plugin import MOE_CONFIG_FOLDER
+
 # Device name (vLLM's ``get_device_name_as_file_name``, H200s as vLLM names them) -> the one config for every M;
 # "default" for any other device. The default is measured on the H100 and H200 with benchmarks/moe.py (docs/vllm.md,
 # "MoE"): within 1.05x of vLLM's per-M configs up to M = 1024, 1.4x at M = 4096.
@@ -49,8 +50,13 @@ MOE_REASON = ("bi-compile's worker pinned one Triton fused-MoE config for every 
               "shared experts through bi.linear (bi_compile/vllm_moe.py)")
 
 
-def pinned_config(device_name: str) -> dict:
-    return PINNED_CONFIGS.get(device_name, PINNED_CONFIGS["default"])
+def pinned_config() -> dict:
+    """This device's entry of PINNED_CONFIGS, by the name vLLM gives the device in its config files."""
+    from vllm.utils.platform_utils import get_device_name_as_file_name
+
+    name = get_device_name_as_file_name()
+    name = "NVIDIA_H200" if "H200" in name.split("_") else name  # as vLLM's get_config_file_name names the family
+    return PINNED_CONFIGS.get(name, PINNED_CONFIGS["default"])
 
 
 class BiLinearMethod(UnquantizedLinearMethod):
@@ -82,10 +88,10 @@ def own_moe_layers(model: torch.nn.Module) -> list[dict]:
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
-    from vllm.utils.platform_utils import get_device_name_as_file_name
 
     folder = os.environ.get("VLLM_TUNED_CONFIG_FOLDER")
-    owned = []
+    config = pinned_config()
+    owned, written = [], set()
     for name, runner in model.named_modules():
         if not isinstance(runner, MoERunner):
             continue
@@ -113,10 +119,10 @@ def own_moe_layers(model: torch.nn.Module) -> list[dict]:
         runner._fse_fuse_gate = False
         w2 = experts.w2_weight  # [E, K, N]: try_get_optimal_moe_config's E and N
         n_experts, n_inner = w2.shape[0], w2.shape[2]
-        device = get_device_name_as_file_name()
-        config = pinned_config("NVIDIA_H200" if "H200" in device.split("_") else device)
         path = Path(folder) / get_config_file_name(n_experts, n_inner, _get_config_dtype_str(w2.dtype))
-        _write_atomically(path, {"1": config})
+        if path not in written:
+            _write_atomically(path, {"1": config})
+            written.add(path)
         owned.append({"layer": name, "experts": n_experts, "inner": n_inner, "config_file": str(path),
                       "config": config, "bi_linear": [n for n, _ in linears]})
     if owned:

@@ -82,7 +82,7 @@ def own_facts(facts: dict) -> None:
     owned = own_moe_layers(model_of(*runners))
     facts["owned"] = owned
     facts["configs"] = configs_by_batch_size()
-    facts["pinned"] = pinned_config("no such device")
+    facts["pinned"] = pinned_config()
     facts["declared_after"] = {op: _DECLARED.get(op) for op in MOE_OPS}
     facts["methods"] = [type(layer.quant_method).__name__ for r in runners for layer in (r.gate, r.shared_expert_gate)
                         if layer is not None]
