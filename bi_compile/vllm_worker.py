@@ -25,6 +25,8 @@ Each piece enters through a door vLLM has:
   of vLLM's linear layer classes, a subclass carrying the flag with which vLLM itself keeps a layer's weight plain
   (``SKIP_CPU_GEMM_DISPATCH``); the layer then calls torch's linear, and the pass makes it ``bi.linear``. On a GPU
   the linear layers call ``F.linear`` already, which reaches the graph as ``mm``.
+- **fused MoE, GPU only**: once the model is loaded, every MoE layer runs one pinned Triton config for every batch
+  size and its gate and shared experts through ``bi.linear`` (bi_compile/vllm_moe.py).
 
 vLLM has no hook for the sampler: the model runner builds ``Sampler(...)`` itself. The supported door is the worker
 class, which a platform picks (``parallel_config.worker_cls``): bi-compile's platform (``bi_compile.vllm_platform``)
@@ -34,7 +36,8 @@ of this module.
 
 Not owned (stock vLLM code, named in docs/vllm.md): the ``min_p`` logits processor's softmax, penalties (elementwise
 adds, exact), speculative decoding's rejection sampler (refused), the V2 model runner's sampler (refused), linear
-layer classes that a model file defines (on a CPU their weights stay prepacked; the audit names the kernel).
+layer classes that a model file defines (on a CPU their weights stay prepacked; the audit names the kernel), vLLM's
+CPU fused MoE (the audit names ``vllm.moe_forward``).
 
 ``RAN`` (bi_compile.vllm_checks) counts each piece per call, so a test can show that they really ran.
 """
