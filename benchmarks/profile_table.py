@@ -13,13 +13,13 @@ from pathlib import Path
 
 def route_table(result: dict) -> str:
     profile = result["profile"]
-    steps = profile["decode_steps"]
+    steps, device = profile["decode_steps"], profile["device"]
     lines = [f"### {result['route']} ({result['compilation']['mode']}, {result['compilation']['cudagraph_mode']}, "
              f"attention {', '.join(result['attention_backends'])})", "",
-             f"profiled run {profile['wall_s'] * 1e3:.0f} ms wall, {profile['gpu_us'] / 1e3:.1f} ms GPU kernel time, "
-             f"{profile['gpu_us'] / steps:.0f} µs of kernels per decode step ({steps} steps, prefill included)", "",
-             "| kernel | calls | GPU µs | µs per step |", "|---|---:|---:|---:|"]
-    lines += [f"| `{k['name']}` | {k['calls']} | {k['gpu_us']} | {k['gpu_us'] / steps:.1f} |" for k in profile["kernels"]]
+             f"profiled run {profile['wall_s'] * 1e3:.0f} ms wall, {profile['total_us'] / 1e3:.1f} ms {device} time in "
+             f"kernels, {profile['total_us'] / steps:.0f} µs per decode step ({steps} steps, prefill included)", "",
+             f"| kernel | calls | {device} µs | µs per step |", "|---|---:|---:|---:|"]
+    lines += [f"| `{k['name']}` | {k['calls']} | {k['us']} | {k['us'] / steps:.1f} |" for k in profile["kernels"]]
     return "\n".join(lines) + "\n"
 
 

@@ -90,23 +90,25 @@ def moe_layers(worker) -> list[dict] | None:
 
 
 def profile_steps(run) -> dict:
-    """``run()`` once untimed, then under torch.profiler: the kernels by GPU time (its own, summed over the run), and
-    the wall time of the profiled run."""
+    """``run()`` once untimed, then under torch.profiler: the kernels by their own device time (ops by CPU time on a
+    machine without CUDA), summed over the run, and the wall time of the profiled run."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    own_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     run()
-    torch.cuda.synchronize()
+    sync()
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         run()
-        torch.cuda.synchronize()
+        sync()
     wall_s = time.perf_counter() - started
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    total_us = sum(e.self_device_time_total for e in events)
-    return {"wall_s": round(wall_s, 3), "gpu_us": round(total_us), "decode_steps": PROFILE_TOKENS,
-            "kernels": [{"name": e.key[:120], "calls": e.count, "gpu_us": round(e.self_device_time_total)}
+    events = sorted((e for e in prof.key_averages() if own_time(e) > 0), key=own_time, reverse=True)
+    return {"wall_s": round(wall_s, 3), "device": "GPU" if cuda else "CPU", "decode_steps": PROFILE_TOKENS,
+            "total_us": round(sum(own_time(e) for e in events)),
+            "kernels": [{"name": e.key[:120], "calls": e.count, "us": round(own_time(e))}
                         for e in events[:PROFILE_ROWS]]}
 
 
