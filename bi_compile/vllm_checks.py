@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 SWITCH = "BI_COMPILE_VLLM"
 
 # With the switch on, attention is bi-compile's BI_ATTN: vLLM's AttentionBackendEnum.CUSTOM, selected by our platform
 # (bi_compile/vllm_platform.py, a ``vllm.platform_plugins`` entry point).
 BI_PLATFORM_MODULE = "bi_compile.vllm_platform"
+
+# Where bi-compile's GPU worker writes the one fused-MoE config per (E, N) that vLLM then reads for every batch size
+# (bi_compile/vllm_moe.py), and which the plugin pins as VLLM_TUNED_CONFIG_FOLDER: the same path in every process of
+# one user.
+MOE_CONFIG_FOLDER = str(Path(tempfile.gettempdir()) / f"bi-compile-moe-configs-{os.getuid()}")
 
 
 # What bi-compile's vLLM parts ran in this process, by name, one count per call: the attention backend

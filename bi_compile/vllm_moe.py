@@ -15,7 +15,7 @@ runs, eagerly inside it:
   one fixed K loop of its own token and expert (no split-K, no atomics), and vLLM's ``moe_sum`` adds a token's
   top-k rows in a fixed order. The config goes in through vLLM's own tuned-config mechanism: a JSON file with a
   single key (the nearest key to any M) per (E, N) under the folder that the plugin pins as
-  ``VLLM_TUNED_CONFIG_FOLDER`` (``vllm_plugin.MOE_CONFIG_FOLDER``), written by the worker once the model is loaded.
+  ``VLLM_TUNED_CONFIG_FOLDER`` (``vllm_checks.MOE_CONFIG_FOLDER``), written by the worker once the model is loaded.
   The experts run on vLLM's Triton backend (the platform selects ``--moe-backend triton``); the FlashInfer ones are
   closed kernels bi-compile cannot pin.
 
@@ -34,8 +34,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 
 from bi_compile.passes import declare_invariant
-from bi_compile.vllm_checks import RAN, SWITCH, VllmSettingError
-from bi_compile.vllm_plugin import MOE_CONFIG_FOLDER
+from bi_compile.vllm_checks import MOE_CONFIG_FOLDER, RAN, SWITCH, VllmSettingError
 
 # Device name (vLLM's ``get_device_name_as_file_name``, H200s as vLLM names them) -> the one config for every M;
 # "default" for any other device. The default is measured on the H100 and H200 with benchmarks/moe.py (docs/vllm.md,

@@ -39,14 +39,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from bi_compile.passes import BatchInvariantPass
-from bi_compile.vllm_checks import SWITCH, VllmSettingError, check_running_vllm, platform_kind, switched_on
+from bi_compile.vllm_checks import (MOE_CONFIG_FOLDER, SWITCH, VllmSettingError, check_running_vllm, platform_kind,
+                                    switched_on)
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +56,6 @@ class EnvPin:
     platform: str  # "all" | "cpu" | "gpu"
     why: str
 
-
-# Where bi-compile's worker writes the one fused-MoE config per (E, N) that vLLM then reads for every batch size
-# (bi_compile/vllm_moe.py): the same path in every process of one user.
-MOE_CONFIG_FOLDER = str(Path(tempfile.gettempdir()) / f"bi-compile-moe-configs-{os.getuid()}")
 
 ENV_PINS = (
     EnvPin("VLLM_USE_AOT_COMPILE", "0", "all",

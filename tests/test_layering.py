@@ -2,7 +2,7 @@
 tools cannot see through the ``bi_compile/passes -> ../passes`` symlink, so this test is what keeps it honest.
 
     kernels -> ops -> passes -> report_cache, vllm_checks, vllm_compat, model -> backend, vllm_pass, vllm_attention,
-            vllm_platform, vllm_worker
+            vllm_platform, vllm_moe, vllm_worker
             -> vllm_plugin
             -> bi_compile (the package) -> cli -> bi_compile_cli (the torch-free front end), bi_compile.__main__
 
@@ -24,7 +24,7 @@ LAYERS = (
     ("bi_compile.passes",),
     ("bi_compile.report_cache", "bi_compile.vllm_checks", "bi_compile.vllm_compat", "bi_compile.model"),
     ("bi_compile.backend", "bi_compile.vllm_pass", "bi_compile.vllm_attention", "bi_compile.vllm_platform",
-     "bi_compile.vllm_worker"),
+     "bi_compile.vllm_moe", "bi_compile.vllm_worker"),
     ("bi_compile.vllm_plugin",),
     ("bi_compile",),
     ("bi_compile.cli",),

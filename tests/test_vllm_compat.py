@@ -9,7 +9,7 @@ import os
 import pytest
 
 from bi_compile import vllm_compat, vllm_plugin
-from bi_compile.vllm_checks import VllmSettingError
+from bi_compile.vllm_checks import MOE_CONFIG_FOLDER, VllmSettingError
 from bi_compile.vllm_compat import SKIP_CPU_GEMM_DISPATCH, VllmApiError, api_for, check_vllm_api
 
 
@@ -126,7 +126,7 @@ def test_on_a_gpu_the_plugin_no_longer_hands_anything_to_vllms_batch_invariant_m
         "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_USE_BREAKABLE_CUDAGRAPH": "0", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
         "NCCL_ALGO": "allreduce:tree", "NCCL_PROTO": "Simple", "NCCL_MIN_NCHANNELS": "1", "NCCL_MAX_NCHANNELS": "1"}
     # vLLM's fused MoE reads its tuned configs from bi-compile's folder (one config for every batch size).
-    assert environ["VLLM_TUNED_CONFIG_FOLDER"] == vllm_plugin.MOE_CONFIG_FOLDER
+    assert environ["VLLM_TUNED_CONFIG_FOLDER"] == MOE_CONFIG_FOLDER
     assert "CUBLAS_WORKSPACE_CONFIG" not in {pin.name for pin in vllm_plugin.ENV_PINS}  # nothing left for cuBLAS
     assert all(pin.why for pin in vllm_plugin.ENV_PINS)
 
