@@ -116,7 +116,7 @@ for stage in "$@"; do
       # returns few files)
       BI_COMPILE_VLLM_GPU_OUT="$OUT/vllm-gpu" BI_COMPILE_VLLM_GPU_CHECKPOINTS="$CHECKPOINTS" python3 -m pytest -m gpu \
         -q -p no:cacheprovider -rfEs tests/vllm/test_vllm_gpu.py 2>&1 | tee "$OUT/vllm_tests.log" | tail -30 || true
-      tar czf "$OUT/vllm-gpu.tgz" -C "$OUT" vllm-gpu && rm -rf "$OUT/vllm-gpu" ;;
+      [ -d "$OUT/vllm-gpu" ] && tar czf "$OUT/vllm-gpu.tgz" -C "$OUT" vllm-gpu && rm -rf "$OUT/vllm-gpu" ;;
     vllm-moe)
       python3 benchmarks/moe.py --markdown "$OUT/moe.md" 2>&1 | grep -v -i warn | tee "$OUT/moe.log" | tail -15 ;;
     vllm-profile)
@@ -131,6 +131,6 @@ for stage in "$@"; do
       python3 benchmarks/serve.py --model "$CHECKPOINT" --input-len 512 --output-len 256 --concurrency 1 8 64 \
         --out-dir "$SERVE_DIR" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" | tail -30 || true
       cp "$SERVE_DIR"/serve.* "$OUT/" 2>/dev/null || true
-      tar czf "$OUT/serve-logs.tgz" -C "$SERVE_DIR" . ;;
+      [ -d "$SERVE_DIR" ] && tar czf "$OUT/serve-logs.tgz" -C "$SERVE_DIR" . ;;
   esac
 done
