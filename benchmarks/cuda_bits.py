@@ -66,6 +66,18 @@ def bi_outputs() -> Iterator[tuple[str, torch.Tensor | tuple[torch.Tensor, ...]]
                 shape = f"{dtype} D={head_dim} {batch}x{q_len}x{kv_len}"
                 yield f"attention causal {shape}", bi.attention(q, kv, kv, None, 0.0, q_len > 1, None, True)
                 yield f"attention masked {shape}", bi.attention(q, kv, kv, mask, 0.0, False, None, True)
+        # Paged attention over one cache: 8 decodes (the split schedule), then decodes and prefill chunks with
+        # padding tokens (merged), each with tight and static bounds.
+        cache = randn(300, 8, 16, 256, dtype=dtype)
+        table = torch.randperm(300, device="cuda", generator=g)[:288].view(8, 36).int()
+        seq_lens = torch.tensor([1, 37, 300, 512, 513, 90, 575, 2], dtype=torch.int32, device="cuda")
+        for name, q_lens, padding in (("decodes", [1] * 8, 0), ("mixed", [1, 5, 64, 1, 200, 90, 3, 2], 5)):
+            starts = torch.tensor([0, *q_lens], device="cuda").cumsum(0).int()
+            q = randn(sum(q_lens) + padding, 16, 128, dtype=dtype)
+            for bounds in ((max(q_lens), 575), (max(q_lens), 576 * 4)):
+                yield (f"paged_attention {name} {dtype} bounds {bounds}",
+                       bi.paged_attention(q, cache[..., :128], cache[..., 128:], table, seq_lens, starts, 0.088,
+                                          *bounds))
 
 
 def digest(result: torch.Tensor | tuple[torch.Tensor, ...]) -> list[str]:

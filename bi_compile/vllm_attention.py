@@ -20,9 +20,9 @@ steps eagerly or piecewise. A graph replays one launch grid, so a uniform decode
 ``torch.ops.bi.paged_attention`` static bounds, ``max_query_len = 1`` and ``max_seq_len = max_model_len``, whatever
 its requests' lengths (the kernel's grid depends on the rows, heads, dtypes and the two bounds only; a larger
 bound never changes a bit); every other step passes its own. The rows are the query's (vLLM pads a graph's step
-to its capture size), so the builder needs no capture sizes. The KV-cache write makes no device-to-host read
-either: padding tokens (slot -1) write into vLLM's null block, which no request is ever given. On a CPU the
-builder declares no graph support (``NEVER``; vLLM runs no CUDA graphs there).
+to its capture size), so the builder needs no capture sizes. The KV-cache write (``torch.ops.bi.write_kv_cache``)
+makes no device-to-host read either: it reads the slots on the device and skips padding tokens (slot -1). On a
+CPU the builder declares no graph support (``NEVER``; vLLM runs no CUDA graphs there).
 
 This module imports vLLM: only the platform imports it, in a vLLM process.
 """
@@ -41,7 +41,6 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
-from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
 
 import bi_compile.ops  # noqa: F401  (defines torch.ops.bi.paged_attention)
 from bi_compile.ops.paged_attention import MAX_HEAD_DIM
@@ -132,16 +131,10 @@ class BiAttentionImpl(AttentionImpl[BiAttentionMetadata]):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        """Write the step's keys and values into their slots (an exact copy). Padding tokens (slot < 0) write into
-        vLLM's null block, which no request reads: no data-dependent shape, so a CUDA graph can capture it."""
+        """Write the step's keys and values into their slots (an exact copy; padding tokens, slot < 0, write
+        nothing): ``bi::write_kv_cache``, one launch on a GPU that a CUDA graph can capture."""
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
-        tokens = min(slot_mapping.shape[0], key.shape[0])
-        block_size = key_cache.shape[2]
-        slots = slot_mapping[:tokens].long()
-        slots = torch.where(slots >= 0, slots, NULL_BLOCK_ID * block_size)
-        blocks, offsets = slots // block_size, slots % block_size
-        key_cache[blocks, :, offsets] = key[:tokens]
-        value_cache[blocks, :, offsets] = value[:tokens]
+        torch.ops.bi.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: BiAttentionMetadata | None, output: torch.Tensor,

@@ -54,7 +54,6 @@ COMMON: tuple[Need, ...] = (
       "max_seq_len", "causal")),
     ("vllm.v1.attention.backends.registry", "AttentionBackendEnum", ("CUSTOM",)),
     ("vllm.v1.attention.backends.registry", None, ("register_backend",)),
-    ("vllm.v1.attention.backends.utils", None, ("NULL_BLOCK_ID",)),
     ("vllm.model_executor.layers.logits_processor", "LogitsProcessor", ("_apply_head", "head_dtype",
                                                                         "register_oot")),
     ("vllm.model_executor.custom_op", None, ("op_registry_oot",)),

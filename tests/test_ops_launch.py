@@ -60,6 +60,15 @@ def _op_calls(g: torch.Generator):
             yield lambda q=q, key_cache=key_cache, value_cache=value_cache, table=table.to(index), seq_lens=seq_lens, \
                 starts=starts, bound=max(q_lens): torch.ops.bi.paged_attention(q, key_cache, value_cache, table,
                                                                                seq_lens, starts, 0.1, bound, 1024)
+        # The KV-cache write: key and value views of one qkv row (the values' data not 16-byte aligned) into a cache
+        # of its own, int32 and int64 slots with padding; the call returns the cache.
+        qkv = torch.randn(5, 1800, device="cuda", generator=g).to(dtype)
+        write_cache = torch.zeros(40, 4, 16, 200, device="cuda", dtype=dtype)
+        for index in (torch.int32, torch.int64):
+            slots = torch.tensor([3, -1, 77, 140, 9], dtype=index, device="cuda")
+            yield lambda qkv=qkv, cache=write_cache, slots=slots: (torch.ops.bi.write_kv_cache(
+                qkv[:, 1024:1536].view(5, 4, 128), qkv[:, 1538:1794].view(5, 4, 64), cache[..., :128],
+                cache[..., 130:194], slots), cache.clone())[1]
 
 
 def test_every_launch_key_maps_to_the_binary_triton_picks(monkeypatch):

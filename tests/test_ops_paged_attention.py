@@ -404,6 +404,22 @@ def test_interpreted_kernel_ignores_recycled_cache_slots():
 
 
 @interpreter_only
+@pytest.mark.parametrize("split_kv", [False, True], ids=["merged", "split"])
+def test_interpreted_kernel_zeroes_every_padding_row_of_fresh_memory(split_kv, monkeypatch):
+    """A CUDA graph pads a step's tokens: 2 decodes and 70 padding tokens (more than the few programs of the grid
+    zero in one pass) get their rows, and the padding rows are 0 even where the output's fresh memory held NaN."""
+    rng, g = random.Random(20), torch.Generator().manual_seed(20)
+    batch = pack([make_request(rng, g, n, 1, dtype=torch.float16) for n in (37, 600)], 16, seed=21,
+                 padding_tokens=70)
+    expected = [triton_paged(replace(batch, query=batch.query[:2]))[r] for r in range(2)]
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(math.nan))
+    out = triton_schedule(split_kv)(batch)
+    assert torch.equal(out[:2], torch.stack(expected))
+    assert torch.equal(out[2:], torch.zeros_like(out[2:]))
+
+
+@interpreter_only
 def test_interpreted_control_a_split_count_from_the_bound_varies():
     """The comparisons above can fail: the kernel with its split size derived from max_seq_len gives a request
     other bits inside a batch than alone, and other bits for a larger bound."""
@@ -426,6 +442,79 @@ def test_tile_slots_bound_every_request_mix():
         tiles = sum((c + q - 1) // positions - c // positions + 1 for c, q in zip(contexts, q_lens) if q)
         tokens = sum(q_lens) + rng.randint(0, 5)
         assert tiles <= max_tiles(tokens, len(q_lens), max(q_lens), positions)
+
+
+# ---- bi::write_kv_cache: the step's keys and values into their slots ----
+
+
+def kv_write_case(dtype: torch.dtype, seed: int, device: str = "cpu"):
+    """vLLM's shapes: key and value are views of one fused qkv row ([T, (H + 2 Hkv) D] strides), the caches two
+    views of one [blocks, Hkv, block_size, D + Dv] tensor full of NaN; 9 slots for 11 tokens (the last two are
+    past the slot mapping: not written), two of them -1 (padding)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks, heads, kv_heads, block_size, dim = 6, 4, 2, 16, 40
+    qkv = torch.randn(11, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(device)
+    key = qkv[:, heads * dim:(heads + kv_heads) * dim].view(11, kv_heads, dim)
+    value = qkv[:, (heads + kv_heads) * dim:].view(11, kv_heads, dim)
+    cache = torch.full((blocks, kv_heads, block_size, 2 * dim), math.nan, dtype=dtype, device=device)
+    key_cache, value_cache = cache.split([dim, dim], -1)
+    slots = torch.randperm(blocks * block_size, generator=g)[:9].to(device)
+    slots[[2, 7]] = -1
+    return key, value, key_cache, value_cache, slots
+
+
+def expected_cache(key, value, key_cache, value_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = key_cache.clone(), value_cache.clone()
+    block_size = key_cache.shape[2]
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            keys[slot // block_size, :, slot % block_size] = key[t]
+            values[slot // block_size, :, slot % block_size] = value[t]
+    return keys, values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_fills_the_slots_and_skips_padding(dtype):
+    case = kv_write_case(dtype, seed=1)
+    keys, values = expected_cache(*case)
+    torch.ops.bi.write_kv_cache(*case)
+    key_cache, value_cache = case[2:4]
+    assert torch.equal(key_cache.nan_to_num(7.0), keys.nan_to_num(7.0))
+    assert torch.equal(value_cache.nan_to_num(7.0), values.nan_to_num(7.0))
+    assert int((~key_cache.isnan()).all(-1).sum()) == 7 * 2  # 7 real tokens x 2 kv heads, nothing else
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_write_kv_cache_kernel_matches_the_cpu_path(dtype):
+    cpu, kernel = kv_write_case(dtype, seed=2), kv_write_case(dtype, seed=2)
+    torch.ops.bi.write_kv_cache(*cpu)
+    paged_attention._write_kv_cache_triton(*kernel)
+    for a, b in zip(cpu[2:4], kernel[2:4]):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_write_kv_cache_bad_input_raises_naming_op_and_tensor():
+    key, value, key_cache, value_cache, slots = kv_write_case(torch.float32, seed=3)
+    op = torch.ops.bi.write_kv_cache
+    cases = [
+        (lambda: op(key.half(), value, key_cache, value_cache, slots), "one dtype"),
+        (lambda: op(key, value, key_cache, value_cache, slots.float()), "slot_mapping"),
+        (lambda: op(key[:, :1], value, key_cache, value_cache, slots), "must match key_cache"),
+        (lambda: op(key, value, key_cache, value_cache[:, :, :8], slots), "must match key_cache"),
+        (lambda: op(key[0], value, key_cache, value_cache, slots), "rank"),
+    ]
+    for call, text in cases:
+        with pytest.raises(BIInputError, match=text) as info:
+            call()
+        assert str(info.value).startswith("bi::write_kv_cache:")
+    with pytest.raises(BIInputError, match="bi::write_kv_cache: .*layout"):
+        op(key.transpose(0, 2).contiguous().transpose(0, 2), value, key_cache, value_cache, slots)
+
+
+def test_write_kv_cache_schema_and_fake_impl():
+    torch.library.opcheck(torch.ops.bi.write_kv_cache.default, kv_write_case(torch.float32, seed=4),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ---- GPU: bf16 at model sizes, CUDA graphs ----
@@ -525,3 +614,24 @@ def test_gpu_paged_attention_replays_in_a_cuda_graph(max_query_len, batch_size):
         eager = torch.ops.bi.paged_attention(*args, *bounds)
         assert torch.equal(captured, eager), step
         assert torch.equal(captured[int(query_start_loc[-1]):], torch.zeros_like(captured[int(query_start_loc[-1]):]))
+
+
+@pytest.mark.gpu
+def test_gpu_write_kv_cache_replays_in_a_cuda_graph():
+    """The write captured with a static slot mapping, replayed after the slots (padding included) and the keys
+    change in place: the cache an eager write gives, and the CPU path's."""
+    key, value, key_cache, value_cache, slots = kv_write_case(torch.bfloat16, seed=5, device="cuda")
+    torch.ops.bi.write_kv_cache(key, value, key_cache, value_cache, slots)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.bi.write_kv_cache(key, value, key_cache, value_cache, slots)
+    for seed in (6, 7):
+        new = kv_write_case(torch.bfloat16, seed=seed, device="cuda")
+        for static, fresh in zip((key, value, slots), (new[0], new[1], new[4])):
+            static.copy_(fresh)
+        before = [t.cpu() for t in (key, value, key_cache, value_cache, slots)]
+        graph.replay()
+        torch.ops.bi.write_kv_cache(*before)
+        for on_gpu, on_cpu in zip((key_cache, value_cache), before[2:4]):
+            assert torch.equal(on_gpu.cpu().nan_to_num(7.0), on_cpu.nan_to_num(7.0)), seed

@@ -80,7 +80,6 @@ def test_each_release_is_checked_for_what_only_it_has():
     "vllm.v1.sample.sampler.Sampler.compute_logprobs",
     "vllm.model_executor.layers.logits_processor.LogitsProcessor._apply_head",
     "vllm.v1.worker.gpu_worker.Worker.init_device",
-    "vllm.v1.attention.backends.utils.NULL_BLOCK_ID",
     "vllm.v1.sample.ops.topk_topp_sampler",  # a whole module
     "vllm.model_executor.layers.fused_moe.runner.moe_runner.MoERunner._fse_fuse_gate",
     "vllm.model_executor.layers.fused_moe.fused_moe.get_config_file_name",

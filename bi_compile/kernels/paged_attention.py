@@ -27,8 +27,9 @@ block may hold anything, NaN included) are never loaded.
 the head counts and the two bounds the caller passes.
 
 - ``max_tiles(T, R, max_query_len, POSITIONS)`` tile slots, an upper bound of the tiles that hold new tokens;
-  ``_tile_map_kernel`` works out on the device which (request, first position) each slot holds (or none), from
-  ``seq_lens`` and ``query_start_loc``, and zeroes the output rows of padding tokens (past ``query_start_loc[R]``);
+  each program works out which (request, first position) its slot holds (or none) from ``seq_lens`` and
+  ``query_start_loc`` (``_find_tile``: an integer scan, so a step pays no extra launch per layer), and the programs
+  that write the output also zero the rows of padding tokens (past ``query_start_loc[R]``);
 - ``cdiv(max_seq_len, SPLIT_N)`` splits.
 
 Two schedules give the same bits (the same ``_attend_split`` / ``_merge`` code on the same operands, fma-pinned
@@ -57,10 +58,8 @@ from .attention import MAX_WORKSPACE_BYTES, ROW_SUM_N, _merge, attention_config,
 from .device import launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
 
-# Tile map: slots per program, requests per step of its scan, output elements per zeroing step, padding tokens
-# zeroed per program.
-MAP_SLOTS = 64
-MAP_REQUESTS = 128
+# Requests per step of a program's tile search; padding tokens and output elements per zeroing step.
+SCAN_REQUESTS = 128
 ZERO_TOKENS = 16
 ZERO_ELEMENTS = 256
 
@@ -80,21 +79,13 @@ def max_tiles(tokens: int, requests: int, max_query_len: int, positions: int) ->
     return max(0, min(requests * per_request, by_tokens))
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_requests", "num_slots", "row_elements"])
-def _tile_map_kernel(
-    seq_lens_ptr, starts_ptr, tile_request_ptr, tile_first_ptr, out_ptr,
-    num_tokens, num_requests, num_slots, row_elements,
-    POSITIONS: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_REQUESTS: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr, BLOCK_ELEMENTS: tl.constexpr,
-):
-    """Slots [pid * BLOCK_SLOTS, ...): tile_request = the request whose tile the slot is (-1: none), tile_first =
-    the tile's first position. Request r's tiles take the slots after the tiles of requests 0..r-1 (an exact
-    integer scan over the requests, BLOCK_REQUESTS at a time). Then the output rows of the padding tokens
-    [pid * BLOCK_TOKENS, ...) past query_start_loc[R] are zeroed (out is [T, row_elements], contiguous)."""
-    pid = tl.program_id(0)
-    slots = pid * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
-    owner = tl.zeros([BLOCK_SLOTS], tl.int32)  # request + 1 of the slot's tile, 0 for none
-    first = tl.zeros([BLOCK_SLOTS], tl.int32)
+@triton.jit
+def _find_tile(slot, seq_lens_ptr, starts_ptr, num_requests, POSITIONS: tl.constexpr, BLOCK_REQUESTS: tl.constexpr):
+    """The tile in ``slot`` -> (its request, -1 for none; its first position). Request r's tiles take the slots
+    after the tiles of requests 0..r-1: an exact integer scan over the requests, BLOCK_REQUESTS at a time, that
+    every program of a launch runs for its own slot (cheaper than a kernel of its own per layer)."""
+    request = tl.full([], -1, tl.int32)
+    first = tl.full([], 0, tl.int32)
     done = tl.full([], 0, tl.int32)  # tiles of the requests scanned so far
     for base in range(0, num_requests, BLOCK_REQUESTS):
         r = base + tl.arange(0, BLOCK_REQUESTS)
@@ -102,36 +93,45 @@ def _tile_map_kernel(
         start = tl.load(starts_ptr + r, mask=valid, other=0).to(tl.int32)
         end = tl.load(starts_ptr + r + 1, mask=valid, other=0).to(tl.int32)
         seq_len = tl.load(seq_lens_ptr + r, mask=valid, other=0).to(tl.int32)
-        context = seq_len - (end - start)
-        first_tile = context // POSITIONS
+        first_tile = (seq_len - (end - start)) // POSITIONS
         count = tl.where(valid & (end > start), (seq_len - 1) // POSITIONS - first_tile + 1, 0)
         ends = done + tl.cumsum(count, 0)
         begins = ends - count
-        owns = (slots[:, None] >= begins[None, :]) & (slots[:, None] < ends[None, :])  # one r per slot at most
-        owner += tl.sum(tl.where(owns, r[None, :] + 1, 0), 1)
-        first += tl.sum(tl.where(owns, (first_tile[None, :] + slots[:, None] - begins[None, :]) * POSITIONS, 0), 1)
+        owns = (slot >= begins) & (slot < ends)  # one request at most
+        request += tl.sum(tl.where(owns, r + 1, 0), 0)
+        first += tl.sum(tl.where(owns, (first_tile + slot - begins) * POSITIONS, 0), 0)
         done += tl.sum(count, 0)
-    tl.store(tile_request_ptr + slots, owner - 1, mask=slots < num_slots)
-    tl.store(tile_first_ptr + slots, first, mask=slots < num_slots)
-
-    tokens = pid * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    padding = (tokens >= tl.load(starts_ptr + num_requests)) & (tokens < num_tokens)
-    zeros = tl.zeros([BLOCK_TOKENS, BLOCK_ELEMENTS], out_ptr.dtype.element_ty)
-    rows = tokens.to(tl.int64) * row_elements
-    for e in range(0, row_elements, BLOCK_ELEMENTS):
-        elements = e + tl.arange(0, BLOCK_ELEMENTS)
-        tl.store(out_ptr + rows[:, None] + elements[None, :], zeros,
-                 mask=padding[:, None] & (elements[None, :] < row_elements))
+    return request, first
 
 
 @triton.jit
-def _tile_rows(slot, kv_head, tile_request_ptr, tile_first_ptr, seq_lens_ptr, starts_ptr,
-               GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr):
+def _zero_padding(out_ptr, starts_ptr, num_requests, num_tokens, row_elements, program, programs,
+                  BLOCK_TOKENS: tl.constexpr, BLOCK_ELEMENTS: tl.constexpr):
+    """Zero the output rows of the padding tokens (past query_start_loc[R]; out is [T, row_elements], contiguous):
+    program ``program`` of ``programs`` takes every programs-th block of BLOCK_TOKENS tokens from the first block
+    that holds padding."""
+    real_tokens = tl.load(starts_ptr + num_requests).to(tl.int32)
+    first_block = real_tokens // BLOCK_TOKENS
+    zeros = tl.zeros([BLOCK_TOKENS, BLOCK_ELEMENTS], out_ptr.dtype.element_ty)
+    elements = tl.arange(0, BLOCK_ELEMENTS)
+    for block in range(first_block + (program - first_block % programs + programs) % programs,
+                       tl.cdiv(num_tokens, BLOCK_TOKENS), programs):
+        tokens = block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+        padding = (tokens >= real_tokens) & (tokens < num_tokens)
+        rows = tokens.to(tl.int64) * row_elements
+        for e in range(0, row_elements, BLOCK_ELEMENTS):
+            tl.store(out_ptr + rows[:, None] + (e + elements)[None, :], zeros,
+                     mask=padding[:, None] & ((e + elements)[None, :] < row_elements))
+
+
+@triton.jit
+def _tile_rows(slot, kv_head, seq_lens_ptr, starts_ptr, num_requests, GROUP: tl.constexpr,
+               GROUP_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, POSITIONS: tl.constexpr,
+               BLOCK_REQUESTS: tl.constexpr):
     """The tile in ``slot`` -> its request (0 for an empty slot) and the request's length, the rows' positions,
     heads and tokens, which rows are new (row_valid), the keys the tile reduces (key_end; 0 for an empty slot) and
     its split count."""
-    request = tl.load(tile_request_ptr + slot)
-    first = tl.load(tile_first_ptr + slot)
+    request, first = _find_tile(slot, seq_lens_ptr, starts_ptr, num_requests, POSITIONS, BLOCK_REQUESTS)
     real = request >= 0
     request = tl.maximum(request, 0)
     seq_len = tl.load(seq_lens_ptr + request).to(tl.int32)
@@ -200,24 +200,25 @@ def _finish(out_ptr, l, acc, token, head, row_valid, NUM_HEADS: tl.constexpr, VA
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM))
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
+@triton.jit(do_not_specialize=["num_requests", "num_tokens", "num_splits"])
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, starts_ptr, tile_request_ptr, tile_first_ptr,
-    out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, starts_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_table,
-    num_tokens, num_splits, scale,
+    num_requests, num_tokens, num_splits, scale,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, POSITIONS: tl.constexpr, BLOCK_REQUESTS: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr, BLOCK_ELEMENTS: tl.constexpr,
 ):
     """Grid (slots x Hkv, 1 or splits). WRITE_PARTIAL: split program_id(1)'s state goes to the workspace
-    [splits, T, H] (+ [.., Dv] for acc); else every split of the tile, merged in order, and the output."""
+    [splits, T, H] (+ [.., Dv] for acc); else every split of the tile, merged in order, the output, and the
+    padding rows' zeros."""
     slot = tl.program_id(0) // NUM_KV_HEADS
     kv_head = tl.program_id(0) % NUM_KV_HEADS
     request, seq_len, pos, head, token, row_valid, key_end, tile_splits = _tile_rows(
-        slot, kv_head, tile_request_ptr, tile_first_ptr, seq_lens_ptr, starts_ptr, GROUP, GROUP_BLOCK, BLOCK_M,
-        SPLIT_N)
+        slot, kv_head, seq_lens_ptr, starts_ptr, num_requests, GROUP, GROUP_BLOCK, BLOCK_M, SPLIT_N, POSITIONS,
+        BLOCK_REQUESTS)
     tile_splits = tl.minimum(tile_splits, num_splits)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
@@ -251,22 +252,24 @@ def _paged_attention_kernel(
             )
             m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
         _finish(out_ptr, l, acc, token, head, row_valid, NUM_HEADS, VALUE_DIM, BLOCK_DV)
+        _zero_padding(out_ptr, starts_ptr, num_requests, num_tokens, NUM_HEADS * VALUE_DIM, tl.program_id(0),
+                      tl.num_programs(0), BLOCK_TOKENS, BLOCK_ELEMENTS)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
+@triton.jit(do_not_specialize=["num_requests", "num_tokens", "num_splits"])
 def _merge_splits_kernel(
-    tile_request_ptr, tile_first_ptr, seq_lens_ptr, starts_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr,
-    num_tokens, num_splits,
+    seq_lens_ptr, starts_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr, num_requests, num_tokens, num_splits,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr,
     VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+    POSITIONS: tl.constexpr, BLOCK_REQUESTS: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_ELEMENTS: tl.constexpr,
 ):
     """Grid (slots x Hkv): fold the split states ``_paged_attention_kernel`` wrote for the tile's rows, in split
-    order, and write the output."""
+    order, write the output and the padding rows' zeros."""
     slot = tl.program_id(0) // NUM_KV_HEADS
     kv_head = tl.program_id(0) % NUM_KV_HEADS
     request, seq_len, pos, head, token, row_valid, key_end, tile_splits = _tile_rows(
-        slot, kv_head, tile_request_ptr, tile_first_ptr, seq_lens_ptr, starts_ptr, GROUP, GROUP_BLOCK, BLOCK_M,
-        SPLIT_N)
+        slot, kv_head, seq_lens_ptr, starts_ptr, num_requests, GROUP, GROUP_BLOCK, BLOCK_M, SPLIT_N, POSITIONS,
+        BLOCK_REQUESTS)
     dv = tl.arange(0, BLOCK_DV)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -279,6 +282,8 @@ def _merge_splits_kernel(
                             mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
         m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
     _finish(out_ptr, l, acc, token, head, row_valid, NUM_HEADS, VALUE_DIM, BLOCK_DV)
+    _zero_padding(out_ptr, starts_ptr, num_requests, num_tokens, NUM_HEADS * VALUE_DIM, tl.program_id(0),
+                  tl.num_programs(0), BLOCK_TOKENS, BLOCK_ELEMENTS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -313,7 +318,9 @@ def _plan(query: Operand, key_cache: Operand, value_cache: Operand, table_stride
     group_block = next_power_of_2(group)
     block_m = max(cfg.block_m, group_block)
     shared = dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_BLOCK=group_block,
-                  VALUE_DIM=value_dim, BLOCK_M=block_m, SPLIT_N=cfg.split_n, BLOCK_DV=head_block(value_dim))
+                  VALUE_DIM=value_dim, BLOCK_M=block_m, SPLIT_N=cfg.split_n, BLOCK_DV=head_block(value_dim),
+                  POSITIONS=block_m // group_block, BLOCK_REQUESTS=SCAN_REQUESTS, BLOCK_TOKENS=ZERO_TOKENS,
+                  BLOCK_ELEMENTS=ZERO_ELEMENTS)
     meta = dict(shared, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, BLOCK_D=head_block(head_dim),
                 DOT_PRECISION=device_target.dot_precision(dtype),
                 **launch_options(device_target.backend, cfg.num_warps, cfg.num_stages))
@@ -347,17 +354,9 @@ def launch_paged_attention(plan: PagedAttentionPlan, query: torch.Tensor, key_ca
     splits = cdiv(max(max_seq_len, 0), plan.split_n)
     if slots == 0 or splits == 0:
         return out.zero_()
-    tile_request = torch.empty(slots, dtype=torch.int32, device=plan.device)
-    tile_first = torch.empty_like(tile_request)
     aligned = (aligned16(query), aligned16(key_cache), aligned16(value_cache), aligned16(block_table),
                aligned16(seq_lens), aligned16(query_start_loc), seq_lens.dtype, query_start_loc.dtype,
                block_table.dtype)
-    map_programs = max(cdiv(slots, MAP_SLOTS), cdiv(tokens, ZERO_TOKENS))
-    _tile_map_launch(plan.device, (plan, aligned), (map_programs,), seq_lens, query_start_loc, tile_request,
-                     tile_first, out, tokens, plan.requests, slots, heads * value_dim, POSITIONS=plan.positions,
-                     BLOCK_SLOTS=MAP_SLOTS, BLOCK_REQUESTS=MAP_REQUESTS, BLOCK_TOKENS=ZERO_TOKENS,
-                     BLOCK_ELEMENTS=ZERO_ELEMENTS)
-
     programs = slots * plan.kv_heads
     workspace_bytes = splits * tokens * heads * (value_dim + 2) * 4
     if split_kv is None:
@@ -368,12 +367,12 @@ def launch_paged_attention(plan: PagedAttentionPlan, query: torch.Tensor, key_ca
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty((splits, tokens, heads, value_dim), dtype=torch.float32, device=plan.device)
     _paged_attention_launch(plan.device, (plan, aligned, split_kv), (programs, splits if split_kv else 1),
-                            query, key_cache, value_cache, block_table, seq_lens, query_start_loc, tile_request,
-                            tile_first, out, m_part, l_part, acc_part, *plan.strides, tokens, splits, scale,
-                            WRITE_PARTIAL=split_kv, **plan.meta)
+                            query, key_cache, value_cache, block_table, seq_lens, query_start_loc, out, m_part, l_part,
+                            acc_part, *plan.strides, plan.requests, tokens, splits, scale, WRITE_PARTIAL=split_kv,
+                            **plan.meta)
     if split_kv:
-        _merge_launch(plan.device, (plan, aligned), (programs,), tile_request, tile_first, seq_lens, query_start_loc,
-                      m_part, l_part, acc_part, out, tokens, splits, **plan.merge_meta)
+        _merge_launch(plan.device, (plan, aligned), (programs,), seq_lens, query_start_loc, m_part, l_part, acc_part,
+                      out, plan.requests, tokens, splits, **plan.merge_meta)
     return out
 
 
@@ -388,6 +387,5 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                                   max_query_len, max_seq_len, split_kv)
 
 
-_tile_map_launch = KeyedKernel(_tile_map_kernel)
 _paged_attention_launch = KeyedKernel(_paged_attention_kernel)
 _merge_launch = KeyedKernel(_merge_splits_kernel)

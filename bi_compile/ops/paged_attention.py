@@ -278,3 +278,68 @@ library.define_op(
     "Tensor query_start_loc, float scale, int max_query_len, int max_seq_len) -> Tensor",
     fake=_paged_attention_fake, cpu=_paged_attention_on_cpu, triton=_paged_attention_triton,
 )
+
+
+# ---- the KV-cache write that comes with it ----
+
+WRITE_OP = "bi::write_kv_cache"
+library.layout_contract(WRITE_OP, key=Layout.UNIT_STRIDE_ROWS, value=Layout.UNIT_STRIDE_ROWS,
+                        key_cache=Layout.UNIT_STRIDE_ROWS, value_cache=Layout.UNIT_STRIDE_ROWS)
+
+
+@library.memoized_on_metadata
+def _check_write(key, value, key_cache, value_cache, slot_mapping) -> None:
+    tensors = dict(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    library.check_dtype(WRITE_OP, key=key, value=value, key_cache=key_cache, value_cache=value_cache)
+    library.check_dtype(WRITE_OP, INDEX_DTYPES, slot_mapping=slot_mapping)
+    library.check_rank(WRITE_OP, (3,), key=key, value=value)
+    library.check_rank(WRITE_OP, (4,), key_cache=key_cache, value_cache=value_cache)
+    library.check_rank(WRITE_OP, (1,), slot_mapping=slot_mapping)
+    if len({key.dtype, value.dtype, key_cache.dtype, value_cache.dtype}) > 1:
+        raise library.reject(WRITE_OP, "keys, values and the caches must have one dtype", **tensors)
+    if len({t.device for t in tensors.values()}) > 1:
+        raise library.reject(WRITE_OP, "all tensors must be on one device", **tensors)
+    if (key.shape[0] != value.shape[0] or key.shape[1:] != (key_cache.shape[1], key_cache.shape[3])
+            or value.shape[1:] != (value_cache.shape[1], value_cache.shape[3])
+            or key_cache.shape[:3] != value_cache.shape[:3]):
+        raise library.reject(WRITE_OP, "key [T, Hkv, D] and value [T, Hkv, Dv] must match key_cache [blocks, Hkv, "
+                             "block_size, D] and value_cache [blocks, Hkv, block_size, Dv]", **tensors)
+
+
+def _write_kv_cache_fake(key, value, key_cache, value_cache, slot_mapping) -> None:
+    _check_write(key, value, key_cache, value_cache, slot_mapping)
+
+
+def _write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """Indexing with the real tokens' slots (a data-dependent count: eager only; CPUs run no graphs)."""
+    _check_write(key, value, key_cache, value_cache, slot_mapping)
+    library.check_layout(WRITE_OP, key=key, value=value, key_cache=key_cache, value_cache=value_cache)
+    tokens = min(key.shape[0], slot_mapping.shape[0])
+    slots = slot_mapping[:tokens].long()
+    real = slots >= 0
+    slots = slots[real]
+    block_size = key_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    key_cache[blocks, :, offsets] = key[:tokens][real]
+    value_cache[blocks, :, offsets] = value[:tokens][real]
+
+
+def _write_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping) -> None:
+    from bi_compile.kernels import device
+    from bi_compile.kernels.kv_cache import write_kv_cache
+
+    if device.target(key.device).backend is device.Backend.ASCEND:
+        return _write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping)
+    _check_write(key, value, key_cache, value_cache, slot_mapping)
+    library.check_layout(WRITE_OP, key=key, value=value, key_cache=key_cache, value_cache=value_cache)
+    write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+# key [T, Hkv, D] and value [T, Hkv, Dv] of token t -> slot slot_mapping[t] of the paged caches (an exact copy, in
+# place; a negative slot, a padding token, writes nothing): what bi::paged_attention reads. On CUDA one Triton
+# launch that reads the slots on the device (capturable in a CUDA graph).
+library.define_op(
+    "write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) "
+    "-> ()",
+    fake=_write_kv_cache_fake, cpu=_write_kv_cache_torch, triton=_write_kv_cache_triton,
+)

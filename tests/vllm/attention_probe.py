@@ -71,10 +71,11 @@ def backend_round_trip(facts: dict) -> None:
         errors.append((got - ref).abs().max().item())
     facts["round_trip_max_error"] = max(errors)
     facts["padding_row_untouched"] = bool((output[6] == 7.0).all())
-    # The padding token's slot (-1) wrote into vLLM's null block 0 (never a request's), and nowhere else.
+    # The padding token's slot (-1) wrote nowhere: only the requests' own slots hold keys.
     written = ~kv_cache.isnan().all(-1).all(1)  # [blocks, block_size]: slots written
-    facts["null_block_slots_written"] = written[0].nonzero().flatten().tolist()
-    facts["written_blocks"] = sorted(set(written.nonzero()[:, 0].tolist()))
+    facts["written_slots"] = sorted(written.nonzero().tolist())
+    facts["request_slots"] = sorted([int(s) // block_size, int(s) % block_size]
+                                    for r, n in enumerate(seq_lens) for s in slots(r, range(n)))
 
     # A uniform decode step of the same two requests: bounds fixed by the model, not by the step, and the same bits
     # (the bounds only size the GPU kernel's grid).
