@@ -162,3 +162,26 @@ def test_profile_table_gives_each_kernels_time_per_decode_step(monkeypatch):
                           "kernels": [{"name": "_matmul_kernel", "calls": 256, "us": 3200}]}}
     table = profile_table.route_table(result)
     assert "100 µs per decode step" in table and "| `_matmul_kernel` | 256 | 3200 | 50.0 |" in table
+
+
+def test_profile_table_sums_each_kind_of_kernel_per_route(monkeypatch):
+    """stock's cuBLAS and FlashAttention kernels and bi-compile's Triton ones land in the same rows."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_table
+
+    def result(route, kernels):
+        return {"route": route, "profile": {"total_us": 6400, "decode_steps": 64,
+                                            "kernels": [{"name": n, "calls": 1, "us": us} for n, us in kernels]}}
+
+    stock = result("stock", [("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT", 3000),
+                             ("void cublasLt::splitKreduce_kernel<32, 16>", 200),
+                             ("void cutlass::device_kernel<flash::FlashAttnFwdSm90<...>>", 1000),
+                             ("void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>", 300),
+                             ("triton_per_fused_fused_add_rms_norm_0", 400), ("triton_poi_fused_4", 100)])
+    bi = result("bi-graph", [("_matmul_kernel", 3840), ("_paged_attention_kernel", 1280),
+                             ("_merge_splits_kernel", 64), ("_write_kv_cache_kernel", 128), ("_rms_norm_kernel", 640)])
+    table = profile_table.kinds_table([stock, bi])
+    assert "| kernels, µs per decode step | stock | bi-graph |" in table
+    for row in ("| matmul | 50 | 60 |", "| attention | 16 | 21 |", "| KV-cache write | 5 | 2 |", "| norm | 6 | 10 |",
+                "| other | 2 | 0 |", "| all | 100 | 100 |"):
+        assert row in table, row

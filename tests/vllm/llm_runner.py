@@ -41,7 +41,7 @@ WORKLOADS = ("invariance", "sampled", "chunked", "smoke", "profile")
 # The profile workload: where a step's GPU time goes, kernel by kernel (torch.profiler, CUDA graph replays
 # included), for PROFILE_BATCH requests decoding PROFILE_TOKENS tokens each at temperature 1; run once untimed first
 # (Triton compiles), then profiled.
-PROFILE_BATCH, PROFILE_TOKENS, PROFILE_ROWS = 8, 64, 25
+PROFILE_BATCH, PROFILE_TOKENS = 8, 64
 SWITCHES = ("BI_COMPILE_VLLM", "VLLM_BATCH_INVARIANT", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_BREAKABLE_CUDAGRAPH",
             "VLLM_USE_AOT_COMPILE")
 
@@ -91,13 +91,20 @@ def moe_layers(worker) -> list[dict] | None:
 
 def profile_steps(run) -> dict:
     """``run()`` once untimed, then under torch.profiler: the kernels by their own device time (ops by CPU time on a
-    machine without CUDA), summed over the run, and the wall time of the profiled run."""
+    machine without CUDA), summed over the run, and the wall time of the profiled run. On a GPU only the device's
+    own events count: an operator's row (``aten::mm``, ``bi::linear``) holds its kernels' time a second time."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    own_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    if cuda:
+        def own_time(e):
+            return e.self_device_time_total if e.device_type == DeviceType.CUDA else 0
+    else:
+        def own_time(e):
+            return e.self_cpu_time_total
     run()
     sync()
     started = time.perf_counter()
@@ -108,8 +115,7 @@ def profile_steps(run) -> dict:
     events = sorted((e for e in prof.key_averages() if own_time(e) > 0), key=own_time, reverse=True)
     return {"wall_s": round(wall_s, 3), "device": "GPU" if cuda else "CPU", "decode_steps": PROFILE_TOKENS,
             "total_us": round(sum(own_time(e) for e in events)),
-            "kernels": [{"name": e.key[:120], "calls": e.count, "us": round(own_time(e))}
-                        for e in events[:PROFILE_ROWS]]}
+            "kernels": [{"name": e.key[:120], "calls": e.count, "us": round(own_time(e))} for e in events]}
 
 
 def recorded(read):
