@@ -38,10 +38,10 @@ not on the other requests, its place in the batch, or how its request's prompt w
   tile and slot for a row whatever the chunking; one position per tile from G = 64 on). Keys are reduced as in ``bi::attention``: fixed 512-key splits anchored at key 0, chunks in order
   inside a split, split states merged in order with pinned fma; masked keys are exact no-ops and slots past a
   request's length are never read. The grid depends only on T, R, the head counts and the two bounds (tile slots
-  for ``max_query_len``, splits for ``max_seq_len``); a first small kernel finds each slot's (request, first
-  position) on the device from ``seq_lens`` and ``query_start_loc`` and zeroes the padding rows, so the op makes
-  no device-to-host read and a CUDA graph can capture it. A small batch of decodes takes one program per split and
-  a merge kernel, a large one merges in the split programs: the same bits.
+  for ``max_query_len``, splits for ``max_seq_len``); each program finds its slot's (request, first position) on
+  the device from ``seq_lens`` and ``query_start_loc``, and the programs that write the output zero the padding
+  rows, so the op makes no device-to-host read and a CUDA graph can capture it. A small batch of decodes takes one
+  program per split and a merge kernel, a large one merges in the split programs: the same bits.
 - Ascend (PrivateUse1): the requests are gathered into a padded [R, H, max_query_len, D] query and [R, Hkv,
   max_seq_len, D] keys and values with a bool mask, and ``bi::attention`` does the rest (the same 512-key splits),
   so neither the padding nor the batch changes a row's bits; its buffers follow the bounds too.
@@ -287,7 +287,6 @@ library.layout_contract(WRITE_OP, key=Layout.UNIT_STRIDE_ROWS, value=Layout.UNIT
                         key_cache=Layout.UNIT_STRIDE_ROWS, value_cache=Layout.UNIT_STRIDE_ROWS)
 
 
-@library.memoized_on_metadata
 def _check_write(key, value, key_cache, value_cache, slot_mapping) -> None:
     tensors = dict(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
     library.check_dtype(WRITE_OP, key=key, value=value, key_cache=key_cache, value_cache=value_cache)
@@ -310,10 +309,16 @@ def _write_kv_cache_fake(key, value, key_cache, value_cache, slot_mapping) -> No
     _check_write(key, value, key_cache, value_cache, slot_mapping)
 
 
-def _write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping) -> None:
-    """Indexing with the real tokens' slots (a data-dependent count: eager only; CPUs run no graphs)."""
+@library.memoized_on_metadata
+def _prepare_write(key, value, key_cache, value_cache, slot_mapping) -> None:
     _check_write(key, value, key_cache, value_cache, slot_mapping)
     library.check_layout(WRITE_OP, key=key, value=value, key_cache=key_cache, value_cache=value_cache)
+
+
+def _write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """Indexing with the real tokens' slots: a data-dependent count, so eager only (CPUs run no graphs; on Ascend,
+    where this path runs too, bi-compile's vLLM backend is not used: its platform is CPU or CUDA)."""
+    _prepare_write(key, value, key_cache, value_cache, slot_mapping)
     tokens = min(key.shape[0], slot_mapping.shape[0])
     slots = slot_mapping[:tokens].long()
     real = slots >= 0
@@ -330,8 +335,7 @@ def _write_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping) -> 
 
     if device.target(key.device).backend is device.Backend.ASCEND:
         return _write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping)
-    _check_write(key, value, key_cache, value_cache, slot_mapping)
-    library.check_layout(WRITE_OP, key=key, value=value, key_cache=key_cache, value_cache=value_cache)
+    _prepare_write(key, value, key_cache, value_cache, slot_mapping)
     write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
