@@ -35,6 +35,11 @@ def moe_runner(backend=None, quantized: bool = False, use_ep: bool = False, shar
     runner.gate = ReplicatedLinear(K, E, bias=False, params_dtype=torch.float32, prefix="gate")
     runner.shared_expert_gate = (ReplicatedLinear(K, 1, bias=False, params_dtype=torch.float32, prefix="sg")
                                  if shared_gate else None)
+    # vLLM allocates the weights with torch.empty: memory that may hold NaN, which no bitwise comparison survives.
+    for gate in (runner.gate, runner.shared_expert_gate):
+        if gate is not None:
+            with torch.no_grad():
+                gate.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(E))
     runner._shared_experts = None
     runner._fse_fuse_gate = shared_gate
     runner.routed_experts = types.SimpleNamespace(
