@@ -295,14 +295,19 @@ def table_rows(results: dict[str, RouteResult | str], concurrencies: list[int]) 
 
 
 def targets_line(results: dict[str, RouteResult | str], concurrencies: list[int]) -> str:
-    """How many (bi route, concurrency) cells reach every reference's floor."""
+    """How many (bi route, concurrency) cells reach every reference's floor, and how many reach each floor."""
     cells = [(name, c) for name in BI_ROUTES if isinstance(results.get(name), RouteResult) for c in concurrencies]
-    met = [cell for cell in cells
-           if all((r := output_ratio(results, cell[0], ref, cell[1])) is not None and r >= floor
-                  for ref, floor in REFERENCES.items())]
+
+    def reaches(cell: tuple[str, int], ref: str) -> bool:
+        ratio = output_ratio(results, cell[0], ref, cell[1])
+        return ratio is not None and ratio >= REFERENCES[ref]
+
+    met = [cell for cell in cells if all(reaches(cell, ref) for ref in REFERENCES)]
     floors = " and ".join(f">= {floor:.2f}x {ref}" for ref, floor in REFERENCES.items())
+    each = ", ".join(f"{ref} {sum(reaches(cell, ref) for cell in cells)}" for ref in REFERENCES)
     return (f"target for the bi routes' output tok/s: {floors}; met in {len(met)} of {len(cells)} cells"
-            + (f" ({', '.join(f'{n} conc {c}' for n, c in met)})" if met else ""))
+            + (f" ({', '.join(f'{n} conc {c}' for n, c in met)})" if met else "")
+            + f"; cells reaching each floor alone: {each}")
 
 
 def format_table(rows: list[list[str]]) -> str:

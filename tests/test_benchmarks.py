@@ -114,7 +114,8 @@ def test_serve_table_has_a_row_per_route_and_concurrency_against_the_references(
     assert rows[7][0] == "bi-piecewise (failed)" and len(rows[7]) == len(rows[0])
     assert serve.markdown_table(rows).splitlines()[1] == "|" + "---|" * len(rows[0])
     # bi-graph at conc 1: 0.90x stock and 1.80x vllm-bi meets both floors; at conc 8 (0.50x, 1.00x) it meets none.
-    assert serve.targets_line(results, [1, 8]).endswith("met in 1 of 2 cells (bi-graph conc 1)")
+    assert serve.targets_line(results, [1, 8]).endswith(
+        "met in 1 of 2 cells (bi-graph conc 1); cells reaching each floor alone: stock 1, vllm-bi 1")
 
 
 def test_serve_reads_init_compile_and_capture_seconds_from_vllms_log(serve, tmp_path):
