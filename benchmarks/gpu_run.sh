@@ -31,7 +31,8 @@
 #                  and through bi.grouped_mm, timed and bit-checked side by side (needs vLLM importable; ~1 min)
 #   vllm-profile   where a served step's GPU time goes: stock vLLM and the bi-graph route one after the other, 8
 #                  requests decoding 64 tokens under torch.profiler (tests/vllm/llm_runner.py --workloads profile),
-#                  the top kernels by GPU time side by side ($OUT/profile.md; ~3 min)
+#                  GPU time per decode step by kind of kernel with the routes side by side, then each route's top
+#                  kernels ($OUT/profile.md; ~3 min)
 #   vllm-serve     benchmarks/serve.py on the same Qwen3-0.6B-shaped checkpoint: every route back to back, 512 in /
 #                  256 out, concurrency 1 8 64 (extra arguments in SERVE_ARGS; table in $OUT/serve.md, logs in
 #                  $OUT/serve-logs.tgz). A route takes 2-3 minutes: name two a call, e.g. SERVE_ARGS="--routes stock
