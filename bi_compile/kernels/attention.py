@@ -179,6 +179,29 @@ def _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _store_split_state(m_part_ptr, l_part_ptr, acc_part_ptr, part, m, l, acc, rows_written,
+                       VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """A split's fp32 state of the rows ``rows_written`` -> the workspace's rows ``part`` ([.., Dv] for acc)."""
+    dv = tl.arange(0, BLOCK_DV)
+    tl.store(m_part_ptr + part, m, mask=rows_written)
+    tl.store(l_part_ptr + part, l, mask=rows_written)
+    tl.store(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :], acc,
+             mask=rows_written[:, None] & (dv[None, :] < VALUE_DIM))
+
+
+@triton.jit
+def _merge_stored_split(m, l, acc, m_part_ptr, l_part_ptr, acc_part_ptr, part, row_valid,
+                        BLOCK_M: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Fold the state ``_store_split_state`` wrote at rows ``part`` into the running one (``_merge``)."""
+    dv = tl.arange(0, BLOCK_DV)
+    m_split = tl.load(m_part_ptr + part, mask=row_valid, other=float("-inf"))
+    l_split = tl.load(l_part_ptr + part, mask=row_valid, other=0.0)
+    acc_split = tl.load(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :],
+                        mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
+    return _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
+
+
+@triton.jit
 def _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len,
             VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr):
     """out[batch, head, q_pos] = acc / l (out is fresh, laid out [B, L, H, Dv]); a row that saw no key
@@ -247,11 +270,7 @@ def _attention_tile(
             HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
         )
         part = _part_rows(split, pair, rows, num_pairs, num_heads, num_kv_heads, q_len)
-        tl.store(m_part_ptr + part, m, mask=row_valid)
-        tl.store(l_part_ptr + part, l, mask=row_valid)
-        dv = tl.arange(0, BLOCK_DV)
-        tl.store(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :], acc,
-                 mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM))
+        _store_split_state(m_part_ptr, l_part_ptr, acc_part_ptr, part, m, l, acc, row_valid, VALUE_DIM, BLOCK_DV)
     else:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
@@ -301,17 +320,13 @@ def _merge_splits_kernel(
     for pid in range(tl.program_id(0), m_tiles * num_pairs, tl.num_programs(0)):
         pair, rows, batch, kv_head, q_pos, head, row_valid = _tile_rows(
             pid, m_tiles, num_heads, num_kv_heads, q_len, BLOCK_M)
-        dv = tl.arange(0, BLOCK_DV)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for split in range(0, num_splits):
             part = _part_rows(split, pair, rows, num_pairs, num_heads, num_kv_heads, q_len)
-            m_split = tl.load(m_part_ptr + part, mask=row_valid, other=float("-inf"))
-            l_split = tl.load(l_part_ptr + part, mask=row_valid, other=0.0)
-            acc_split = tl.load(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :],
-                                mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
-            m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
+            m, l, acc = _merge_stored_split(m, l, acc, m_part_ptr, l_part_ptr, acc_part_ptr, part, row_valid,
+                                            BLOCK_M, VALUE_DIM, BLOCK_DV)
         _finish(out_ptr, l, acc, batch, head, q_pos, row_valid, num_heads, q_len, VALUE_DIM, BLOCK_DV)
 
 

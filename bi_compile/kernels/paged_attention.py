@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import MAX_WORKSPACE_BYTES, ROW_SUM_N, _merge, attention_config, head_block
+from .attention import (MAX_WORKSPACE_BYTES, ROW_SUM_N, _merge, _merge_stored_split, _store_split_state,
+                        attention_config, head_block)
 from .device import launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
 
@@ -233,13 +234,9 @@ def _paged_attention_kernel(
             stride_kb, stride_ks, stride_vb, stride_vs, scale,
             HEAD_DIM, VALUE_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
         )
-        written = row_valid & (split < tile_splits)
         part = (split * num_tokens + token) * NUM_HEADS + head
-        tl.store(m_part_ptr + part, m, mask=written)
-        tl.store(l_part_ptr + part, l, mask=written)
-        dv = tl.arange(0, BLOCK_DV)
-        tl.store(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :], acc,
-                 mask=written[:, None] & (dv[None, :] < VALUE_DIM))
+        _store_split_state(m_part_ptr, l_part_ptr, acc_part_ptr, part, m, l, acc, row_valid & (split < tile_splits),
+                           VALUE_DIM, BLOCK_DV)
     else:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
@@ -270,17 +267,13 @@ def _merge_splits_kernel(
     request, seq_len, pos, head, token, row_valid, key_end, tile_splits = _tile_rows(
         slot, kv_head, seq_lens_ptr, starts_ptr, num_requests, GROUP, GROUP_BLOCK, BLOCK_M, SPLIT_N, POSITIONS,
         BLOCK_REQUESTS)
-    dv = tl.arange(0, BLOCK_DV)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for split in range(0, tl.minimum(tile_splits, num_splits)):
         part = (split * num_tokens + token) * NUM_HEADS + head
-        m_split = tl.load(m_part_ptr + part, mask=row_valid, other=float("-inf"))
-        l_split = tl.load(l_part_ptr + part, mask=row_valid, other=0.0)
-        acc_split = tl.load(acc_part_ptr + part[:, None] * VALUE_DIM + dv[None, :],
-                            mask=row_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
-        m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
+        m, l, acc = _merge_stored_split(m, l, acc, m_part_ptr, l_part_ptr, acc_part_ptr, part, row_valid,
+                                        BLOCK_M, VALUE_DIM, BLOCK_DV)
     _finish(out_ptr, l, acc, token, head, row_valid, NUM_HEADS, VALUE_DIM, BLOCK_DV)
     _zero_padding(out_ptr, starts_ptr, num_requests, num_tokens, NUM_HEADS * VALUE_DIM, tl.program_id(0),
                   tl.num_programs(0), BLOCK_TOKENS, BLOCK_ELEMENTS)
