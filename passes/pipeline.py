@@ -3,7 +3,8 @@
 Over an ATen-level, functionalized FX graph (Inductor's post-grad graph, aot_autograd's forward graph, vLLM's
 piecewise graphs), in this order:
 
-1. ``unfuse_add_rms_norm`` — fused residual-add + RMSNorm ops become ``aten.add`` + ``bi.rms_norm``;
+1. ``unfuse_add_rms_norm`` — vendors' fused residual-add + RMSNorm ops become ``bi.add_rms_norm`` (``aten.add`` +
+   ``bi.rms_norm`` where the add broadcasts or promotes);
 2. ``replace`` — every op of the replacement table becomes its ``bi`` op (then dead code is dropped);
 3. ``contiguous`` — ``.contiguous()`` in front of exactly the bi-op inputs that break a layout contract;
 4. ``audit`` — every remaining node is classified invariant / variant / unknown, with its source line.

@@ -228,7 +228,8 @@ def test_kernel_split_rows_sum_their_pieces_in_row_order(triton_device, monkeypa
         assert_matches_reference("mean_square" if flags.get("square") else "mean" if flags else "sum", y.cpu(), [-1], False,
                                  torch.float32, full.cpu())
     # A row of 5000 in pieces of 32: 157 partial sums, more than one chunk (64 here), so they are split again.
-    small = reduce.RowPolicy(fused_max=64, tile_elements=64, max_warps=16, loop=reduce.RowBlocking(64, 1, False, 1),
+    small = reduce.RowPolicy(fused_max=64, tile_elements=64, warps=reduce.PackedWarps(512, 8, 16),
+                             centred_warps=reduce.PackedWarps(1024, 4, 16), loop=reduce.RowBlocking(64, 1, False, 1),
                              split=reduce.RowBlocking(block=16, rows=1, fused=False, num_warps=1, piece=2))
     monkeypatch.setitem(reduce.ROW_POLICIES, reduce.Backend.CUDA, small)
     launch, widths = reduce._launch_row_sum, []
