@@ -8,8 +8,8 @@ The target: at M >= 256 rows, >= 80% of the device's copy bandwidth, counting ea
 written once; where a copy of the same bytes cannot reach that (calls of a few MB are launch-bound), 80% of that
 copy (``bar_gbs``). LayerNorm's target (issue 24) is 85% of a copy of the same bytes at M >= 256, widths 768 to 8192
 (GPT-2 to the largest hidden sizes of the LayerNorm families). A row blocking (``reduce.RowBlocking``: chunk length, rows per program, warps) is one fixed reduction
-order per row length, shared by every row kernel (``reduce.row_blocking``), so each width is searched for sum, mean,
-softmax, log_softmax and rms_norm together:
+order per row length, shared by every row kernel (``reduce.row_blocking``; the centring kernels, LayerNorm and
+var_mean, take their own warps), so each width is searched for sum, mean, softmax, log_softmax and rms_norm together:
 
 - rows that fit one chunk (hidden sizes 1024, 4096): rows per program x warps;
 - longer rows (the 151936 vocabulary): chunk lengths x warps, for sum, softmax and log_softmax.
@@ -73,6 +73,7 @@ class Op:
     stock: Callable[[torch.Tensor], torch.Tensor]
     max_m: int = 1 << 20  # vocab rows stop at 8192 (2.5 GB of bf16 logits): larger M adds time, not information
     split: bool = False  # the kernel may split a row across programs (row_blocking(width, split=True))
+    centred: bool = False  # the kernel centres a row on its mean first (row_blocking(width, centred=True))
 
 
 def sum_op(width: int, mean: bool, max_m: int = Op.max_m) -> Op:
@@ -101,7 +102,7 @@ def layer_norm_op(width: int) -> Op:
         return torch.randn(width, device=device).to(dtype), torch.randn(width, device=device).to(dtype)
 
     return Op("layer_norm", width, lambda x, b: layer_norm(x, *affine(x.device, x.dtype), EPS, blocking=b)[0],
-              lambda t: F.layer_norm(t, (width,), *affine(t.device, t.dtype), EPS))
+              lambda t: F.layer_norm(t, (width,), *affine(t.device, t.dtype), EPS), centred=True)
 
 
 # A row blocking is shared by every row kernel (reduce.row_blocking), so each width is searched for all of them.
@@ -162,7 +163,7 @@ def sweep(op: Op, m: int, dtype: torch.dtype, blockings: list[RowBlocking]) -> d
     arg_sets = [first] + [make() for _ in range(graph_sets(first) - 1)]
     io_bytes = first[0].numel() * first[0].element_size() + op.stock(first[0]).numel() * first[0].element_size()
     gbs = lambda us: io_bytes / us / 1e3  # noqa: E731
-    return {"op": op.name, "width": op.width, "m": m, "current": label(row_blocking(op.width, op.split)),
+    return {"op": op.name, "width": op.width, "m": m, "current": label(row_blocking(op.width, op.split, centred=op.centred)),
             "same_size_copy_gbs": copy_gbs(io_bytes),
             "stock_gbs": gbs(time_us(op.stock, arg_sets, True)),
             "current_gbs": gbs(time_us(lambda t: op.run(t, None), arg_sets, True)),

@@ -42,12 +42,25 @@ class RowBlocking:
 
 
 @dataclass(frozen=True)
+class PackedWarps:
+    """Warps of a program that holds ``elements`` row elements: one per ``per_warp`` of them, within [least, most]."""
+
+    per_warp: int
+    least: int
+    most: int
+
+    def __call__(self, elements: int) -> int:
+        return min(self.most, max(self.least, elements // self.per_warp))
+
+
+@dataclass(frozen=True)
 class RowPolicy:
     """How a backend blocks rows; every field is a constant, so a row's blocking is a function of its length."""
 
     fused_max: int  # rows up to this length are one chunk, kept on chip between reduction and output
     tile_elements: int  # shorter rows are packed [ROWS, BLOCK] into one program up to this many elements
-    max_warps: int  # warps of a packed program: 8 up to 4096 elements, then up to this many
+    warps: PackedWarps  # warps of a packed program
+    centred_warps: PackedWarps  # the same for the kernels that centre a row on its mean first (LayerNorm, var_mean)
     loop: RowBlocking  # longer rows: one program each, looping over chunks
     split: RowBlocking  # longer rows where the kernel may cut a row into pieces (row_sum)
 
@@ -59,28 +72,33 @@ ROW_POLICIES = {
     # one program (8 warps) each, and sums the pieces' partial sums in row order: a full reduction (x.sum(): one
     # row) then runs on every SM, not one: 4096 x 151936 bf16 in one row at 3046 GB/s instead of 40 (H100); vocab
     # rows stay within 4% of one 32-warp program per row (docs/lab-log.md, "row_sum cuts long rows into pieces").
-    Backend.CUDA: RowPolicy(fused_max=16384, tile_elements=2048, max_warps=16,
+    # Packed programs: 8 warps up to 4096 elements, 16 above (4096-wide rows on the H100: as fast as 16 warps or up
+    # to 1.2x faster, for every row op). The centring kernels hold two reductions' live values: 4 warps up to 4096
+    # elements, 8 at 8192 (H100, benchmarks/rows.py --ops layer_norm, 2026-12-06: 1.1-1.4x faster than 8-16 warps at
+    # widths 768-1024 and 8192, 2048-8192 rows, docs/benchmarks.md "Row reductions").
+    Backend.CUDA: RowPolicy(fused_max=16384, tile_elements=2048, warps=PackedWarps(512, 8, 16),
+                            centred_warps=PackedWarps(1024, 4, 16),
                             loop=RowBlocking(16384, 1, False, 32), split=RowBlocking(16384, 1, False, 8, piece=2)),
     # A vector core's unified buffer holds 96 KB with double buffering on: chunks of 4096 keep every row kernel's
     # live tiles at 24-48 KB by the compile check's estimate (16384 took 192 KB), and a Qwen3-8B hidden row (4096)
     # is still one chunk, read once. Pieces are 32768 elements, as on CUDA. Warps do not exist there.
-    Backend.ASCEND: RowPolicy(fused_max=4096, tile_elements=4096, max_warps=1,
+    Backend.ASCEND: RowPolicy(fused_max=4096, tile_elements=4096, warps=PackedWarps(1, 1, 1),
+                              centred_warps=PackedWarps(1, 1, 1),
                               loop=RowBlocking(4096, 1, False, 1), split=RowBlocking(4096, 1, False, 1, piece=8)),
 }
 
 
-def row_blocking(n_cols: int, split: bool = False, backend: Backend = Backend.CUDA) -> RowBlocking:
+def row_blocking(n_cols: int, split: bool = False, backend: Backend = Backend.CUDA, centred: bool = False) -> RowBlocking:
     """Launch config for rows of length ``n_cols`` on ``backend``, for a kernel that can (``split``) or cannot split
-    a row across programs. It depends on ``n_cols`` only, never on the number of rows: this is what fixes the
-    reduction order of a row whatever batch it comes in."""
+    a row across programs, and that does or does not centre a row on its mean (``centred``). It depends on ``n_cols``
+    only, never on the number of rows: this is what fixes the reduction order of a row whatever batch it comes in."""
     policy = ROW_POLICIES[backend]
     if n_cols > policy.fused_max:
         return policy.split if split else policy.loop
     block = next_power_of_2(max(n_cols, 1))
     rows = max(1, policy.tile_elements // block)
-    # CUDA: 8 warps up to 4096 elements a program (4096-wide rows on the H100: as fast as 16 warps or up to 1.2x
-    # faster, for every row op), 16 above.
-    return RowBlocking(block, rows, True, num_warps=min(policy.max_warps, max(8, block * rows // 512)))
+    warps = policy.centred_warps if centred else policy.warps
+    return RowBlocking(block, rows, True, num_warps=warps(block * rows))
 
 
 def row_programs(n_tiles: int, device: torch.device) -> int:

@@ -135,7 +135,7 @@ def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | No
     x1, x2 = tensors[0], tensors[-1]
     (x1_outer, x1_inner), (x2_outer, x2_inner) = grid.strides[0], grid.strides[-1]
     backend = target(x1.device).backend
-    cfg = blocking or row_blocking(x1.shape[-1], backend=backend)
+    cfg = blocking or row_blocking(x1.shape[-1], backend=backend, centred=mean is not None)
     weight, bias = (aligned(t) if t is not None else None for t in (weight, bias))
     ints = (grid.n_rows, x1.shape[-1], grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner)
     # The launch key (kernels/launch.py). Outputs are fresh and the weight and bias aligned (``aligned``); an absent
