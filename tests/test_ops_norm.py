@@ -365,6 +365,38 @@ def test_layer_norm_op_triton_path_layouts(triton_device):
         _layer_norm_triton(torch.randn(64, 4, device=triton_device).t(), None, None, EPS)
 
 
+def test_planned_launch_is_the_unplanned_one(triton_device, monkeypatch):
+    """The ops' launch planned once per layout (ops.norm._triton_plan) gives the kernel's unplanned bits, takes the
+    unplanned path where the plan cannot serve (misaligned data, rows that need a copy), and plans a layout once."""
+    from bi_compile.kernels import rms_norm as kernels
+    from bi_compile.ops import norm as ops
+
+    unplanned_launch, unplanned = kernels._launch, []
+    monkeypatch.setattr(kernels, "_launch", lambda *args: unplanned.append(1) or unplanned_launch(*args))
+    buffer = torch.randn(8 * 256 + 1, device=triton_device)
+    layouts = {  # name: (x, whether the plan serves it)
+        "contiguous": (torch.randn(6, 256, device=triton_device), True),
+        "head split": (torch.randn(5, 3 * 4 * 16, device=triton_device)[:, : 4 * 16].view(5, 4, 16), True),
+        "misaligned": (buffer[1:].view(8, 256), False),
+        "rows need a copy": (torch.randn(4, 3, 5, 64, device=triton_device).permute(1, 0, 2, 3), False),
+    }
+    for name, (x, planned) in layouts.items():
+        weight, bias = torch.randn(x.shape[-1], device=triton_device), torch.randn(x.shape[-1], device=triton_device)
+        cases = (
+            (lambda: ops._rms_norm_triton(x, weight, EPS), lambda: kernels.rms_norm(x, weight, EPS)),
+            (lambda: ops._add_rms_norm_triton(x, x, weight, EPS), lambda: kernels.add_rms_norm(x, x, weight, EPS)),
+            (lambda: ops._layer_norm_triton(x, weight, bias, EPS), lambda: kernels.layer_norm(x, weight, bias, EPS)),
+        )
+        for op_call, kernel_call in cases:
+            unplanned.clear()
+            out = op_call()
+            assert unplanned == ([] if planned else [1]), name
+            assert all(torch.equal(a, b) for a, b in zip(out, kernel_call(), strict=True)), name
+            plans = len(ops._triton_plan.memo)
+            op_call()
+            assert len(ops._triton_plan.memo) == plans, name
+
+
 # ---------------------------------------------------------------- GPU
 
 

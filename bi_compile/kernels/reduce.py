@@ -178,6 +178,13 @@ def row_grid(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], RowGrid]
     return tensors, grid
 
 
+def row_grid_in_place(*tensors: torch.Tensor) -> RowGrid | None:
+    """``row_grid``'s grid for tensors of these shapes and strides whose data is 16-byte aligned, where it reads
+    them in place; None where it would copy one. From metadata only, so a launch planned once per layout."""
+    copies, grid = _row_plan(tuple((tuple(t.shape), t.stride(), 0) for t in tensors))
+    return None if any(copies) else grid
+
+
 @functools.lru_cache(maxsize=8192)
 def _row_plan(metas: tuple[RowMeta, ...]) -> tuple[tuple[bool, ...], RowGrid]:
     """``row_grid``'s decisions from the tensors' metadata: which tensors to copy, and the rows' grid."""
@@ -339,8 +346,8 @@ def plan_row_sum(rows: torch.Tensor, device: torch.device, out_dtype: torch.dtyp
     ``out_shape``; else None, and the caller takes ``row_sum``."""
     n_cols = rows.shape[-1]
     cfg = row_blocking(n_cols, split=True, backend=target(device).backend)
-    copies, grid = _row_plan(((tuple(rows.shape), rows.stride(), 0),))
-    if any(copies) or cfg.piece or not n_cols or not math.prod(out_shape):
+    grid = row_grid_in_place(rows)
+    if grid is None or cfg.piece or not n_cols or not math.prod(out_shape):
         return None
     return _row_sum_plan(device, n_cols, grid, tuple(out_shape), out_dtype, out_dtype, mean, square, n_cols, cfg)
 

@@ -15,13 +15,17 @@ registers; longer rows are read once per pass (two for RMSNorm, three for LayerN
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from .device import launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv
-from .reduce import RowBlocking, aligned, row_blocking, row_grid, row_offsets, row_programs
+from .reduce import (RowBlocking, RowGrid, aligned, row_blocking, row_grid, row_grid_in_place, row_offsets,
+                     row_programs)
 
 # The per-row statistic the kernel writes (STAT): RSTD for the norms, which also write y; VAR or STD for
 # var_mean / std_mean, which write no y. Constexpr, so that jitted code may read them (their ``.value`` is launched).
@@ -125,6 +129,42 @@ def _rms_norm_kernel(
         tl.store(stat_ptr + rows, stat.to(stat_ptr.dtype.element_ty), mask=rows < n_rows)
 
 
+@dataclass(frozen=True, eq=False)
+class NormLaunch:
+    """A norm kernel's launch worked out once from metadata: outputs' shape, grid, ints, constexprs and options.
+    Hashed by identity: the plan is the first part of its launches' key (kernels/launch.py), and ``_norm_launch``,
+    which is cached, returns the same plan for the same layout."""
+
+    device: torch.device
+    shape: tuple[int, ...]  # x1's, hence y's and s's; the statistics are shape[:-1] + (1,)
+    grid: tuple[int]
+    ints: tuple[int, ...]
+    meta: dict
+
+
+@functools.lru_cache(maxsize=8192)
+def _norm_launch(device: torch.device, shape: tuple[int, ...], grid: RowGrid, cfg: RowBlocking, has_x2: bool,
+                 has_w: bool, has_b: bool, center: bool, stat_kind: int) -> NormLaunch:
+    (x1_outer, x1_inner), (x2_outer, x2_inner) = grid.strides[0], grid.strides[-1]
+    ints = (grid.n_rows, shape[-1], grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner)
+    meta = dict(HAS_X2=has_x2, HAS_W=has_w, HAS_B=has_b, CENTER=center, STAT=stat_kind, FUSED=cfg.fused,
+                BLOCK=cfg.block, ROWS=cfg.rows, **launch_options(target(device).backend, cfg.num_warps))
+    return NormLaunch(device, shape, (row_programs(cdiv(grid.n_rows, cfg.rows), device),), ints, meta)
+
+
+def _run(plan: NormLaunch, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None,
+         bias: torch.Tensor | None, outputs: tuple[torch.Tensor | None, ...], eps: float, divisor: float) -> None:
+    """Launch ``plan``: x1, x2 (x1 again where there is none) with the plan's layout, weight and bias 16-byte
+    aligned, ``outputs`` = (y, s, mean, stat) fresh (None where the plan computes none)."""
+    y, s, mean, stat = outputs
+    # The launch key (kernels/launch.py): the plan fixes every constexpr and int; the outputs are fresh and the
+    # weight and bias aligned; an absent tensor is replaced by x1 or stat, whose dtype and alignment the key holds.
+    key = (plan, x1.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+           stat.dtype, aligned16(x1), aligned16(x2))
+    _rms_norm_launch(plan.device, key, plan.grid, x1, x2, *(t if t is not None else x1 for t in (weight, bias, y, s)),
+                     mean if mean is not None else stat, stat, *plan.ints, eps, divisor, **plan.meta)
+
+
 def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
             outputs: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor],
             eps: float, divisor: float, stat_kind: tl.constexpr, blocking: RowBlocking | None) -> None:
@@ -133,31 +173,41 @@ def _launch(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | No
     y, s, mean, stat = outputs
     tensors, grid = row_grid(x1, *(() if x2 is None else (x2,)))
     x1, x2 = tensors[0], tensors[-1]
-    (x1_outer, x1_inner), (x2_outer, x2_inner) = grid.strides[0], grid.strides[-1]
-    backend = target(x1.device).backend
-    cfg = blocking or row_blocking(x1.shape[-1], backend=backend, centred=mean is not None)
+    cfg = blocking or row_blocking(x1.shape[-1], backend=target(x1.device).backend, centred=mean is not None)
     weight, bias = (aligned(t) if t is not None else None for t in (weight, bias))
-    ints = (grid.n_rows, x1.shape[-1], grid.n_inner, x1_outer, x1_inner, x2_outer, x2_inner)
-    # The launch key (kernels/launch.py). Outputs are fresh and the weight and bias aligned (``aligned``); an absent
-    # tensor is replaced by x1 or stat, whose dtype and alignment the key holds.
-    key = (cfg, x1.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
-           s is not None, mean is not None, stat_kind.value, stat.dtype, aligned16(x1), aligned16(x2), ints)
-    _rms_norm_launch(
-        x1.device, key, (row_programs(cdiv(grid.n_rows, cfg.rows), x1.device),),
-        x1, x2, *(t if t is not None else x1 for t in (weight, bias, y, s)), mean if mean is not None else stat, stat,
-        *ints, eps, divisor,
-        HAS_X2=s is not None, HAS_W=weight is not None, HAS_B=bias is not None, CENTER=mean is not None,
-        STAT=stat_kind.value, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows,
-        **launch_options(backend, cfg.num_warps),
-    )
+    plan = _norm_launch(x1.device, tuple(x1.shape), grid, cfg, s is not None, weight is not None, bias is not None,
+                        mean is not None, stat_kind.value)
+    _run(plan, x1, x2, weight, bias, outputs, eps, divisor)
 
 
 _rms_norm_launch = KeyedKernel(_rms_norm_kernel)
 
 
+def plan_norm(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+              center: bool) -> NormLaunch | None:
+    """The launch of a norm (rms_norm, add_rms_norm with x2, layer_norm with ``center``) from the inputs' metadata
+    (never their data), for inputs whose rows the kernel reads in place when their data is 16-byte aligned; None
+    where ``row_grid`` would copy them, or where there is nothing to launch."""
+    grid = row_grid_in_place(x1) if x2 is None else row_grid_in_place(x1, x2)
+    if grid is None or not x1.numel():
+        return None
+    cfg = row_blocking(x1.shape[-1], backend=target(x1.device).backend, centred=center)
+    return _norm_launch(x1.device, tuple(x1.shape), grid, cfg, x2 is not None, weight is not None, bias is not None,
+                        center, RSTD.value)
+
+
 def _norm(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-          eps: float, center: bool, blocking: RowBlocking | None):
-    """(y, mean or None, rstd, s or None); statistics [..., 1] fp32."""
+          eps: float, center: bool, blocking: RowBlocking | None, plan: NormLaunch | None):
+    """(y, mean or None, rstd, s or None); statistics [..., 1] fp32. ``plan``: ``plan_norm``'s for these inputs'
+    layout, taken when their data is 16-byte aligned (a compiled graph's call then costs the outputs' allocation
+    and the launch)."""
+    if plan is not None and all(t is None or aligned16(t) for t in (x1, x2, weight, bias)):
+        y = torch.empty(plan.shape, dtype=x1.dtype, device=plan.device)
+        s = None if x2 is None else torch.empty(plan.shape, dtype=x1.dtype, device=plan.device)
+        rstd = torch.empty(plan.shape[:-1] + (1,), dtype=torch.float32, device=plan.device)
+        mean = torch.empty_like(rstd) if center else None
+        _run(plan, x1, x1 if x2 is None else x2, weight, bias, (y, s, mean, rstd), eps, 1.0)
+        return y, mean, rstd, s
     y = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
     s = torch.empty_like(y) if x2 is not None else None
     rstd = torch.empty(x1.shape[:-1] + (1,), dtype=torch.float32, device=x1.device)
@@ -171,25 +221,27 @@ def _norm(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None
     return y, mean, rstd, s
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
-             blocking: RowBlocking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, blocking: RowBlocking | None = None,
+             plan: NormLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim of ``x`` [..., N] -> (y [..., N] in x.dtype, rstd [..., 1] fp32). ``blocking``
-    overrides ``row_blocking(N)``, for benchmarks/rows.py's search."""
-    y, _, rstd, _ = _norm(x, None, weight, None, eps, False, blocking)
+    overrides ``row_blocking(N)``, for benchmarks/rows.py's search; ``plan``: ``plan_norm``'s for x's layout."""
+    y, _, rstd, _ = _norm(x, None, weight, None, eps, False, blocking, plan)
     return y, rstd
 
 
-def add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, eps: float):
-    """``s = x1 + x2`` (rounded to the input dtype), then RMSNorm of s -> (y, rstd, s)."""
-    y, _, rstd, s = _norm(x1, x2, weight, None, eps, False, None)
+def add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
+                 plan: NormLaunch | None = None):
+    """``s = x1 + x2`` (rounded to the input dtype), then RMSNorm of s -> (y, rstd, s); ``plan`` as ``rms_norm``'s."""
+    y, _, rstd, s = _norm(x1, x2, weight, None, eps, False, None, plan)
     return y, rstd, s
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
-               blocking: RowBlocking | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               blocking: RowBlocking | None = None,
+               plan: NormLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm over the last dim of ``x`` [..., N] -> (y [..., N] in x.dtype, mean, rstd [..., 1] fp32).
-    ``blocking`` overrides ``row_blocking(N)``, for benchmarks/rows.py's search."""
-    y, mean, rstd, _ = _norm(x, None, weight, bias, eps, True, blocking)
+    ``blocking`` and ``plan`` as ``rms_norm``'s."""
+    y, mean, rstd, _ = _norm(x, None, weight, bias, eps, True, blocking, plan)
     return y, mean, rstd
 
 

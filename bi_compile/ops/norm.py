@@ -50,6 +50,19 @@ def _check(op: str, weight: torch.Tensor | None, bias: torch.Tensor | None = Non
     library.check_layout(op, weight=weight, bias=bias, **inputs)
 
 
+@library.memoized_on_metadata
+def _triton_plan(op: str, center: bool, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
+                 **inputs: torch.Tensor):
+    """The inputs checked and the kernel's launch planned, once per layout: a compiled graph's later calls with
+    that layout cost one lookup here (docs/benchmarks.md, "Prefill outside CUDA graphs"). None where the kernel
+    copies the rows first (kernels.rms_norm.plan_norm)."""
+    from bi_compile.kernels.rms_norm import plan_norm
+
+    _check(op, weight, bias, **inputs)
+    x1, *x2 = inputs.values()
+    return plan_norm(x1, x2[0] if x2 else None, weight, bias, center)
+
+
 def _flat_rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., N] as contiguous [M, N] (a copy only for a strided x)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
@@ -97,10 +110,9 @@ def _rms_norm_cpu(input, weight, eps):
 
 
 def _rms_norm_triton(input, weight, eps):
-    _check("bi::rms_norm", weight, input=input)
     from bi_compile.kernels.rms_norm import rms_norm as launch
 
-    return launch(input, weight, eps)
+    return launch(input, weight, eps, plan=_triton_plan("bi::rms_norm", False, weight, input=input))
 
 
 library.define_op("rms_norm(Tensor input, Tensor? weight, float eps) -> (Tensor, Tensor)",
@@ -120,10 +132,9 @@ def _add_rms_norm_cpu(x1, x2, weight, eps):
 
 
 def _add_rms_norm_triton(x1, x2, weight, eps):
-    _check("bi::add_rms_norm", weight, x1=x1, x2=x2)
     from bi_compile.kernels.rms_norm import add_rms_norm as launch
 
-    return launch(x1, x2, weight, eps)
+    return launch(x1, x2, weight, eps, plan=_triton_plan("bi::add_rms_norm", False, weight, x1=x1, x2=x2))
 
 
 library.define_op("add_rms_norm(Tensor x1, Tensor x2, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
@@ -142,10 +153,9 @@ def _layer_norm_cpu(input, weight, bias, eps):
 
 
 def _layer_norm_triton(input, weight, bias, eps):
-    _check("bi::layer_norm", weight, bias, input=input)
     from bi_compile.kernels.rms_norm import layer_norm as launch
 
-    return launch(input, weight, bias, eps)
+    return launch(input, weight, bias, eps, plan=_triton_plan("bi::layer_norm", True, weight, bias, input=input))
 
 
 library.define_op("layer_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
