@@ -1,7 +1,7 @@
 """FX passes that make a captured ATen graph batch-invariant (shipped as ``bi_compile.passes``).
 
-``pipeline`` owns the pass order and runs it; each of ``unfuse_add_rms_norm``, ``replace``, ``contiguous`` and
-``audit`` is one pass; ``report`` holds what the audit found and the record of every graph's report;
+``pipeline`` owns the pass order and runs it; each of ``unfuse_add_rms_norm``, ``written_rms_norm``, ``replace``,
+``contiguous`` and ``audit`` is one pass; ``report`` holds what the audit found and the record of every graph's report;
 ``cache_hash`` the version key of all of it. Code outside this package imports from the package only.
 """
 

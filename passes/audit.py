@@ -1,4 +1,4 @@
-"""Pass 4 — audit: classify every call node left in the graph, after the rewrites, and report by source line.
+"""Pass 5 — audit: classify every call node left in the graph, after the rewrites, and report by source line.
 
 - invariant: ``bi`` ops, pointwise ops, views, shape arithmetic, and ops whose result does not depend on a
   reduction order (copies, gathers, sort, integer sums, ...). Among them the reductions that are exact in any order:

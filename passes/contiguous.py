@@ -1,4 +1,4 @@
-"""Pass 3 — contiguous: copy an input to a ``bi`` op only where its strides break the op's layout contract.
+"""Pass 4 — contiguous: copy an input to a ``bi`` op only where its strides break the op's layout contract.
 
 Each bi op declares the strides it reads (``bi_compile.ops.library.LAYOUT_CONTRACTS``). A Triton kernel handed
 strides it does not expect reads the wrong elements — on Ascend that surfaced as the aclgraph "ub overflow" from

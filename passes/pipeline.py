@@ -5,14 +5,17 @@ piecewise graphs), in this order:
 
 1. ``unfuse_add_rms_norm`` — vendors' fused residual-add + RMSNorm ops become ``bi.add_rms_norm`` (``aten.add`` +
    ``bi.rms_norm`` where the add broadcasts or promotes);
-2. ``replace`` — every op of the replacement table becomes its ``bi`` op (then dead code is dropped);
-3. ``contiguous`` — ``.contiguous()`` in front of exactly the bi-op inputs that break a layout contract;
-4. ``audit`` — every remaining node is classified invariant / variant / unknown, with its source line.
+2. ``written_rms_norm`` — an RMSNorm written out in torch ops (transformers'), with the residual add before it,
+   becomes one ``bi.rms_norm`` / ``bi.add_rms_norm`` launch;
+3. ``replace`` — every op of the replacement table becomes its ``bi`` op (then dead code is dropped);
+4. ``contiguous`` — ``.contiguous()`` in front of exactly the bi-op inputs that break a layout contract;
+5. ``audit`` — every remaining node is classified invariant / variant / unknown, with its source line.
 
 Each pass logs one debug line with its count (rewrites, copies or findings) on the ``bi_compile.passes.pipeline``
 logger; with ``BI_COMPILE_DEBUG_DIR`` set, the graph is written there before and after each pass.
 
-The order matters: unfusing first leaves one form of rmsnorm; layouts are checked only once all bi ops exist; the
+The order matters: unfusing first leaves one form of rmsnorm, and a written-out norm is matched whole before
+``replace`` takes its mean apart; layouts are checked only once all bi ops exist; the
 audit sees the final graph. ``BatchInvariantPass`` is an Inductor ``CustomGraphPass`` whose ``uuid()`` hashes the
 source of the passes and of the op contracts, so Inductor's and vLLM's compile caches change when they do.
 """
@@ -35,6 +38,7 @@ from .replace import decompositions_keeping_rewritten_ops, replace_pass
 from .report import Report, record_report
 from .cache_hash import source_hash
 from .unfuse_add_rms_norm import unfuse_add_rms_norm_pass
+from .written_rms_norm import written_rms_norm_pass
 
 
 logger = logging.getLogger(__name__)
@@ -57,10 +61,11 @@ def run_pipeline(graph: Graph, *, strict: bool = False) -> Report:
         logger.debug("bi_compile pass %s: %d", name, count(result))
         return result
 
-    rewrites = run(1, "unfuse_add_rms_norm", unfuse_add_rms_norm_pass) + run(2, "replace", replace_pass)
+    rewrites = (run(1, "unfuse_add_rms_norm", unfuse_add_rms_norm_pass)
+                + run(2, "written_rms_norm", written_rms_norm_pass) + run(3, "replace", replace_pass))
     graph.eliminate_dead_code()
-    copies, copied_inputs = run(3, "contiguous", contiguous_pass, lambda result: sum(result[0].values()))
-    report = run(4, "audit", audit_pass, lambda result: len(result.findings))
+    copies, copied_inputs = run(4, "contiguous", contiguous_pass, lambda result: sum(result[0].values()))
+    report = run(5, "audit", audit_pass, lambda result: len(result.findings))
     report.rewrites, report.copies, report.copied_inputs = dict(rewrites), dict(copies), copied_inputs
     graph.lint()
     return record_report(report, strict=strict)

@@ -1,4 +1,4 @@
-"""Pass 2 — replace: route every non-invariant op of the table below to its batch-invariant ``bi`` op.
+"""Pass 3 — replace: route every non-invariant op of the table below to its batch-invariant ``bi`` op.
 
 Invariant kept: each rewritten node computes the same function (same shapes and dtypes, values within rounding);
 only the reduction order changes, to one fixed per row. ``meta['val']`` of every new node is recomputed under the

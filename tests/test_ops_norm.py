@@ -253,6 +253,23 @@ def test_bad_inputs_raise_bi_input_error():
         assert "shape=" in message and "stride=" in message and "dtype=" in message, message
 
 
+def test_eps_tensor_overloads_read_a_traced_float():
+    """The eps_tensor overloads (what passes/written_rms_norm.py writes where torch.compile made the epsilon a 0-dim
+    CPU tensor input) equal the float ones bitwise, fp64 and fp32 epsilons alike; any other eps is refused by name."""
+    x, weight = torch.randn(5, 64).bfloat16(), torch.randn(64).bfloat16()
+    for eps in (torch.tensor(1e-6, dtype=torch.float64), torch.tensor(1e-6)):
+        got, want = torch.ops.bi.rms_norm.eps_tensor(x, weight, eps), torch.ops.bi.rms_norm(x, weight, 1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        got, want = torch.ops.bi.add_rms_norm.eps_tensor(x, x, weight, eps), torch.ops.bi.add_rms_norm(x, x, weight, 1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for eps, needle in ((torch.ones(1), "shape=(1,)"), (torch.tensor(1), "dtype=torch.int64")):
+        for name, args in (("rms_norm", (x, weight)), ("add_rms_norm", (x, x, weight))):
+            with pytest.raises(BIInputError) as info:
+                getattr(torch.ops.bi, name).eps_tensor(*args, eps)
+            assert f"bi::{name}.eps_tensor: eps must be a float, or a 0-dim floating CPU tensor" in str(info.value)
+            assert needle in str(info.value)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 

@@ -307,6 +307,97 @@ def test_written_out_rms_norm_variance_becomes_mean_square_of_the_narrow_input()
         torch.testing.assert_close(got, want, rtol=2e-2 if got.dtype == torch.bfloat16 else 1e-5, atol=1e-5)
 
 
+class ResidualRMSNorm(torch.nn.Module):
+    """transformers' residual add + RMSNorm, written out (Llama, Qwen)."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(hidden, dtype=dtype))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x, residual):
+        total = residual + x
+        h = total.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(total.dtype), total
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dynamic", [False, True])  # True: torch.compile passes the epsilon as a 0-dim tensor input
+def test_written_out_rms_norm_and_its_residual_add_become_one_launch(dtype, dynamic):
+    torch.manual_seed(0)
+    norm = ResidualRMSNorm(64, dtype)
+    x, residual = torch.randn(5, 3, 64, dtype=dtype), torch.randn(5, 3, 64, dtype=dtype)
+    with torch.no_grad():
+        gm, report, (y, total) = rewritten(norm, x, residual, dynamic=dynamic)
+        want_y, want_total = norm(x, residual)
+    overload = "eps_tensor" if dynamic else "default"
+    assert report.rewrites == {f"written-out add + rmsnorm -> bi.add_rms_norm.{overload}": 1}
+    ops = targets(gm)
+    assert ops[f"bi.add_rms_norm.{overload}"] == 1
+    assert not {"aten.add.Tensor", "aten.mean.dim", "aten.pow.Tensor_Scalar", "aten.rsqrt.default"} & set(ops)
+    assert torch.equal(total, want_total)  # the sum the next layer reads is aten's add, bit for bit
+    # One rounding (eager rounds before the weight too): within an ulp of the input dtype.
+    torch.testing.assert_close(y, want_y, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    alone = rewritten(norm, x[2:3], residual[2:3], dynamic=dynamic)[2]
+    assert all(torch.equal(row, whole[2:3]) for row, whole in zip(alone, (y, total)))
+
+
+def test_written_out_rms_norm_without_add_or_weight():
+    def fn(x):
+        h = x.float()
+        normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+        return normed, (x * x).float()
+
+    x = torch.randn(4, 32).half()
+    gm, report, (y, _) = rewritten(fn, x)
+    assert report.rewrites == {"written-out rmsnorm -> bi.rms_norm.default": 1}
+    assert gm.graph.find_nodes(op="call_function", target=torch.ops.bi.rms_norm.default)[0].args[1] is None
+    torch.testing.assert_close(y, fn(x)[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nn_rms_norm_after_a_residual_add_becomes_one_launch(dtype):
+    """torch.nn.RMSNorm reaches the graph as aten.rms_norm's decomposition (its epsilon an add.Scalar)."""
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(64, eps=1e-6, dtype=dtype)
+    torch.nn.init.normal_(norm.weight)
+    x, residual = torch.randn(4, 3, 64, dtype=dtype), torch.randn(4, 3, 64, dtype=dtype)
+    with torch.no_grad():
+        _, report, out = rewritten(lambda x, r: norm(x + r), x, residual)
+        want = norm(x + residual)
+    assert report.rewrites == {"written-out add + rmsnorm -> bi.add_rms_norm.default": 1}
+    torch.testing.assert_close(out, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_written_out_norms_that_differ_stay_for_replace():
+    """Chains that are not exactly a norm bi.rms_norm computes keep their ops (their mean becomes bi.mean_square):
+    Gemma's 1 + w, an rstd the graph also returns, a norm over another dim. Two take bi.rms_norm for the norm alone
+    and leave the rest to Inductor: an fp32 weight on a bf16 input (the product promotes) and vLLM's residual summed
+    in fp32 (normalized unrounded: the fp32 sum is the norm's input, not two addends of bi.add_rms_norm)."""
+    w16, w32 = torch.randn(64).bfloat16(), torch.randn(64)
+
+    def normed(h, eps=1e-6):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+    def fn(x, r):
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        summed = x.float() + r.float()
+        return (normed(h) * (1.0 + w16.float()), (h * rstd).to(x.dtype), rstd,
+                h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + 1e-6),
+                w32 * normed(h).to(x.dtype), w16 * normed(summed).to(x.dtype))
+
+    x, r = torch.randn(6, 64).bfloat16(), torch.randn(6, 64).bfloat16()
+    gm, report, out = rewritten(fn, x, r)
+    assert report.rewrites == {"written-out rmsnorm -> bi.rms_norm.default": 2, "aten.mean.dim -> bi.mean_square": 3}
+    norms = gm.graph.find_nodes(op="call_function", target=torch.ops.bi.rms_norm.default)
+    assert sorted(str(fake_value(n.args[0]).dtype) for n in norms) == ["torch.bfloat16", "torch.float32"]
+    assert all(n.args[1] is None for n in norms) and report.findings == []
+    for got, want in zip(out, fn(x, r)):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-5)
+
+
 def test_repeated_kv_heads_reach_bi_attention_unrepeated():
     """transformers' repeat_kv (expand + reshape of the kv heads, taken when a mask is given) is undone: bi.attention
     reads the [B, Hkv, S, D] tensors with GQA, and the repeated copies leave the graph."""
@@ -322,7 +413,10 @@ def test_repeated_kv_heads_reach_bi_attention_unrepeated():
     assert len(attentions) == 2 and report.findings == []
     assert all(fake_value(n.kwargs[kv]).shape[1] == 2 for n in attentions for kv in ("key", "value"))
     assert not any(n.target is torch.ops.aten.expand.default and fake_value(n).dim() == 5 for n in gm.graph.nodes)
-    assert report.rewrites["aten.mean.dim -> bi.mean_square"] == 2 * 4 + 1  # input, post-attention, q and k norms; final
+    # Per layer: the q and k norms; the input and post-attention norms with the residual add before them (layer 0's
+    # input norm reads the embedding: no add); the final norm with the last add.
+    assert report.rewrites["written-out rmsnorm -> bi.rms_norm.default"] == 2 * 2 + 1
+    assert report.rewrites["written-out add + rmsnorm -> bi.add_rms_norm.default"] == 2 * 2 - 1 + 1
     torch.testing.assert_close(out[0], logits(ids, attention_mask)[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1, :5], logits(ids, attention_mask)[1, :5], rtol=1e-4, atol=1e-4)
 
@@ -354,12 +448,12 @@ def test_each_pass_logs_its_count_and_can_dump_the_graph_around_it(caplog, monke
     with caplog.at_level(logging.DEBUG, logger="bi_compile.passes.pipeline"):
         rewritten(lambda x, w: torch.softmax(x @ w, -1), torch.randn(4, 8), torch.randn(8, 8))
     assert [r.getMessage() for r in caplog.records if r.name == "bi_compile.passes.pipeline"] == [
-        "bi_compile pass unfuse_add_rms_norm: 0", "bi_compile pass replace: 2", "bi_compile pass contiguous: 0",
-        "bi_compile pass audit: 0"]
+        "bi_compile pass unfuse_add_rms_norm: 0", "bi_compile pass written_rms_norm: 0", "bi_compile pass replace: 2",
+        "bi_compile pass contiguous: 0", "bi_compile pass audit: 0"]
     dumps = {path.name.split("-", 1)[1]: path.read_text() for path in tmp_path.iterdir()}
-    assert len(dumps) == 8
-    assert "aten.mm" in dumps["2-replace-before.txt"] and "bi.mm" not in dumps["2-replace-before.txt"]
-    assert "aten.mm" not in dumps["2-replace-after.txt"] and "bi.mm" in dumps["2-replace-after.txt"]
+    assert len(dumps) == 10
+    assert "aten.mm" in dumps["3-replace-before.txt"] and "bi.mm" not in dumps["3-replace-before.txt"]
+    assert "aten.mm" not in dumps["3-replace-after.txt"] and "bi.mm" in dumps["3-replace-after.txt"]
 
 
 def tiny_layer_norm_model(family: str):
