@@ -414,6 +414,51 @@ def test_planned_launch_is_the_unplanned_one(triton_device, monkeypatch):
             assert len(ops._triton_plan.memo) == plans, name
 
 
+def test_compiled_norm_replays_run_no_checks_or_planning(triton_device, monkeypatch):
+    """A compiled graph of the norm ops, replayed with batch sizes it has met, runs neither the input checks nor the
+    planning (both memoized on the inputs' metadata; the fake impls checked the graph at trace time), and keeps
+    the bits of its first calls. On the CPU the Triton implementation stands in for the CPU path."""
+    import warnings
+
+    import torch._dynamo.testing
+
+    from bi_compile.kernels import rms_norm as kernels
+    from bi_compile.ops import library
+    from bi_compile.ops import norm as ops
+
+    calls = []
+
+    def counted(fn):
+        return lambda *args, **kwargs: calls.append(fn.__name__) or fn(*args, **kwargs)
+
+    monkeypatch.setattr(library.Layout, "accepts", counted(library.Layout.accepts))
+    monkeypatch.setattr(kernels, "plan_norm", counted(kernels.plan_norm))
+    for memoized in (ops._check, ops._triton_plan, library.check_layout):
+        memoized.memo.clear()
+    weight = torch.randn(64, device=triton_device)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if triton_device == "cuda" else "aot_eager")
+
+    def step(x, residual):
+        y, _, s = torch.ops.bi.add_rms_norm(x, residual, weight, EPS)
+        return torch.ops.bi.rms_norm(y.view(-1, 4, 16), None, EPS)[0], s
+
+    with torch.library._scoped_library("bi", "IMPL") as lib:
+        if triton_device == "cpu":
+            with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+                warnings.simplefilter("ignore", UserWarning)
+                lib.impl("add_rms_norm", ops._add_rms_norm_triton, "CPU")
+                lib.impl("rms_norm", ops._rms_norm_triton, "CPU")
+        compiled = torch.compile(step, backend=counter, dynamic=True)
+        torch._dynamo.reset()
+        inputs = [(torch.randn(m, 64, device=triton_device), torch.randn(m, 64, device=triton_device)) for m in (3, 9)]
+        first = [compiled(*args) for args in inputs]
+        assert "plan_norm" in calls and "accepts" in calls
+        calls.clear()
+        again = [compiled(*args) for args in inputs for _ in range(2)]
+    assert calls == []
+    assert all(torch.equal(a, b) for outs, more in zip(first, again[::2]) for a, b in zip(outs, more))
+
+
 # ---------------------------------------------------------------- GPU
 
 
