@@ -141,33 +141,30 @@ library.define_op("add_rms_norm(Tensor x1, Tensor x2, Tensor? weight, float eps)
                   fake=_add_rms_norm_fake, cpu=_add_rms_norm_cpu, triton=_add_rms_norm_triton)
 
 
-def _eps_read(op: str, value: bool):
-    """A wrapper of an impl of ``op`` for its ``eps_tensor`` overload, whose last argument, eps, is the 0-dim CPU
-    tensor that torch.compile makes of a float it traces as an input (an RMSNorm module's epsilon): the impl gets
-    its value, read on the host (``value``), or 0.0 (the fake impls, which read no data)."""
+def _with_eps_tensor(op: str, impl, *, read: bool):
+    """``impl`` of a norm for ``op``, its ``eps_tensor`` overload, whose last argument, eps, is the 0-dim CPU tensor
+    that torch.compile makes of a float it traces as an input (an RMSNorm module's epsilon): ``impl`` gets its value,
+    read on the host (``read``), or 0.0 (the fake impls, which read no data)."""
 
-    def wrap(impl):
-        def call(*args):
-            *inputs, eps = args
-            if eps.dim() != 0 or eps.device.type != "cpu" or not eps.is_floating_point():
-                raise library.reject(op, "eps must be a float, or a 0-dim floating CPU tensor", eps=eps)
-            return impl(*inputs, eps.item() if value else 0.0)
+    def call(*args):
+        *inputs, eps = args
+        if eps.dim() != 0 or eps.device.type != "cpu" or not eps.is_floating_point():
+            raise library.reject(op, "eps must be a float, or a 0-dim floating CPU tensor", eps=eps)
+        return impl(*inputs, eps.item() if read else 0.0)
 
-        return call
-
-    return wrap
+    return call
 
 
 # The same norms with eps as a tensor: what passes/written_rms_norm.py writes where the epsilon is a graph input.
-for _schema, _impls in (
+for _schema, (_fake, _cpu, _triton) in (
     ("rms_norm.eps_tensor(Tensor input, Tensor? weight, Tensor eps) -> (Tensor, Tensor)",
      (_rms_norm_fake, _rms_norm_cpu, _rms_norm_triton)),
     ("add_rms_norm.eps_tensor(Tensor x1, Tensor x2, Tensor? weight, Tensor eps) -> (Tensor, Tensor, Tensor)",
      (_add_rms_norm_fake, _add_rms_norm_cpu, _add_rms_norm_triton)),
 ):
     _op = "bi::" + _schema.split("(", 1)[0]
-    library.define_op(_schema, fake=_eps_read(_op, False)(_impls[0]), cpu=_eps_read(_op, True)(_impls[1]),
-                      triton=_eps_read(_op, True)(_impls[2]))
+    library.define_op(_schema, fake=_with_eps_tensor(_op, _fake, read=False),
+                      cpu=_with_eps_tensor(_op, _cpu, read=True), triton=_with_eps_tensor(_op, _triton, read=True))
 
 
 def _layer_norm_fake(input, weight, bias, eps):
