@@ -163,7 +163,8 @@ def sweep(op: Op, m: int, dtype: torch.dtype, blockings: list[RowBlocking]) -> d
     arg_sets = [first] + [make() for _ in range(graph_sets(first) - 1)]
     io_bytes = first[0].numel() * first[0].element_size() + op.stock(first[0]).numel() * first[0].element_size()
     gbs = lambda us: io_bytes / us / 1e3  # noqa: E731
-    return {"op": op.name, "width": op.width, "m": m, "current": label(row_blocking(op.width, op.split, centred=op.centred)),
+    current = row_blocking(op.width, op.split, centred=op.centred)
+    return {"op": op.name, "width": op.width, "m": m, "current": label(current),
             "same_size_copy_gbs": copy_gbs(io_bytes),
             "stock_gbs": gbs(time_us(op.stock, arg_sets, True)),
             "current_gbs": gbs(time_us(lambda t: op.run(t, None), arg_sets, True)),

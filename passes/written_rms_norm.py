@@ -127,16 +127,16 @@ def with_weight(x: Node, y: Node, eps: float | Node) -> tuple[Node, Node, Node |
     return x, y, None, eps
 
 
-def residual_addends(x: Node, weight: Node | None, eps: float | Node) -> tuple[Node, Node] | None:
+def residual_addends(x: Node, weight: Node | None, eps: float | Node,
+                     order: dict[Node, int]) -> tuple[Node, Node] | None:
     """``(a, b)`` when ``x = a + b`` is a plain add of one dtype and shape whose norm can be launched where the sum
-    is made (the weight and epsilon are defined before it)."""
+    is made (the weight and epsilon come before it in ``order``, the graph's)."""
     add = producer(x, aten.add.Tensor)
     if add is None or add.kwargs.get("alpha", 1) != 1 or not all(isinstance(a, Node) for a in add.args[:2]):
         return None
     a, b = add.args[:2]
     if widened_from(a) is not a or widened_from(b) is not b:
         return None  # a sum taken in fp32 of half addends (vLLM's): the widened copies would have to be written out
-    order = {node: i for i, node in enumerate(x.graph.nodes)}
     inputs = [n for n in (weight, eps) if isinstance(n, Node)]
     if not same_dtype_and_shape(a, b) or any(order[n] > order[x] for n in inputs):
         return None
@@ -145,13 +145,14 @@ def residual_addends(x: Node, weight: Node | None, eps: float | Node) -> tuple[N
 
 def written_rms_norm_pass(graph: Graph) -> Counter:
     rewrites: Counter = Counter()
+    order = {node: i for i, node in enumerate(graph.nodes)}  # of the nodes a match reads: none is inserted later
     for mean in list(graph.nodes):
         found = match(mean) if producer(mean, aten.mean.dim) is not None else None
         if found is None:
             continue
         x, y, weight, eps = found
         overload = "eps_tensor" if isinstance(eps, Node) else "default"
-        addends = residual_addends(x, weight, eps)
+        addends = residual_addends(x, weight, eps, order)
         if addends is not None:
             norm_op = getattr(torch.ops.bi.add_rms_norm, overload)
             norm = insert_call(graph, norm_op, (*addends, weight, eps), origin=x.next)

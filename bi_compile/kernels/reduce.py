@@ -88,7 +88,8 @@ ROW_POLICIES = {
 }
 
 
-def row_blocking(n_cols: int, split: bool = False, backend: Backend = Backend.CUDA, centred: bool = False) -> RowBlocking:
+def row_blocking(n_cols: int, split: bool = False, backend: Backend = Backend.CUDA,
+                 centred: bool = False) -> RowBlocking:
     """Launch config for rows of length ``n_cols`` on ``backend``, for a kernel that can (``split``) or cannot split
     a row across programs, and that does or does not centre a row on its mean (``centred``). It depends on ``n_cols``
     only, never on the number of rows: this is what fixes the reduction order of a row whatever batch it comes in."""
