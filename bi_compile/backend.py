@@ -47,6 +47,8 @@ class BackendOptions:
     inner: str = "inductor"  # "inductor" | "eager"
     strict: bool = False  # raise on any node left variant or unknown, instead of warning
     cudagraphs: bool = False  # Inductor's CUDA-graph trees around the compiled graph
+    # Inductor emits the launches of the bi kernels that allow it itself, with no op call (passes/native_launch.py)
+    native_launch: bool = True
 
     @classmethod
     def parse(cls, options: dict | None, mode: str | None = None) -> BackendOptions:
@@ -95,7 +97,7 @@ def inductor_decompositions() -> InductorDecompositions:
 def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     opts = BackendOptions.parse(options, mode)
     check_running_vllm()  # vLLM's whole-graph route: refuse engine settings that break invariance (else a no-op)
-    pipeline = BatchInvariantPass(strict=opts.strict)
+    pipeline = BatchInvariantPass(strict=opts.strict, native_launch=opts.native_launch and opts.inner == "inductor")
     if opts.inner == "eager":
         def rewrite_and_run(graph_module, _inputs):
             pipeline(graph_module.graph)

@@ -1,7 +1,7 @@
 """The hash that keys compile caches to the pipeline's version: a leaf module, importing nothing of bi-compile.
 
 It covers everything that decides a rewritten graph and its report: the passes, the op definitions with their
-layout contracts, and how reports are kept for cached graphs (``bi_compile/report_cache.py``: a graph cached
+layout contracts, the kernels (whose launches the native_launch pass writes into the graph), and how reports are kept for cached graphs (``bi_compile/report_cache.py``: a graph cached
 before that changed has none on record). ``BatchInvariantPass.uuid()`` puts it into Inductor's and vLLM's cache
 keys, and the backend into the key of its saved reports.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 def source_hash() -> str:
     package = Path(importlib.util.find_spec("bi_compile").origin).parent  # found, not imported
     paths = [package / "report_cache.py"]
-    for folder in (Path(__file__).parent, package / "ops"):
+    for folder in (Path(__file__).parent, package / "ops", package / "kernels"):
         paths += sorted(folder.glob("*.py"))
     digest = hashlib.sha256()
     for path in paths:

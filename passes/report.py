@@ -25,6 +25,8 @@ class Report:
     rewrites: dict[str, int] = field(default_factory=dict)  # "aten.mm.default -> bi.linear": 4
     copies: dict[str, int] = field(default_factory=dict)  # "bi::softmax:self": 1 (contiguous copies inserted)
     copied_inputs: list[str] = field(default_factory=list)  # graph inputs copied on every call (should be none)
+    # bi op calls whose kernel launch Inductor emits itself (passes/native_launch.py): "bi.rms_norm.default": 2
+    native_launches: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {"invariant": 0, "variant": 0, "unknown": 0})
     findings: list[Finding] = field(default_factory=list)
     # Other libraries' ops counted invariant by construction (passes/audit.py): target -> why.
@@ -41,7 +43,7 @@ class Report:
         merged = cls()
         for report in reports:
             for mine, theirs in ((merged.rewrites, report.rewrites), (merged.copies, report.copies),
-                                 (merged.counts, report.counts)):
+                                 (merged.native_launches, report.native_launches), (merged.counts, report.counts)):
                 for key, n in theirs.items():
                     mine[key] = mine.get(key, 0) + n
             merged.copied_inputs += report.copied_inputs

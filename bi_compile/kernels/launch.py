@@ -20,6 +20,7 @@ interpreter, triton-ascend) every launch takes Triton's own path.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -91,3 +92,45 @@ class KeyedKernel:
 def _is_set(hook) -> bool:
     """Whether a launch hook would call anything: Triton 3.6's knobs hold a chain of hooks, possibly empty."""
     return bool(hook.calls) if hasattr(hook, "calls") else hook is not None
+
+
+def emit_launch(kernel: triton.runtime.JITFunction, grid: tuple, outputs: dict[str, torch.Tensor], num_warps: int,
+                num_stages: int | None = None, *, in_place: bool = False, tma_blocks: dict | None = None,
+                **args) -> dict[str, torch.Tensor]:
+    """``kernel[grid](**args, **outputs)`` as a node of the graph being traced (``make_fx``): the higher-order op
+    that ``torch.library.wrap_triton`` records, so that Inductor lowers the launch itself and emits it in its
+    generated code like one of its own kernels, with no custom-op dispatch or Python launcher of ours at run time.
+    ``outputs`` are the fresh tensors the kernel writes (nothing else is written); ``grid`` and the int ``args``
+    may be symbolic. ``tma_blocks`` names the tensor arguments the kernel takes as TMA descriptors, with their block
+    shapes: Inductor builds each descriptor from the tensor (Triton's ``TensorDescriptor.from_tensor``) at the
+    launch. Returns the written ``outputs`` by name.
+
+    The launch is recorded in its functional form, which Inductor's post-grad passes reinplace into ``outputs``;
+    ``in_place`` records the in-place form instead, for a graph no post-grad pass will see (a ``torch.cond``
+    branch made after Inductor ran its passes over the branches), where the functional form would cost a copy."""
+    from torch._higher_order_ops.triton_kernel_wrap import (kernel_side_table, triton_kernel_wrapper_functional,
+                                                            triton_kernel_wrapper_mutation)
+    from torch.fx.node import base_types
+
+    every = {**args, **outputs}
+    graphable = {name: value for name, value in every.items() if isinstance(value, base_types)}
+    launch = dict(
+        kernel_idx=kernel_side_table.add_kernel(_one_config(kernel, num_warps, num_stages)),
+        constant_args_idx=kernel_side_table.add_constant_args({k: v for k, v in every.items() if k not in graphable}),
+        grid=[tuple(grid) + (1,) * (3 - len(grid))],
+        tma_descriptor_metadata={name: ("stable", (list(block),)) for name, block in (tma_blocks or {}).items()},
+        kwargs=graphable,
+    )
+    if in_place:
+        triton_kernel_wrapper_mutation(**launch)
+        return outputs
+    written = triton_kernel_wrapper_functional(**launch, tensors_to_clone=list(outputs))
+    return {name: written[name] for name in outputs}
+
+
+@functools.cache
+def _one_config(kernel: triton.runtime.JITFunction, num_warps: int, num_stages: int | None):
+    """The kernel with its launch options as the one config of an autotuner (how torch.compile passes a user
+    kernel's num_warps and num_stages to Inductor); one object per options, as the side table keys on identity."""
+    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    return triton.autotune(configs=[triton.Config({}, **options)], key=[])(kernel)

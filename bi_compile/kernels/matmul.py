@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .device import Backend, Target, launch_options, target
-from .launch import KeyedKernel, aligned16, cdiv
+from .launch import KeyedKernel, aligned16, cdiv, emit_launch
 
 
 @dataclass(frozen=True)
@@ -411,6 +411,74 @@ def launch_linear(plan: MatmulPlan, input: torch.Tensor, weight: torch.Tensor, b
 
 
 _matmul_launch = KeyedKernel(_matmul_kernel)
+
+
+# The M at which a native launch picks the tiles of the table's last, unbounded range (pick_tiles weighs the
+# candidates by the waves they make at that M; a row's bits do not depend on which one runs).
+NATIVE_LARGE_M = 8192
+
+
+def native_tile_ranges(n: int, dtype: torch.dtype, device_target: Target) -> list[tuple[int, TileConfig]]:
+    """(largest M, tiles) per range of the device's tile table: ``pick_tiles`` at the range's largest M (the last
+    range's at NATIVE_LARGE_M), one tile per range, so that a graph holds one launch per range."""
+    table = tile_table(device_target)
+    return [(max_m, pick_tiles(min(max_m, NATIVE_LARGE_M), n, dtype, device_target.cube_cores, table=table))
+            for max_m, _ in table[dtype]]
+
+
+def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``input [..., K] @ weight[N, K].T + bias[N]`` as launches that Inductor emits itself (``launch.emit_launch``),
+    for a graph being traced with contiguous operands on a CUDA device and K and N static: a fresh contiguous
+    [..., N]. The tiles follow the run-time M, never the trace's: one ``cond`` per range of the tile table
+    (``native_tile_ranges``) takes the branch of the range M falls in when the graph runs (Inductor emits it as
+    an ``if`` in its generated code), unless M is static. The K order is the one of every launch of the kernel.
+    (The ``cond`` operator itself, not ``torch.cond``, which would have Dynamo trace the branches, and Dynamo
+    cannot trace Triton's autotuner being built.)"""
+    k, n = input.shape[-1], weight.shape[0]
+    ranges = native_tile_ranges(n, input.dtype, target(input.device))
+
+    a = input.reshape(-1, k)
+    m = a.shape[0]
+    if isinstance(m, int):
+        tiles = next(tiles for max_m, tiles in ranges if m <= max_m)
+        return _emit_matmul(a, weight, bias, tiles, in_place=False).reshape(*input.shape[:-1], n)
+
+    def branch(tiles: TileConfig):
+        return lambda a, w, *b: _emit_matmul(a, w, b[0] if b else None, tiles, in_place=True)
+
+    def choose(first: int):
+        """The launch for M in ranges[first:]: that range's, or (M past it) the choice among the rest."""
+        max_m, tiles = ranges[first]
+        if first == len(ranges) - 1:
+            return branch(tiles)
+        return lambda *operands: torch.ops.higher_order.cond(m <= max_m, branch(tiles), choose(first + 1), operands)
+
+    operands = (a, weight) if bias is None else (a, weight, bias)
+    return choose(0)(*operands).reshape(*input.shape[:-1], n)
+
+
+def _emit_matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: TileConfig, *,
+                 in_place: bool) -> torch.Tensor:
+    """One launch of the kernel with ``tiles``: a [M, K] and weight [N, K] contiguous -> a fresh [M, N]
+    (``in_place``: inside a ``torch.cond`` branch, ``emit_launch``'s in-place form)."""
+    (m, k), n = a.shape, weight.shape[0]
+    device_target = target(a.device)
+    block_k = tiles.block_k or BLOCK_K[a.dtype]
+    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
+    grid = torch.sym_min(num_tiles, device_target.cube_cores) if tiles.persistent else num_tiles
+    # TMA as plan_matmul allows it: a and the weight are contiguous rows of K, so 16-byte aligned row strides.
+    tma = tiles.tma and device_target.tma and k * a.dtype.itemsize % 16 == 0
+    written = emit_launch(
+        _matmul_kernel, (grid,), {"c_ptr": out}, tiles.num_warps, tiles.num_stages, in_place=in_place,
+        tma_blocks={"a_ptr": (tiles.block_m, block_k), "b_ptr": (tiles.block_n, block_k)} if tma else None,
+        a_ptr=a, b_ptr=weight, bias_ptr=a if bias is None else bias,
+        M=m, N=n, K=k, BATCH=1, stride_ab=m * k, stride_am=k, stride_bb=0, stride_bk=1, stride_bn=k,
+        stride_biasb=0, stride_biasm=0, stride_biasn=1, stride_cb=m * n, stride_cm=n, alpha=1.0, beta=1.0,
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, TMA=tma, B_UNIT_STRIDE_K=True,
+        FLATTEN=tiles.persistent and a.device.type == "cuda", INPUT_PRECISION=device_target.dot_precision(a.dtype),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP_M=tiles.group_m)
+    return written["c_ptr"]
 
 
 # grouped_matmul's tiles per backend: the groups' sizes are data (routing), so one config per dtype; on CUDA the one

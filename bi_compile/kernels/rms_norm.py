@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .device import launch_options, target
-from .launch import KeyedKernel, aligned16, cdiv
+from .launch import KeyedKernel, aligned16, cdiv, emit_launch
 from .reduce import (RowBlocking, RowGrid, aligned, row_blocking, row_grid, row_grid_in_place, row_offsets,
                      row_programs)
 
@@ -194,6 +194,32 @@ def plan_norm(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | 
     cfg = row_blocking(x1.shape[-1], backend=target(x1.device).backend, centred=center)
     return _norm_launch(x1.device, tuple(x1.shape), grid, cfg, x2 is not None, weight is not None, bias is not None,
                         center, RSTD.value)
+
+
+def emit_norm(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+              eps: float, center: bool):
+    """``_norm`` as a launch that Inductor emits itself (``launch.emit_launch``), for a graph being traced with x1
+    (and x2) of contiguous rows on a CUDA device: (y, mean or None, rstd, s or None). The same kernel, blocking,
+    constexprs and ints as a call of the op on those inputs, from the row length alone; the row count may be
+    symbolic, and is the kernel's run-time int, so one compiled launch serves every batch."""
+    n_cols = x1.shape[-1]
+    n_rows = x1.numel() // n_cols
+    cfg = row_blocking(n_cols, backend=target(x1.device).backend, centred=center)
+    outputs = {"y_ptr": torch.empty(x1.shape, dtype=x1.dtype, device=x1.device),
+               "stat_ptr": torch.empty((*x1.shape[:-1], 1), dtype=torch.float32, device=x1.device)}
+    if x2 is not None:
+        outputs["s_ptr"] = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
+    if center:
+        outputs["mean_ptr"] = torch.empty((*x1.shape[:-1], 1), dtype=torch.float32, device=x1.device)
+    # The pointers the constexprs switch off are never read or written: x1 stands in for them.
+    inputs = {"x1_ptr": x1, "x2_ptr": x2, "w_ptr": weight, "b_ptr": bias, "s_ptr": None, "mean_ptr": None}
+    inputs = {name: x1 if t is None else t for name, t in inputs.items() if name not in outputs}
+    written = emit_launch(
+        _rms_norm_kernel, (cdiv(n_rows, cfg.rows),), outputs, cfg.num_warps, **inputs,
+        n_rows=n_rows, n_cols=n_cols, n_inner=1, x1_outer=n_cols, x1_inner=0, x2_outer=n_cols, x2_inner=0, eps=eps,
+        divisor=1.0, HAS_X2=x2 is not None, HAS_W=weight is not None, HAS_B=bias is not None, CENTER=center,
+        STAT=RSTD.value, FUSED=cfg.fused, BLOCK=cfg.block, ROWS=cfg.rows)
+    return written["y_ptr"], written.get("mean_ptr"), written["stat_ptr"], written.get("s_ptr")
 
 
 def _norm(x1: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -142,6 +143,43 @@ def check_layout(qualname: str, **tensors: torch.Tensor | None) -> None:
         layout = contract.get(name, Layout.ANY)
         if t is not None and not layout.accepts(t):
             raise reject(qualname, f"{name!r} breaks the layout contract ({layout.value}); pass it .contiguous()", **{name: t})
+
+
+@dataclass(frozen=True)
+class NativeLaunch:
+    """An op call that the ``native_launch`` pass hands to Inductor as the kernel launch itself: ``trace(*tensors)``
+    with the op's tensor arguments named in ``inputs`` returns the op's outputs, launched with
+    ``kernels.launch.emit_launch``."""
+
+    inputs: tuple[str, ...]
+    trace: Callable[..., tuple[torch.Tensor, ...]]
+
+
+# "bi::rms_norm" -> fn(arguments by schema name, tensors as fake values) -> NativeLaunch, or None where that call
+# must stay an op call (a layout or argument the launch does not take).
+NATIVE_LAUNCHES: dict[str, Callable[..., NativeLaunch | None]] = {}
+
+
+def native_launch(qualname: str):
+    """Register the decorated function as ``qualname``'s launch for Inductor to emit (``NATIVE_LAUNCHES``)."""
+
+    def register(fn):
+        NATIVE_LAUNCHES[qualname] = fn
+        return fn
+
+    return register
+
+
+# Where Inductor lowers a user's Triton launch: CUDA (the tests add "cpu", whose graphs they run under Triton's
+# interpreter: Inductor itself emits no Triton launch for CPU tensors).
+NATIVE_LAUNCH_DEVICES = {"cuda"}
+
+
+def emits_in_place(t: torch.Tensor | None) -> bool:
+    """Whether a native launch may read ``t`` as given: on a ``NATIVE_LAUNCH_DEVICES`` device, contiguous from the
+    start of its storage, for every value its symbolic shape may take (so Inductor knows the data is aligned)."""
+    return t is None or (t.device.type in NATIVE_LAUNCH_DEVICES and _known(t.is_contiguous())
+                         and _known(t.storage_offset() == 0))
 
 
 def no_kernel(qualname: str, *tensors: torch.Tensor | None) -> BIInputError:

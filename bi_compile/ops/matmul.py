@@ -215,6 +215,24 @@ library.define_op("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Ten
                   fake=_linear_fake, cpu=_linear_cpu, triton=_linear_triton)
 
 
+@library.native_launch("bi::linear")
+def _native_linear(arguments: dict) -> library.NativeLaunch | None:
+    """``linear``'s launch for Inductor to emit (kernels.matmul.emit_linear) where the operands are contiguous on
+    a CUDA device and K and N are static (the tile ranges follow from N); the tiles still follow the run-time M."""
+    input, weight, bias = arguments["input"], arguments["weight"], arguments["bias"]
+    if (not all(map(library.emits_in_place, (input, weight, bias))) or not isinstance(input.shape[-1], int)
+            or not isinstance(weight.shape[0], int)):
+        return None
+    names = ("input", "weight") if bias is None else ("input", "weight", "bias")
+
+    def trace(input, weight, bias=None):
+        from bi_compile.kernels.matmul import emit_linear
+
+        return emit_linear(input, weight, bias)
+
+    return library.NativeLaunch(names, trace)
+
+
 @library.memoized_on_metadata
 def _check_grouped_mm(self, mat2, offs) -> None:
     _check_operands("bi::grouped_mm", 2, 3, self=self, mat2=mat2)

@@ -186,3 +186,35 @@ def _layer_norm_triton(input, weight, bias, eps):
 
 library.define_op("layer_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
                   fake=_layer_norm_fake, cpu=_layer_norm_cpu, triton=_layer_norm_triton)
+
+
+def _native_norm(inputs: tuple[str, ...], center: bool, outputs: tuple[str, ...]):
+    """A norm's ``library.NativeLaunch`` where its tensors are contiguous on a CUDA device, the row length is
+    static (the blocking follows from it) and eps is a float (an ``eps_tensor`` call, whose epsilon is read on the
+    host at run time, stays an op call)."""
+
+    def plan(arguments: dict) -> library.NativeLaunch | None:
+        tensors = {name: arguments[name] for name in (*inputs, "weight", "bias") if name in arguments}
+        if (not isinstance(arguments["eps"], float) or not isinstance(arguments[inputs[0]].shape[-1], int)
+                or not all(map(library.emits_in_place, tensors.values()))):
+            return None
+        names = tuple(name for name, t in tensors.items() if t is not None)
+
+        def trace(*values):
+            from bi_compile.kernels.rms_norm import emit_norm
+
+            given = dict(zip(names, values))
+            x1, *x2 = (given[name] for name in inputs)
+            y, mean, rstd, s = emit_norm(x1, x2[0] if x2 else None, given.get("weight"), given.get("bias"),
+                                         arguments["eps"], center)
+            found = {"y": y, "mean": mean, "rstd": rstd, "s": s}
+            return tuple(found[name] for name in outputs)
+
+        return library.NativeLaunch(names, trace)
+
+    return plan
+
+
+library.native_launch("bi::rms_norm")(_native_norm(("input",), False, ("y", "rstd")))
+library.native_launch("bi::add_rms_norm")(_native_norm(("x1", "x2"), False, ("y", "rstd", "s")))
+library.native_launch("bi::layer_norm")(_native_norm(("input",), True, ("y", "mean", "rstd")))

@@ -1,0 +1,77 @@
+"""Pass 6 — native_launch: a bi op's kernel launch handed to Inductor, to emit in its generated code.
+
+A bi op called from Inductor's generated code costs, on every call, a custom-op dispatch, the op's Python and
+Triton's Python launcher (about 20 µs a call on the H100 host, where Inductor launches its own kernels in a few:
+docs/benchmarks.md, "Prefill outside CUDA graphs"). Each ops file may register, next to an op, the launch of its
+kernel as a traceable function (``bi_compile.ops.library.NATIVE_LAUNCHES``). Where it accepts the call (a layout
+and arguments its launch takes), this pass traces it over the node's fake values and puts the result in the node's
+place: ``empty`` outputs and one ``triton_kernel_wrapper_functional``, what torch.compile records for a user's
+``wrap_triton`` launch, which Inductor then reinplaces, lowers and launches like one of its own kernels.
+
+    before:  %r = bi.rms_norm.default(%x, %w, 1e-06);  %y = getitem(%r, 0)
+    after:   %y0 = aten.empty(...);  %s0 = aten.empty(...)
+             %k = triton_kernel_wrapper_functional(kernel_idx=.., grid=[(cdiv(s0, 16), 1, 1)], kwargs={..},
+                                                   tensors_to_clone=['y_ptr', 'stat_ptr'])
+             %y = getitem(%k, 'y_ptr')
+
+The launch is the op's own: the same kernel, blocking, constexprs and ints (from metadata only, never the trace's
+batch), so the same bits. It runs last, after the audit has classified the bi ops, and only for Inductor (the eager
+inner compiler keeps the op calls, whose launches are cheaper outside Inductor).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from bi_compile.ops.library import NATIVE_LAUNCHES
+
+from .fx_utils import fake_value, getitem_users, op_call
+
+
+def native_launch_pass(graph: Graph) -> Counter:
+    """Returns the launches handed to Inductor, per op."""
+    launched: Counter = Counter()
+    for node in list(graph.nodes):
+        call = op_call(node)
+        if call is None or call.functionalized or call.op._schema.name not in NATIVE_LAUNCHES:
+            continue
+        single = len(call.op._schema.returns) == 1
+        users = None if single else getitem_users(node)
+        launch = NATIVE_LAUNCHES[call.op._schema.name]({name: fake_value(v) for name, v in call.arguments.items()})
+        if launch is None or (users is None and not single):
+            continue
+        inputs = [call.arguments[name] for name in launch.inputs]
+        fakes = [fake_value(arg) for arg in inputs]
+        with detect_fake_mode(fakes):
+            traced = make_fx(launch.trace)(*fakes)
+        _adopt_subgraphs(traced, graph.owning_module)
+        with graph.inserting_before(node):
+            outputs = graph.graph_copy(traced.graph, dict(zip(_placeholders(traced.graph), inputs)))
+        if single:
+            node.replace_all_uses_with(outputs)
+        else:
+            for index, getitems in users.items():
+                for user in getitems:
+                    user.replace_all_uses_with(outputs[index])
+                    graph.erase_node(user)
+        graph.erase_node(node)
+        launched[call.name] += 1
+    return launched
+
+
+def _placeholders(graph: Graph) -> list[Node]:
+    return [node for node in graph.nodes if node.op == "placeholder"]
+
+
+def _adopt_subgraphs(traced: GraphModule, owner: GraphModule) -> None:
+    """Move the branch graphs of the traced launch's ``torch.cond`` into the graph's module, under fresh names."""
+    for node in traced.graph.nodes:
+        if node.op == "get_attr":
+            name = next(f"bi_launch_{i}" for i in itertools.count() if not hasattr(owner, f"bi_launch_{i}"))
+            owner.register_module(name, getattr(traced, node.target))
+            node.target = name

@@ -1,0 +1,217 @@
+"""Pass 6, native_launch: a bi op's kernel launch put in the graph for Inductor to emit (passes/native_launch.py).
+
+On CPU the rewritten graphs run under Triton's interpreter (conftest sets TRITON_INTERPRET=1 when there is no GPU),
+with CPU added to the devices the pass serves: the launch must give the op's kernel's bits at every batch size of
+one symbolic graph. The GPU tests compile it with Inductor, which lowers the launch itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import bi_compile.backend  # noqa: F401  (registers bi_ascend)
+from bi_compile.kernels import rms_norm as norm_kernels
+from bi_compile.ops import library
+from bi_compile.passes import run_pipeline
+from bi_compile.passes.native_launch import native_launch_pass
+
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton kernel on CPU tensors under TRITON_INTERPRET=1")
+KERNEL_LAUNCH = torch.ops.higher_order.triton_kernel_wrapper_functional
+
+
+@pytest.fixture
+def cpu_launches(monkeypatch):
+    monkeypatch.setattr(library, "NATIVE_LAUNCH_DEVICES", {"cuda", "cpu"})
+
+
+def norms(x, r, w, b):
+    y, rstd = torch.ops.bi.rms_norm(x, w, 1e-6)
+    a, a_rstd, s = torch.ops.bi.add_rms_norm(y, r, w, 1e-5)
+    ln, mean, ln_rstd = torch.ops.bi.layer_norm(s, w, b, 1e-5)
+    return a * 2, s, rstd, a_rstd, ln, mean, ln_rstd
+
+
+def kernel_norms(x, r, w, b):
+    """The same through the kernels' own launchers (what the ops call on a GPU)."""
+    y, rstd = norm_kernels.rms_norm(x, w, 1e-6)
+    a, a_rstd, s = norm_kernels.add_rms_norm(y, r, w, 1e-5)
+    ln, mean, ln_rstd = norm_kernels.layer_norm(s, w, b, 1e-5)
+    return a * 2, s, rstd, a_rstd, ln, mean, ln_rstd
+
+
+def calls(gm) -> Counter:
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def inputs(rows: int, width: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x, r = (torch.randn(rows, 3, width, generator=g) for _ in range(2))
+    return x, r, torch.randn(width, generator=g), torch.randn(width, generator=g)
+
+
+def compiled_with_native_launches(fn, *args):
+    """``fn`` through Dynamo (batch dim marked dynamic) and aot_autograd, its graph rewritten by the native_launch
+    pass and run as it is: (the compiled function, the graph modules, what the pass launched)."""
+    seen = []
+
+    def forward(gm, _inputs):
+        seen.append(native_launch_pass(gm.graph))
+        gm.graph.lint()
+        gm.recompile()
+        graphs.append(gm)
+        return gm
+
+    graphs: list = []
+    torch._dynamo.reset()
+    for arg in args:
+        torch._dynamo.mark_dynamic(arg, 0)
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=forward, decompositions={}), fullgraph=True)
+    with torch.no_grad():
+        compiled(*args)
+    return compiled, graphs, sum(seen, Counter())
+
+
+@interpreter
+def test_native_norms_give_the_kernels_bits_at_every_batch(cpu_launches):
+    """One graph compiled with a symbolic batch: its launches give the kernels' bits at every batch."""
+    x, r, w, b = inputs(5)
+    compiled, graphs, launched = compiled_with_native_launches(lambda x, r: norms(x, r, w, b), x, r)
+    assert launched == {"bi.rms_norm.default": 1, "bi.add_rms_norm.default": 1, "bi.layer_norm.default": 1}
+    (gm,) = graphs
+    assert not any(name.startswith("bi.") for name in calls(gm)) and calls(gm)[str(KERNEL_LAUNCH)] == 3
+    for rows in (2, 5, 17, 1):
+        x, r, *_ = inputs(rows, seed=rows)
+        with torch.no_grad():
+            got = compiled(x, r)
+        want = kernel_norms(x, r, w, b)
+        assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want)), rows
+        assert len(graphs) == 1 + (rows == 1), rows  # one graph for every batch (Dynamo specialises batch 1)
+
+
+def test_calls_the_launch_cannot_take_stay_op_calls(cpu_launches):
+    x, r, w, b = inputs(4)
+
+    def strided_and_eps_tensor(x, r, w, eps):
+        strided = torch.ops.bi.rms_norm(x.transpose(0, 1), w, 1e-6)[0]  # rows of unit stride, not contiguous
+        as_tensor = torch.ops.bi.rms_norm.eps_tensor(r, w, eps)[0]  # epsilon read on the host at run time
+        return strided, as_tensor
+
+    gm = make_fx(strided_and_eps_tensor, tracing_mode="fake")(x, r, w, torch.tensor(1e-6, dtype=torch.float64))
+    assert native_launch_pass(gm.graph) == Counter()
+    assert calls(gm)["bi.rms_norm.default"] == 1 and calls(gm)["bi.rms_norm.eps_tensor"] == 1
+
+
+def test_only_the_devices_inductor_launches_on():
+    """Without the test's CPU stand-in, a CPU graph keeps its op calls (Inductor emits no Triton for CPU)."""
+    gm = make_fx(norms, tracing_mode="fake")(*inputs(3))
+    assert native_launch_pass(gm.graph) == Counter()
+
+
+def test_pipeline_runs_it_last_and_reports_it(cpu_launches):
+    """The audit sees the bi ops (so the report counts them invariant); the launches are reported apart."""
+    x, r, w, b = inputs(3)
+    gm = make_fx(norms, tracing_mode="fake")(x, r, w, b)
+    report = run_pipeline(gm.graph, native_launch=True)
+    assert report.invariant and report.counts["variant"] == report.counts["unknown"] == 0
+    assert report.native_launches == {"bi.rms_norm.default": 1, "bi.add_rms_norm.default": 1,
+                                      "bi.layer_norm.default": 1}
+    plain = make_fx(norms, tracing_mode="fake")(x, r, w, b)
+    assert run_pipeline(plain.graph).native_launches == {}  # off unless asked (the eager inner compiler)
+
+
+def test_backend_asks_for_it_only_with_inductor():
+    from bi_compile.backend import BatchInvariantPass, BackendOptions
+
+    assert BatchInvariantPass().native_launch and not BatchInvariantPass(native_launch=False).native_launch
+    assert BatchInvariantPass().uuid() != BatchInvariantPass(native_launch=False).uuid()
+    assert BackendOptions.parse({"inner": "eager"}).inner == "eager"
+
+
+@pytest.mark.gpu
+def test_inductor_emits_the_norm_launches_and_keeps_the_bits():
+    """bi_ascend + Inductor, dynamic batch: the generated code launches the norm kernel itself (no bi op call), and
+    every batch gets the bits of the op called eagerly."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    w, b = (t.cuda().bfloat16() for t in inputs(1, 1024)[2:])
+
+    def model(x, r):
+        return norms(x, r, w, b)
+
+    compiled = torch.compile(model, backend="bi_ascend", dynamic=True)
+    for rows in (3, 64, 301):
+        x, r = (t.cuda().bfloat16() for t in inputs(rows, 1024, seed=rows)[:2])
+        if rows == 3:
+            got, code = run_and_get_code(compiled, x, r)
+            assert not re.search(r"torch\.ops\.bi\.(rms_norm|add_rms_norm|layer_norm)", "\n".join(code))
+            assert "_rms_norm_kernel" in "\n".join(code)
+        else:
+            got = compiled(x, r)
+        want = norms(x, r, w, b)
+        assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want)), rows
+
+
+@interpreter
+def test_native_linear_picks_its_tiles_from_the_run_time_batch(cpu_launches):
+    """One graph, symbolic batch: a ``cond`` per range of the tile table picks the launch when the graph runs, and
+    every batch gets the bits of the kernel launched with that range's tiles."""
+    from bi_compile.kernels import matmul as matmul_kernels
+    from bi_compile.kernels.device import CPU_TARGET
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 32, generator=g), torch.randn(40, generator=g)
+    x = torch.randn(3, 5, 32, generator=g)
+    compiled, graphs, launched = compiled_with_native_launches(lambda x: torch.ops.bi.linear(x, w, b) * 2, x)
+    assert launched == {"bi.linear.default": 1}
+    ranges = matmul_kernels.native_tile_ranges(40, torch.float32, CPU_TARGET)
+    assert len({tiles for _, tiles in ranges}) > 1  # the portable fp32 table: 16-row tiles up to M = 64
+    (gm,) = graphs
+    branches = [node for node in gm.graph.nodes if node.target is torch.ops.higher_order.cond]
+    assert len(branches) == len(ranges) - 1 and not any(name.startswith("bi.") for name in calls(gm))
+    for rows in (2, 12, 13, 40):  # M = rows * 5: 10 and 60 in the first range, 65 and 200 in the second
+        x = torch.randn(rows, 5, 32, generator=g)
+        with torch.no_grad():
+            got = compiled(x)
+        tiles = next(tiles for max_m, tiles in ranges if rows * 5 <= max_m)
+        want = matmul_kernels.matmul(x.reshape(1, -1, 32), w.t()[None], b.expand(rows * 5, 40)[None], tiles=tiles)
+        assert torch.equal(got, want.reshape(rows, 5, 40) * 2), rows
+    assert len(graphs) == 1
+
+
+@pytest.mark.gpu
+def test_inductor_emits_the_linear_launches_with_run_time_tiles():
+    """bi_ascend + Inductor, dynamic batch: the generated code holds the matmul kernel's launches and an ``if`` per
+    tile range, no bi op call; small and large batches launch different kernels (different tiles), and each gets
+    the bits of the op called eagerly."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(3072, 1024, device="cuda", generator=g).bfloat16() / 32
+
+    def model(x):
+        return torch.ops.bi.linear(x, w)
+
+    compiled = torch.compile(model, backend="bi_ascend", dynamic=True)
+    kernels_run = {}
+    for rows in (3, 48, 200, 2048):
+        x = torch.randn(rows, 1024, device="cuda", generator=g).bfloat16()
+        if rows == 3:
+            got, code = run_and_get_code(compiled, x)
+            code = "\n".join(code)
+            assert "torch.ops.bi.linear" not in code and "_matmul_kernel" in code and "if " in code
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            got = compiled(x)
+            torch.cuda.synchronize()
+        kernels_run[rows] = {e.name for e in prof.events() if "matmul" in e.name}
+        assert torch.equal(got, model(x)), rows
+    assert kernels_run[3] != kernels_run[2048]
