@@ -99,14 +99,14 @@ def test_native_norms_give_the_kernels_bits_at_every_batch(cpu_launches):
 def test_calls_the_launch_cannot_take_stay_op_calls(cpu_launches):
     x, r, w, b = inputs(4)
 
-    def strided_and_eps_tensor(x, r, w, eps):
+    def strided_and_offset(x, r, w):
         strided = torch.ops.bi.rms_norm(x.transpose(0, 1), w, 1e-6)[0]  # rows of unit stride, not contiguous
-        as_tensor = torch.ops.bi.rms_norm.eps_tensor(r, w, eps)[0]  # epsilon read on the host at run time
-        return strided, as_tensor
+        offset = torch.ops.bi.add_rms_norm(r[1:], r[1:], w, 1e-6)[0]  # contiguous, past its storage's start
+        return strided, offset
 
-    gm = make_fx(strided_and_eps_tensor, tracing_mode="fake")(x, r, w, torch.tensor(1e-6, dtype=torch.float64))
+    gm = make_fx(strided_and_offset, tracing_mode="fake")(x, r, w)
     assert native_launch_pass(gm.graph) == Counter()
-    assert calls(gm)["bi.rms_norm.default"] == 1 and calls(gm)["bi.rms_norm.eps_tensor"] == 1
+    assert calls(gm)["bi.rms_norm.default"] == 1 and calls(gm)["bi.add_rms_norm.default"] == 1
 
 
 def test_only_the_devices_inductor_launches_on():
@@ -215,3 +215,71 @@ def test_inductor_emits_the_linear_launches_with_run_time_tiles():
         kernels_run[rows] = {e.name for e in prof.events() if "matmul" in e.name}
         assert torch.equal(got, model(x)), rows
     assert kernels_run[3] != kernels_run[2048]
+
+
+@interpreter
+def test_native_norm_reads_an_epsilon_traced_as_a_tensor(cpu_launches):
+    """torch.compile(dynamic=True) traces an RMSNorm module's epsilon as a 0-dim CPU tensor input (the written_rms_norm
+    pass then writes ``bi.rms_norm.eps_tensor``): the launch reads its value when the graph runs."""
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self, eps: float):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(96, generator=torch.Generator().manual_seed(1)))
+            self.variance_epsilon = eps
+
+        def forward(self, x):
+            h = x.float()
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+    module = RMSNorm(1e-6)
+    graphs = []
+
+    def forward(gm, _inputs):
+        report = run_pipeline(gm.graph, native_launch=True)
+        graphs.append((gm, report))
+        gm.recompile()
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=aot_autograd(fw_compiler=forward, decompositions={}), dynamic=True)
+    for rows, eps in ((4, 1e-6), (9, 1e-6), (9, 0.25)):
+        module.variance_epsilon = eps
+        x = inputs(rows, seed=rows)[0]
+        with torch.no_grad():
+            got = compiled(x)
+        (gm, report), = graphs
+        assert report.rewrites == {"written-out rmsnorm -> bi.rms_norm.eps_tensor": 1}
+        assert report.native_launches == {"bi.rms_norm.eps_tensor": 1}
+        assert torch.equal(got, norm_kernels.rms_norm(x, module.weight.detach(), eps)[0]), (rows, eps)
+
+
+@pytest.mark.gpu
+def test_inductor_reads_a_traced_epsilon_at_run_time():
+    """transformers' RMSNorm under bi_ascend with dynamic=True: epsilon a tensor input, the launch Inductor emits
+    reads it on each call (no bi op call in the generated code), with the op's bits."""
+    from torch._inductor.utils import run_and_get_code
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(1024, device="cuda").bfloat16())
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            h = x.float()
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+    torch._dynamo.reset()
+    module = RMSNorm()
+    compiled = torch.compile(module, backend="bi_ascend", dynamic=True)
+    for rows, eps in ((3, 1e-6), (300, 1e-6), (300, 0.25)):
+        module.variance_epsilon = eps
+        x = torch.randn(rows, 1024, device="cuda").bfloat16()
+        with torch.no_grad():
+            if rows == 3:
+                got, code = run_and_get_code(compiled, x)
+                assert "torch.ops.bi.rms_norm" not in "\n".join(code)
+            else:
+                got = compiled(x)
+        assert torch.equal(got, torch.ops.bi.rms_norm(x, module.weight.detach(), eps)[0]), (rows, eps)

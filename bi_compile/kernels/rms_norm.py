@@ -53,9 +53,10 @@ def _centred(x, mask, mean, CENTER: tl.constexpr):
 @triton.jit
 def _row_stat(squares, n_cols, eps, divisor, STAT: tl.constexpr):
     """From a row's sum of (centred) squares: rsqrt(squares / n_cols + eps), or the variance squares / divisor, or
-    its square root."""
+    its square root. eps is fp32 from Triton's own launch; a launch Inductor emits passes an epsilon read from a
+    tensor at run time as fp64 (its unbacked floats), rounded here to the same fp32."""
     if STAT == RSTD:
-        stat = tl.math.rsqrt(squares / n_cols + eps)
+        stat = tl.math.rsqrt(squares / n_cols + tl.cast(eps, tl.float32))
     else:
         stat = squares / divisor
         if STAT == STD:

@@ -182,6 +182,21 @@ def emits_in_place(t: torch.Tensor | None) -> bool:
                          and _known(t.storage_offset() == 0))
 
 
+def host_scalar(t: torch.Tensor):
+    """The value of a 0-dim CPU tensor, read on the host when the graph being traced runs (``.item()``): a symbolic
+    float in the trace, which its fake mode would otherwise refuse as data-dependent."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([t])
+    if mode is None:
+        return t.item()
+    allowed, mode.allow_scalar_outputs = mode.allow_scalar_outputs, True
+    try:
+        return t.item()
+    finally:
+        mode.allow_scalar_outputs = allowed
+
+
 def no_kernel(qualname: str, *tensors: torch.Tensor | None) -> BIInputError:
     devices = sorted({str(t.device) for t in tensors if isinstance(t, torch.Tensor)})
     return BIInputError(f"{qualname}: no batch-invariant kernel for device {', '.join(devices)} (cpu, cuda and npu are supported)")

@@ -189,16 +189,21 @@ library.define_op("layer_norm(Tensor input, Tensor? weight, Tensor? bias, float 
 
 
 def _native_norm(inputs: tuple[str, ...], center: bool, outputs: tuple[str, ...]):
-    """A norm's ``library.NativeLaunch`` where its tensors are contiguous on a CUDA device, the row length is
-    static (the blocking follows from it) and eps is a float (an ``eps_tensor`` call, whose epsilon is read on the
-    host at run time, stays an op call)."""
+    """A norm's ``library.NativeLaunch`` where its tensors are contiguous on a CUDA device and the row length is
+    static (the blocking follows from it). eps is a float, or (the ``eps_tensor`` overloads) the 0-dim CPU tensor
+    whose value the launch reads at run time, as the op does: Inductor emits the read (``.item()``) before it."""
 
     def plan(arguments: dict) -> library.NativeLaunch | None:
         tensors = {name: arguments[name] for name in (*inputs, "weight", "bias") if name in arguments}
-        if (not isinstance(arguments["eps"], float) or not isinstance(arguments[inputs[0]].shape[-1], int)
+        eps = arguments["eps"]
+        if (not isinstance(arguments[inputs[0]].shape[-1], int)
                 or not all(map(library.emits_in_place, tensors.values()))):
             return None
         names = tuple(name for name, t in tensors.items() if t is not None)
+        if isinstance(eps, torch.Tensor):
+            if eps.dim() != 0 or eps.device.type != "cpu" or not eps.is_floating_point():
+                return None  # the op call raises its error
+            names += ("eps",)
 
         def trace(*values):
             from bi_compile.kernels.rms_norm import emit_norm
@@ -206,7 +211,7 @@ def _native_norm(inputs: tuple[str, ...], center: bool, outputs: tuple[str, ...]
             given = dict(zip(names, values))
             x1, *x2 = (given[name] for name in inputs)
             y, mean, rstd, s = emit_norm(x1, x2[0] if x2 else None, given.get("weight"), given.get("bias"),
-                                         arguments["eps"], center)
+                                         library.host_scalar(given["eps"]) if "eps" in given else eps, center)
             found = {"y": y, "mean": mean, "rstd": rstd, "s": s}
             return tuple(found[name] for name in outputs)
 
