@@ -75,12 +75,16 @@ def fake_value(arg):
     return arg.meta.get("val") if isinstance(arg, Node) else arg
 
 
+# What a node inserted in another's place inherits from it: where in the user's code it comes from.
+SOURCE_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
 def insert_call(graph: Graph, target, args: tuple = (), kwargs: dict | None = None, *, origin: Node) -> Node:
     """Insert ``target(*args, **kwargs)`` before ``origin``, inheriting its source location, with a correct meta['val']."""
     kwargs = kwargs or {}
     with graph.inserting_before(origin):
         node = graph.call_function(target, tuple(args), kwargs)
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+    for key in SOURCE_META:
         if key in origin.meta:
             node.meta[key] = origin.meta[key]
     inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Node)]

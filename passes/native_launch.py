@@ -21,6 +21,7 @@ inner compiler keeps the op calls, whose launches are cheaper outside Inductor).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import Counter
 
@@ -30,7 +31,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from bi_compile.ops.library import NATIVE_LAUNCHES
 
-from .fx_utils import fake_value, getitem_users, op_call
+from .fx_utils import SOURCE_META, fake_value, getitem_users, op_call
 
 
 def native_launch_pass(graph: Graph) -> Counter:
@@ -47,11 +48,15 @@ def native_launch_pass(graph: Graph) -> Counter:
             continue
         inputs = [call.arguments[name] for name in launch.inputs]
         fakes = [fake_value(arg) for arg in inputs]
-        with detect_fake_mode(fakes):
+        with detect_fake_mode(fakes) or contextlib.nullcontext():
             traced = make_fx(launch.trace)(*fakes)
         _adopt_subgraphs(traced, graph.owning_module)
+        copied = dict(zip(_placeholders(traced.graph), inputs))
         with graph.inserting_before(node):
-            outputs = graph.graph_copy(traced.graph, dict(zip(_placeholders(traced.graph), inputs)))
+            outputs = graph.graph_copy(traced.graph, copied)
+        for new in copied.values():  # the launch keeps the op call's source line, for reports and profiles
+            if isinstance(new, Node) and new not in inputs:
+                new.meta.update({key: node.meta[key] for key in SOURCE_META if key in node.meta})
         if single:
             node.replace_all_uses_with(outputs)
         else:

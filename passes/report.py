@@ -65,6 +65,8 @@ class Report:
                  f"{self.counts['unknown']} unknown"]
         lines += [f"  rewrote {n:4d} x {rewrite}" for rewrite, n in sorted(self.rewrites.items())]
         lines += [f"  copied  {n:4d} x {where} (layout contract)" for where, n in sorted(self.copies.items())]
+        lines += [f"  launched {n:3d} x {op} from Inductor's code (native launch)"
+                  for op, n in sorted(self.native_launches.items())]
         lines += [f"  copies graph input {name} on every call" for name in self.copied_inputs]
         lines += [f"  invariant by construction: {target} ({why})" for target, why in sorted(self.by_construction.items())]
         lines += [f"  {f.kind:8s} {f.target}  ({f.node})  {f.source or 'no source line'}" for f in self.findings]

@@ -123,6 +123,7 @@ def test_pipeline_runs_it_last_and_reports_it(cpu_launches):
     assert report.invariant and report.counts["variant"] == report.counts["unknown"] == 0
     assert report.native_launches == {"bi.rms_norm.default": 1, "bi.add_rms_norm.default": 1,
                                       "bi.layer_norm.default": 1}
+    assert "launched   1 x bi.layer_norm.default from Inductor's code" in report.format()
     plain = make_fx(norms, tracing_mode="fake")(x, r, w, b)
     assert run_pipeline(plain.graph).native_launches == {}  # off unless asked (the eager inner compiler)
 
