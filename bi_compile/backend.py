@@ -47,8 +47,15 @@ class BackendOptions:
     inner: str = "inductor"  # "inductor" | "eager"
     strict: bool = False  # raise on any node left variant or unknown, instead of warning
     cudagraphs: bool = False  # Inductor's CUDA-graph trees around the compiled graph
-    # Inductor emits the launches of the bi kernels that allow it itself, with no op call (passes/native_launch.py)
+    # Inductor emits the launches of the bi kernels that allow it itself, with no op call (passes/native_launch.py).
+    # Not under its CUDA-graph trees: a replay pays no host time to save, and the trees refuse a graph whose
+    # launches sit behind the ``cond`` that picks the matmul's tiles.
     native_launch: bool = True
+
+    @property
+    def launches_natively(self) -> bool:
+        """Whether the pipeline hands kernel launches to Inductor (``native_launch``, where it applies)."""
+        return self.native_launch and self.inner == "inductor" and not self.cudagraphs
 
     @classmethod
     def parse(cls, options: dict | None, mode: str | None = None) -> BackendOptions:
@@ -97,7 +104,7 @@ def inductor_decompositions() -> InductorDecompositions:
 def bi_ascend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     opts = BackendOptions.parse(options, mode)
     check_running_vllm()  # vLLM's whole-graph route: refuse engine settings that break invariance (else a no-op)
-    pipeline = BatchInvariantPass(strict=opts.strict, native_launch=opts.native_launch and opts.inner == "inductor")
+    pipeline = BatchInvariantPass(strict=opts.strict, native_launch=opts.launches_natively)
     if opts.inner == "eager":
         def rewrite_and_run(graph_module, _inputs):
             pipeline(graph_module.graph)

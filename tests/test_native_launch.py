@@ -133,7 +133,12 @@ def test_backend_asks_for_it_only_with_inductor():
 
     assert BatchInvariantPass().native_launch and not BatchInvariantPass(native_launch=False).native_launch
     assert BatchInvariantPass().uuid() != BatchInvariantPass(native_launch=False).uuid()
-    assert BackendOptions.parse({"inner": "eager"}).inner == "eager"
+    assert BackendOptions.parse(None).launches_natively
+    assert not BackendOptions.parse({"inner": "eager"}).launches_natively
+    assert not BackendOptions.parse({"cudagraphs": True}).launches_natively  # a replay has no host time to save
+    assert not BackendOptions.parse({"native_launch": False}).launches_natively
+    with pytest.raises(ValueError, match="native_launch"):
+        BackendOptions.parse({"native_launch": "yes"})
 
 
 @pytest.mark.gpu
