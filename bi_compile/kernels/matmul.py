@@ -220,11 +220,13 @@ def _matmul_tile(
     else:
         acc = _accumulate_k(a_ptr + batch * stride_ab, b_ptr + batch * stride_bb, offs_m, offs_n, in_m, in_n,
                             K, stride_am, stride_bk, stride_bn, EVEN_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    out = acc * alpha
+    # fp32 scalars from Triton's own launch; a launch Inductor emits may pass Python floats as fp64 (its
+    # _use_fp64_for_unbacked_floats), rounded here to the same fp32, so the epilogue adds in fp32 either way.
+    out = acc * tl.cast(alpha, tl.float32)
     mask = in_m[:, None] & in_n[None, :]
     if HAS_BIAS:
         bias_ptrs = bias_ptr + batch * stride_biasb + offs_m.to(tl.int64)[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
-        out += beta * tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+        out += tl.cast(beta, tl.float32) * tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
     c_ptrs = c_ptr + batch * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
 

@@ -53,12 +53,12 @@ def _centred(x, mask, mean, CENTER: tl.constexpr):
 @triton.jit
 def _row_stat(squares, n_cols, eps, divisor, STAT: tl.constexpr):
     """From a row's sum of (centred) squares: rsqrt(squares / n_cols + eps), or the variance squares / divisor, or
-    its square root. eps is fp32 from Triton's own launch; a launch Inductor emits passes an epsilon read from a
-    tensor at run time as fp64 (its unbacked floats), rounded here to the same fp32."""
+    its square root. eps and divisor are fp32 from Triton's own launch; a launch Inductor emits may pass floats as
+    fp64 (its _use_fp64_for_unbacked_floats), rounded here to the same fp32."""
     if STAT == RSTD:
         stat = tl.math.rsqrt(squares / n_cols + tl.cast(eps, tl.float32))
     else:
-        stat = squares / divisor
+        stat = squares / tl.cast(divisor, tl.float32)
         if STAT == STD:
             stat = tl.sqrt(stat)
     return stat
