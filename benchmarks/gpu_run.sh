@@ -3,7 +3,7 @@
 # (or ./out). Stages, in the order a session should take them:
 #
 #   tests-ops      pytest -m gpu on the op files                                  (~7 min)
-#   tests-models   pytest -m gpu on the backend and the model suite               (~6 min)
+#   tests-models   pytest -m gpu on the backend, the native launches and the model suite (~7 min)
 #                  (both with BI_COMPILE_CHECK_LAUNCH_KEYS=1: every keyed kernel launch is checked against
 #                  Triton's own choice of binary, bi_compile/kernels/launch.py)
 #   bits           benchmarks/cuda_bits.py: every bi op's output bits from the source in BITS_BEFORE (e.g. a
@@ -15,8 +15,9 @@
 #   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~2 min)
 #   rows           benchmarks/rows.py, one row blocking per width searched across every row op, with an invariance
 #                  check each (~2 min with ROWS_ARGS="--ms 2048 8192 32768"; a 9-minute timeout keeps what it measured)
-#   prefill        benchmarks/prefill.py: compiled prefill outside CUDA graphs, bi_ascend vs stock Inductor, 28
-#                  layers of Qwen3-0.6B, and the eager per-call cost of bi.linear / bi.rms_norm. Each backend is
+#   prefill        benchmarks/prefill.py: compiled prefill outside CUDA graphs, bi_ascend (with and without its
+#                  native launches) vs stock Inductor, 28 layers of Qwen3-0.6B, and the eager per-call cost of
+#                  bi.linear / bi.rms_norm. Each variant is
 #                  compiled first in a process of its own, in parallel, to fill the Inductor cache (~4 min on the
 #                  H200 host), then the measured run loads the graphs (Dynamo still traces: ~2.5 min a backend).
 #                  Run it alone in a call (~9 min)
@@ -69,7 +70,7 @@ for stage in "$@"; do
     tests-ops)
       BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
     tests-models)
-      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
+      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_native_launch.py tests/test_models_gpu.py 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
     bits)
       [ -d "${BITS_BEFORE:-}" ] || { echo "bits: BITS_BEFORE must name the old source tree" >&2; exit 2; }
       PYTHONPATH="$BITS_BEFORE" python3 benchmarks/cuda_bits.py save "$OUT/bits_before.json"
@@ -87,7 +88,7 @@ for stage in "$@"; do
       "${DECODE[@]}" --batch-sizes 1 8 32 64 --markdown "$OUT/decode.md" --plot "$OUT/decode.png" \
         --profile "$OUT/profile.txt" 2>&1 | grep -v -i warn | tee "$OUT/decode.log" | tail -40 ;;
     prefill)
-      for backend in inductor bi_ascend; do
+      for backend in inductor bi_ascend bi_ascend+native; do
         python3 benchmarks/prefill.py --backends "$backend" --repeats 1 ${PREFILL_ARGS:-} >"$OUT/prefill_warm_$backend.log" 2>&1 &
       done
       wait

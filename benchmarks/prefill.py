@@ -3,7 +3,8 @@
 vLLM's FULL_DECODE_ONLY captures decode steps only, so every prefill runs the compiled graph op by op from the
 host. This measures that, side by side in one run: a transformers Qwen3 built from its config with random bf16
 weights (no download, ``benchmarks/decode.py``'s builder), one forward over the prompt (no KV cache), compiled with
-``dynamic=True`` by stock Inductor and by ``bi_ascend``. For each batch x tokens point:
+``dynamic=True`` by stock Inductor, by ``bi_ascend`` and by ``bi_ascend`` with ``native_launch`` (the bi kernels'
+launches in Inductor's generated code). For each batch x tokens point:
 
 - *wall ms*: the median wall time of a call, host and GPU (synchronised after each call): what a prefill step
   outside a CUDA graph costs;
@@ -40,7 +41,11 @@ import bi_compile  # noqa: E402
 import bi_compile.backend  # noqa: E402,F401  (registers bi_ascend where no entry point does: a source tree)
 from benchmarks.decode import DTYPES, QWEN3_SHAPES, build_causal_lm, environment, qwen3_config  # noqa: E402
 
-BACKENDS = ("inductor", "bi_ascend")
+# Each variant: (torch.compile backend, its options). bi_ascend+native: the bi kernels' launches in Inductor's code
+# (passes/native_launch.py, the backend option native_launch) instead of op calls.
+VARIANTS = {"inductor": ("inductor", None), "bi_ascend": ("bi_ascend", None),
+            "bi_ascend+native": ("bi_ascend", {"native_launch": True})}
+BACKENDS = tuple(VARIANTS)
 WALL_TARGET = 1.10  # bi_ascend / inductor wall time, every point
 EAGER_LINEAR_TARGET_US = 20.0
 
@@ -102,9 +107,10 @@ def median_graph_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_backend(model, backend: str, points: Sequence[tuple[int, int]], vocab: int, repeats: int) -> list[Point]:
+def run_backend(model, variant: str, points: Sequence[tuple[int, int]], vocab: int, repeats: int) -> list[Point]:
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, dynamic=True)
+    backend, options = VARIANTS[variant]
+    compiled = torch.compile(model, backend=backend, dynamic=True, options=options)
     results = []
     for batch, tokens in points:
         ids = torch.randint(0, vocab, (batch, tokens), device="cuda", generator=torch.Generator("cuda").manual_seed(batch * tokens))
@@ -117,8 +123,8 @@ def run_backend(model, backend: str, points: Sequence[tuple[int, int]], vocab: i
                 forward()
             wall = median_wall_ms(forward, repeats)
             graph = median_graph_ms(forward, repeats)
-        results.append(Point(backend, batch, tokens, wall, graph))
-        print(f"{backend:>9} {batch}x{tokens}: wall {wall:.2f} ms, in a CUDA graph {graph:.2f} ms", flush=True)
+        results.append(Point(variant, batch, tokens, wall, graph))
+        print(f"{variant:>16} {batch}x{tokens}: wall {wall:.2f} ms, in a CUDA graph {graph:.2f} ms", flush=True)
     return results
 
 
@@ -202,20 +208,25 @@ def profile_compiled_call(model, vocab: int, path: Path, point: tuple[int, int] 
 def markdown(env: str, title: str, points: Sequence[Point], eager: dict[str, float]) -> str:
     by_key = {(p.backend, p.batch, p.tokens): p for p in points}
     lines = [f"### {title}", "", env, "",
-             "| batch x tokens | Inductor wall ms | bi_ascend wall ms | wall ratio | Inductor graph ms | "
-             "bi_ascend graph ms | graph ratio | Inductor host ms | bi_ascend host ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    met = []
+             "| batch x tokens | variant | Inductor wall ms | its wall ms | wall ratio | Inductor graph ms | "
+             "its graph ms | graph ratio | Inductor host ms | its host ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    met: dict[str, list[bool]] = {}
     for batch, tokens in dict.fromkeys((p.batch, p.tokens) for p in points):
-        stock, bi = by_key.get(("inductor", batch, tokens)), by_key.get(("bi_ascend", batch, tokens))
-        if stock is None or bi is None:
-            continue
-        ratio = bi.wall_ms / stock.wall_ms
-        met.append(ratio <= WALL_TARGET)
-        lines.append(f"| {batch} x {tokens} | {stock.wall_ms:.2f} | {bi.wall_ms:.2f} | {ratio:.2f} | {stock.graph_ms:.2f} | "
-                     f"{bi.graph_ms:.2f} | {bi.graph_ms / stock.graph_ms:.2f} | {stock.host_ms:.2f} | {bi.host_ms:.2f} |")
-    lines += ["", f"target: bi_ascend wall <= {WALL_TARGET:.2f}x Inductor; met at {sum(met)} of {len(met)} points", "",
-              "| eager call | us per call |", "|---|---:|"]
+        stock = by_key.get(("inductor", batch, tokens))
+        for variant in BACKENDS[1:]:
+            bi = by_key.get((variant, batch, tokens))
+            if stock is None or bi is None:
+                continue
+            ratio = bi.wall_ms / stock.wall_ms
+            met.setdefault(variant, []).append(ratio <= WALL_TARGET)
+            lines.append(f"| {batch} x {tokens} | {variant} | {stock.wall_ms:.2f} | {bi.wall_ms:.2f} | {ratio:.2f} | "
+                         f"{stock.graph_ms:.2f} | {bi.graph_ms:.2f} | {bi.graph_ms / stock.graph_ms:.2f} | "
+                         f"{stock.host_ms:.2f} | {bi.host_ms:.2f} |")
+    lines.append("")
+    lines += [f"target: {variant} wall <= {WALL_TARGET:.2f}x Inductor; met at {sum(ok)} of {len(ok)} points"
+              for variant, ok in met.items()]
+    lines += ["", "| eager call | us per call |", "|---|---:|"]
     lines += [f"| {name} | {us:.1f} |" for name, us in eager.items()]
     linear = eager.get("bi.linear M=1 1024->3072")
     if linear is not None:

@@ -84,7 +84,7 @@ def _dump(graph: Graph, prefix: Path, step: int, name: str, when: str) -> None:
 class BatchInvariantPass(CustomGraphPass):
     """The pipeline as an Inductor custom pass (``post_grad_custom_pre_pass`` / vLLM's ``post_grad_custom_post_pass``)."""
 
-    def __init__(self, *, strict: bool = False, native_launch: bool = True):
+    def __init__(self, *, strict: bool = False, native_launch: bool = False):
         self.strict = strict
         self.native_launch = native_launch
 

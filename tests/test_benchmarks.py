@@ -14,7 +14,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve", "all_reduce", "moe", "profile_table"])
+@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve", "all_reduce", "moe", "profile_table", "prefill"])
 def test_script_parses_its_arguments(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
                           cwd=BENCHMARKS.parent, env={"PYTHONPATH": f"{BENCHMARKS.parent}", "PATH": "/usr/bin:/bin"})
@@ -186,3 +186,16 @@ def test_profile_table_sums_each_kind_of_kernel_per_route(monkeypatch):
     for row in ("| matmul | 50 | 60 |", "| attention | 16 | 21 |", "| KV-cache write | 5 | 2 |", "| norm | 6 | 10 |",
                 "| other | 2 | 0 |", "| all | 100 | 100 |"):
         assert row in table, row
+
+
+def test_prefill_table_sets_each_bi_variant_beside_inductor():
+    sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks import prefill
+
+    points = [prefill.Point("inductor", 1, 16, 4.0, 1.0), prefill.Point("bi_ascend", 1, 16, 6.0, 1.2),
+              prefill.Point("bi_ascend+native", 1, 16, 4.2, 1.2)]
+    table = prefill.markdown("env", "title", points, {})
+    assert "| 1 x 16 | bi_ascend | 4.00 | 6.00 | 1.50 | 1.00 | 1.20 | 1.20 | 3.00 | 4.80 |" in table
+    assert "| 1 x 16 | bi_ascend+native | 4.00 | 4.20 | 1.05 |" in table
+    assert "target: bi_ascend wall <= 1.10x Inductor; met at 0 of 1 points" in table
+    assert "target: bi_ascend+native wall <= 1.10x Inductor; met at 1 of 1 points" in table
