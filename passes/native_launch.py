@@ -15,8 +15,9 @@ place: ``empty`` outputs and one ``triton_kernel_wrapper_functional``, what torc
              %y = getitem(%k, 'y_ptr')
 
 The launch is the op's own: the same kernel, blocking, constexprs and ints (from metadata only, never the trace's
-batch), so the same bits. It runs last, after the audit has classified the bi ops, and only for Inductor (the eager
-inner compiler keeps the op calls, whose launches are cheaper outside Inductor).
+batch), so the same bits. It runs last, after the audit has classified the bi ops, and only where asked (the
+backend's ``native_launch`` option, with Inductor as the inner compiler: the eager one keeps the op calls, whose
+launches are cheaper outside Inductor).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _placeholders(graph: Graph) -> list[Node]:
 
 
 def _adopt_subgraphs(traced: GraphModule, owner: GraphModule) -> None:
-    """Move the branch graphs of the traced launch's ``torch.cond`` into the graph's module, under fresh names."""
+    """Move the branch graphs of the traced launch's ``cond`` operators into the graph's module, under fresh names."""
     for node in traced.graph.nodes:
         if node.op == "get_attr":
             name = next(f"bi_launch_{i}" for i in itertools.count() if not hasattr(owner, f"bi_launch_{i}"))

@@ -106,8 +106,8 @@ def emit_launch(kernel: triton.runtime.JITFunction, grid: tuple, outputs: dict[s
     launch. Returns the written ``outputs`` by name.
 
     The launch is recorded in its functional form, which Inductor's post-grad passes reinplace into ``outputs``;
-    ``in_place`` records the in-place form instead, for a graph no post-grad pass will see (a ``torch.cond``
-    branch made after Inductor ran its passes over the branches), where the functional form would cost a copy."""
+    ``in_place`` records the in-place form instead, for a graph no post-grad pass will see (a ``cond`` branch made
+    after Inductor ran its passes over the branches), where the functional form would cost a copy."""
     from torch._higher_order_ops.triton_kernel_wrap import (kernel_side_table, triton_kernel_wrapper_functional,
                                                             triton_kernel_wrapper_mutation)
     from torch.fx.node import base_types

@@ -462,7 +462,7 @@ def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _emit_matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: TileConfig, *,
                  in_place: bool) -> torch.Tensor:
     """One launch of the kernel with ``tiles``: a [M, K] and weight [N, K] contiguous -> a fresh [M, N]
-    (``in_place``: inside a ``torch.cond`` branch, ``emit_launch``'s in-place form)."""
+    (``in_place``: inside a ``cond`` branch, ``emit_launch``'s in-place form)."""
     (m, k), n = a.shape, weight.shape[0]
     device_target = target(a.device)
     block_k = tiles.block_k or BLOCK_K[a.dtype]
