@@ -291,3 +291,52 @@ def test_inductor_reads_a_traced_epsilon_at_run_time():
             else:
                 got = compiled(x)
         assert torch.equal(got, torch.ops.bi.rms_norm(x, module.weight.detach(), eps)[0]), (rows, eps)
+
+
+@interpreter
+def test_inductors_post_grad_passes_reinplace_the_launches_and_keep_them(cpu_launches):
+    """Inductor's own post-grad passes, run over the rewritten graph as Inductor runs them after the pipeline: the
+    functional launch becomes the in-place one on its fresh outputs (no copy of them), the launches inside the
+    matmul's ``cond`` branches stay, and the graph still computes the kernels' bits. (Lowering the launches needs a
+    GPU: the GPU tests below.)"""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.fx_passes.post_grad import post_grad_passes
+    from torch._inductor.virtualized import V
+
+    from bi_compile.kernels import matmul as matmul_kernels
+    from bi_compile.kernels.device import CPU_TARGET
+
+    g = torch.Generator().manual_seed(0)
+    w, b, norm_w = torch.randn(40, 32, generator=g), torch.randn(40, generator=g), torch.randn(40, generator=g)
+
+    def model(x, r):
+        a, _, s = torch.ops.bi.add_rms_norm(torch.ops.bi.linear(x, w, b), r, norm_w, 1e-6)
+        return a, s
+
+    graphs = []
+
+    def forward(gm, _inputs):
+        native_launch_pass(gm.graph)
+        with V.set_fake_mode(detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])):
+            post_grad_passes(gm, is_inference=True)
+        gm.recompile()
+        graphs.append(gm)
+        return gm
+
+    x, r = torch.randn(3, 5, 32, generator=g), torch.randn(3, 5, 40, generator=g)
+    torch._dynamo.reset()
+    for t in (x, r):
+        torch._dynamo.mark_dynamic(t, 0)
+    with torch.no_grad():
+        got = torch.compile(model, backend=aot_autograd(fw_compiler=forward, decompositions={}), fullgraph=True)(x, r)
+    (gm,) = graphs
+    in_place = str(torch.ops.higher_order.triton_kernel_wrapper_mutation)
+    assert calls(gm)[in_place] == 1 and not calls(gm)[str(KERNEL_LAUNCH)]
+    assert not any("clone" in name or "copy" in name for name in calls(gm))
+    branches = [module for name, module in gm.named_children() if name.startswith("bi_launch_")]
+    assert branches and all(calls(branch)[in_place] == 1 for branch in branches)
+    ranges = matmul_kernels.native_tile_ranges(40, torch.float32, CPU_TARGET)
+    tiles = next(tiles for max_m, tiles in ranges if 15 <= max_m)
+    y = matmul_kernels.matmul(x.reshape(1, 15, 32), w.t()[None], b.expand(15, 40)[None], tiles=tiles).reshape(3, 5, 40)
+    a, _, s = norm_kernels.add_rms_norm(y, r, norm_w, 1e-6)
+    assert torch.equal(got[0], a) and torch.equal(got[1], s)
