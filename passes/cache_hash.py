@@ -1,9 +1,10 @@
 """The hash that keys compile caches to the pipeline's version: a leaf module, importing nothing of bi-compile.
 
-It covers everything that decides a rewritten graph and its report: the passes, the op definitions with their
-layout contracts, the kernels (whose launches the native_launch pass writes into the graph), and how reports are kept for cached graphs (``bi_compile/report_cache.py``: a graph cached
-before that changed has none on record). ``BatchInvariantPass.uuid()`` puts it into Inductor's and vLLM's cache
-keys, and the backend into the key of its saved reports.
+It covers everything that decides a rewritten graph and its report: the passes, the op definitions with their layout
+contracts, the kernels (whose launches the native_launch pass writes into the graph), and how reports are kept for
+cached graphs (``bi_compile/report_cache.py``: a graph cached before that changed has none on record).
+``BatchInvariantPass.uuid()`` puts it into Inductor's and vLLM's cache keys, and the backend into the key of its
+saved reports.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ Each pass logs one debug line with its count (rewrites, copies or findings) on t
 logger; with ``BI_COMPILE_DEBUG_DIR`` set, the graph is written there before and after each pass.
 
 The order matters: unfusing first leaves one form of rmsnorm, and a written-out norm is matched whole before
-``replace`` takes its mean apart; layouts are checked only once all bi ops exist; the
-audit sees every bi op, before some become Inductor's launches. ``BatchInvariantPass`` is an Inductor ``CustomGraphPass`` whose ``uuid()`` hashes the
-source of the passes and of the op contracts, so Inductor's and vLLM's compile caches change when they do.
+``replace`` takes its mean apart; layouts are checked only once all bi ops exist; the audit sees every bi op, before
+some become Inductor's launches. ``BatchInvariantPass`` is an Inductor ``CustomGraphPass`` whose ``uuid()`` hashes
+the source of the passes, the op contracts and the kernels, so Inductor's and vLLM's compile caches change when
+they do.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve", "all_reduce", "moe", "profile_table", "prefill"])
+@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve", "all_reduce", "moe", "profile_table",
+                                    "prefill"])
 def test_script_parses_its_arguments(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
                           cwd=BENCHMARKS.parent, env={"PYTHONPATH": f"{BENCHMARKS.parent}", "PATH": "/usr/bin:/bin"})
