@@ -10,7 +10,7 @@ piecewise graphs), in this order:
 3. ``replace`` — every op of the replacement table becomes its ``bi`` op (then dead code is dropped);
 4. ``contiguous`` — ``.contiguous()`` in front of exactly the bi-op inputs that break a layout contract;
 5. ``audit`` — every remaining node is classified invariant / variant / unknown, with its source line;
-6. ``native_launch`` (for Inductor only) — the bi ops whose launch Inductor can emit itself become that launch.
+6. ``native_launch`` (when asked; Inductor only) — the bi ops whose launch Inductor can emit itself become that launch.
 
 Each pass logs one debug line with its count (rewrites, copies or findings) on the ``bi_compile.passes.pipeline``
 logger; with ``BI_COMPILE_DEBUG_DIR`` set, the graph is written there before and after each pass.

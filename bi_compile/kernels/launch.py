@@ -16,6 +16,9 @@ The launchers key on the shapes, strides and dtypes these follow from, plus ``al
 ``BI_COMPILE_CHECK_LAUNCH_KEYS=1`` every keyed launch also asks Triton for its binary and raises if a key ever maps
 to another one (the GPU tests run so). The direct call is Triton 3.6's calling convention on CUDA; elsewhere (the
 interpreter, triton-ascend) every launch takes Triton's own path.
+
+``emit_launch`` is the other way a launch can go: written into a graph being traced, for Inductor to emit in its
+own generated code (passes/native_launch.py), with no Python of ours on the call at all.
 """
 
 from __future__ import annotations
