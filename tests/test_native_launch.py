@@ -340,3 +340,89 @@ def test_inductors_post_grad_passes_reinplace_the_launches_and_keep_them(cpu_lau
     y = matmul_kernels.matmul(x.reshape(1, 15, 32), w.t()[None], b.expand(15, 40)[None], tiles=tiles).reshape(3, 5, 40)
     a, _, s = norm_kernels.add_rms_norm(y, r, norm_w, 1e-6)
     assert torch.equal(got[0], a) and torch.equal(got[1], s)
+
+
+def python_of_ours(fn, *args) -> Counter:
+    """The bi-compile functions that one call of ``fn`` runs, by file and name (a Triton kernel's body, which the
+    interpreter runs as Python, is not counted: on a GPU it is the compiled kernel)."""
+    import inspect
+    import sys
+
+    import triton
+
+    import bi_compile
+    import bi_compile.kernels as kernels_package
+    import bi_compile.passes
+
+    roots = tuple({os.path.dirname(bi_compile.__file__), os.path.realpath(os.path.dirname(bi_compile.passes.__file__))})
+    kernel_bodies = set()  # (file, name): the interpreter runs a rewritten copy of the body, not its code object
+    for module in (m for name, m in sys.modules.items() if name.startswith(kernels_package.__name__ + ".")):
+        for value in vars(module).values():
+            if isinstance(value, triton.runtime.KernelInterface):
+                while not inspect.isfunction(value):  # through autotuners and heuristics to the Python function
+                    value = value.fn
+                kernel_bodies.add((value.__code__.co_filename, value.__name__))
+    seen: Counter = Counter()
+
+    def profile(frame, event, _arg):
+        code = frame.f_code
+        if (event == "call" and code.co_filename.startswith(roots)
+                and (code.co_filename, code.co_name) not in kernel_bodies):
+            seen[f"{os.path.basename(code.co_filename)}:{code.co_name}"] += 1
+
+    sys.setprofile(profile)
+    try:
+        with torch.no_grad():
+            fn(*args)
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def norms_and_linear(x, r, norm_w, w, b):
+    a, _, s = torch.ops.bi.add_rms_norm(torch.ops.bi.linear(x, w, b), r, norm_w, 1e-6)
+    return torch.ops.bi.rms_norm(a, norm_w, 1e-6)[0], s
+
+
+@interpreter
+def test_a_native_graph_runs_no_python_of_ours(cpu_launches):
+    """Issue 21's check that a compiled graph holds no per-call Python checks: a call of the rewritten graph runs
+    not one bi-compile function (no op, no input check, no launcher). Control: the same graph with its op calls
+    runs the ops' Python on every call."""
+    g = torch.Generator().manual_seed(0)
+    norm_w, w, b = torch.randn(40, generator=g), torch.randn(40, 32, generator=g), torch.randn(40, generator=g)
+    x, r = torch.randn(6, 32, generator=g), torch.randn(6, 40, generator=g)
+    compiled, _, launched = compiled_with_native_launches(lambda x, r: norms_and_linear(x, r, norm_w, w, b), x, r)
+    assert launched == {"bi.linear.default": 1, "bi.add_rms_norm.default": 1, "bi.rms_norm.default": 1}
+    x, r = torch.randn(9, 32, generator=g), torch.randn(9, 40, generator=g)
+    assert python_of_ours(compiled, x, r) == Counter()
+
+    torch._dynamo.reset()
+    for t in (x, r):
+        torch._dynamo.mark_dynamic(t, 0)
+    op_calls = torch.compile(lambda x, r: norms_and_linear(x, r, norm_w, w, b), backend="aot_eager", fullgraph=True)
+    op_calls(x, r)
+    ran = python_of_ours(op_calls, x, r)
+    assert any(name.startswith(("matmul.py", "norm.py")) for name in ran), ran
+
+
+@pytest.mark.gpu
+def test_inductors_code_runs_no_python_of_ours():
+    """The same on a GPU through bi_ascend + Inductor, dynamic batch: after the first call, a call of the compiled
+    graph (new batch sizes included) runs no bi-compile function; control: without the option it runs the ops'."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    norm_w, b = (torch.randn(1024, device="cuda", generator=g).bfloat16() for _ in range(2))
+    w = torch.randn(1024, 1024, device="cuda", generator=g).bfloat16() / 32
+
+    def model(x, r):
+        return norms_and_linear(x, r, norm_w, w, b)
+
+    for options, native in ((NATIVE, True), (None, False)):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="bi_ascend", dynamic=True, options=options)
+        for rows in (3, 64):
+            compiled(*(torch.randn(rows, 1024, device="cuda", generator=g).bfloat16() for _ in range(2)))
+        x, r = (torch.randn(301, 1024, device="cuda", generator=g).bfloat16() for _ in range(2))
+        ran = python_of_ours(compiled, x, r)
+        assert (ran == Counter()) if native else ran, ran
+        assert all(torch.equal(got, want) for got, want in zip(compiled(x, r), model(x, r)))
