@@ -80,6 +80,20 @@ def compiled_with_native_launches(fn, *args):
     return compiled, graphs, sum(seen, Counter())
 
 
+class WithWeights(torch.nn.Module):
+    """``fn(*inputs, *weights)`` with the weights as the module's parameters. Under ``dynamic=True`` Dynamo keeps a
+    parameter's shape static but makes a captured plain tensor's shape symbolic, and a native launch needs a static
+    row length (a model's hidden size is one)."""
+
+    def __init__(self, fn, *weights):
+        super().__init__()
+        self.fn = fn
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in weights)
+
+    def forward(self, *inputs):
+        return self.fn(*inputs, *self.weights)
+
+
 @interpreter
 def test_native_norms_give_the_kernels_bits_at_every_batch(cpu_launches):
     """One graph compiled with a symbolic batch: its launches give the kernels' bits at every batch."""
@@ -150,11 +164,7 @@ def test_inductor_emits_the_norm_launches_and_keeps_the_bits():
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    w, b = (t.cuda().bfloat16() for t in inputs(1, 1024)[2:])
-
-    def model(x, r):
-        return norms(x, r, w, b)
-
+    model = WithWeights(norms, *(t.cuda().bfloat16() for t in inputs(1, 1024)[2:]))
     compiled = torch.compile(model, backend="bi_ascend", dynamic=True, options=NATIVE)
     for rows in (3, 64, 301):
         x, r = (t.cuda().bfloat16() for t in inputs(rows, 1024, seed=rows)[:2])
@@ -164,7 +174,7 @@ def test_inductor_emits_the_norm_launches_and_keeps_the_bits():
             assert "_rms_norm_kernel" in "\n".join(code)
         else:
             got = compiled(x, r)
-        want = norms(x, r, w, b)
+        want = model(x, r)
         assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want)), rows
 
 
@@ -205,10 +215,7 @@ def test_inductor_emits_the_linear_launches_with_run_time_tiles():
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(3072, 1024, device="cuda", generator=g).bfloat16() / 32
-
-    def model(x):
-        return torch.ops.bi.linear(x, w)
-
+    model = WithWeights(torch.ops.bi.linear, w)
     compiled = torch.compile(model, backend="bi_ascend", dynamic=True, options=NATIVE)
     kernels_run = {}
     for rows in (3, 48, 200, 2048):
@@ -413,9 +420,7 @@ def test_inductors_code_runs_no_python_of_ours():
     g = torch.Generator(device="cuda").manual_seed(0)
     norm_w, b = (torch.randn(1024, device="cuda", generator=g).bfloat16() for _ in range(2))
     w = torch.randn(1024, 1024, device="cuda", generator=g).bfloat16() / 32
-
-    def model(x, r):
-        return norms_and_linear(x, r, norm_w, w, b)
+    model = WithWeights(norms_and_linear, norm_w, w, b)
 
     for options, native in ((NATIVE, True), (None, False)):
         torch._dynamo.reset()
