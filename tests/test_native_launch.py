@@ -350,12 +350,14 @@ def test_inductors_post_grad_passes_reinplace_the_launches_and_keep_them(cpu_lau
 
 
 def python_of_ours(fn, *args) -> Counter:
-    """The bi-compile functions that one call of ``fn`` runs, by file and name (a Triton kernel's body, which the
-    interpreter runs as Python, is not counted: on a GPU it is the compiled kernel)."""
+    """The bi-compile functions that one call of ``fn``, compiled already, runs, by file and name (a Triton kernel's
+    body, which the interpreter runs as Python, is not counted: on a GPU it is the compiled kernel). Fails if the
+    call compiles a graph (a guard failed, e.g. another grad mode): that would count the compiler's Python."""
     import inspect
     import sys
 
     import triton
+    from torch._dynamo.utils import counters
 
     import bi_compile
     import bi_compile.kernels as kernels_package
@@ -377,12 +379,13 @@ def python_of_ours(fn, *args) -> Counter:
                 and (code.co_filename, code.co_name) not in kernel_bodies):
             seen[f"{os.path.basename(code.co_filename)}:{code.co_name}"] += 1
 
+    compiled_before = counters["stats"]["unique_graphs"]
     sys.setprofile(profile)
     try:
-        with torch.no_grad():
-            fn(*args)
+        fn(*args)
     finally:
         sys.setprofile(None)
+    assert counters["stats"]["unique_graphs"] == compiled_before, "the call compiled a graph"
     return seen
 
 
@@ -402,14 +405,16 @@ def test_a_native_graph_runs_no_python_of_ours(cpu_launches):
     compiled, _, launched = compiled_with_native_launches(lambda x, r: norms_and_linear(x, r, norm_w, w, b), x, r)
     assert launched == {"bi.linear.default": 1, "bi.add_rms_norm.default": 1, "bi.rms_norm.default": 1}
     x, r = torch.randn(9, 32, generator=g), torch.randn(9, 40, generator=g)
-    assert python_of_ours(compiled, x, r) == Counter()
+    with torch.no_grad():  # the grad mode the graph was compiled in (another one recompiles)
+        assert python_of_ours(compiled, x, r) == Counter()
 
-    torch._dynamo.reset()
-    for t in (x, r):
-        torch._dynamo.mark_dynamic(t, 0)
-    op_calls = torch.compile(lambda x, r: norms_and_linear(x, r, norm_w, w, b), backend="aot_eager", fullgraph=True)
-    op_calls(x, r)
-    ran = python_of_ours(op_calls, x, r)
+        torch._dynamo.reset()
+        for t in (x, r):
+            torch._dynamo.mark_dynamic(t, 0)
+        op_calls = torch.compile(lambda x, r: norms_and_linear(x, r, norm_w, w, b), backend="aot_eager",
+                                 fullgraph=True)
+        op_calls(x, r)
+        ran = python_of_ours(op_calls, x, r)
     assert any(name.startswith(("matmul.py", "norm.py")) for name in ran), ran
 
 
@@ -425,9 +430,10 @@ def test_inductors_code_runs_no_python_of_ours():
     for options, native in ((NATIVE, True), (None, False)):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="bi_ascend", dynamic=True, options=options)
-        for rows in (3, 64):
-            compiled(*(torch.randn(rows, 1024, device="cuda", generator=g).bfloat16() for _ in range(2)))
-        x, r = (torch.randn(301, 1024, device="cuda", generator=g).bfloat16() for _ in range(2))
-        ran = python_of_ours(compiled, x, r)
-        assert (ran == Counter()) if native else ran, ran
-        assert all(torch.equal(got, want) for got, want in zip(compiled(x, r), model(x, r)))
+        with torch.no_grad():
+            for rows in (3, 64):
+                compiled(*(torch.randn(rows, 1024, device="cuda", generator=g).bfloat16() for _ in range(2)))
+            x, r = (torch.randn(301, 1024, device="cuda", generator=g).bfloat16() for _ in range(2))
+            ran = python_of_ours(compiled, x, r)
+            assert (ran == Counter()) if native else ran, ran
+            assert all(torch.equal(got, want) for got, want in zip(compiled(x, r), model(x, r)))
