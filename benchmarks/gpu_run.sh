@@ -20,7 +20,8 @@
 #                  bi.linear / bi.rms_norm. Each variant is
 #                  compiled first in a process of its own, in parallel, to fill the Inductor cache (~4 min on the
 #                  H200 host), then the measured run loads the graphs (Dynamo still traces: ~2.5 min a backend).
-#                  Run it alone in a call (~9 min)
+#                  Run it alone in a call (~9 min). PREFILL_BACKENDS picks the variants, e.g.
+#                  PREFILL_BACKENDS="inductor bi_ascend+native" PREFILL_ARGS="--layers 12" (two variants fit sooner)
 #   vllm-stage     for a machine without vLLM: copy the parts of the offline vLLM bundle carried in this call
 #                  (.gpu-vllm/parts/, from ../shared/gpu-vllm/build_bundle.sh; one part per call, back to back) to
 #                  /tmp/stage; once the parts there match .gpu-vllm/MANIFEST's checksum, extract them to /tmp/site and
@@ -88,11 +89,13 @@ for stage in "$@"; do
       "${DECODE[@]}" --batch-sizes 1 8 32 64 --markdown "$OUT/decode.md" --plot "$OUT/decode.png" \
         --profile "$OUT/profile.txt" 2>&1 | grep -v -i warn | tee "$OUT/decode.log" | tail -40 ;;
     prefill)
-      for backend in inductor bi_ascend bi_ascend+native; do
+      backends=(${PREFILL_BACKENDS:-inductor bi_ascend bi_ascend+native})
+      for backend in "${backends[@]}"; do
         python3 benchmarks/prefill.py --backends "$backend" --repeats 1 ${PREFILL_ARGS:-} >"$OUT/prefill_warm_$backend.log" 2>&1 &
       done
       wait
-      python3 benchmarks/prefill.py --markdown "$OUT/prefill.md" --json "$OUT/prefill.json" ${PREFILL_ARGS:-} 2>&1 \
+      python3 benchmarks/prefill.py --backends "${backends[@]}" --markdown "$OUT/prefill.md" --json "$OUT/prefill.json" \
+        ${PREFILL_ARGS:-} 2>&1 \
         | grep -v -i warn | tee "$OUT/prefill.log" | tail -30 ;;
     kernels)
       python3 benchmarks/kernels.py --cuda-graph --markdown "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1

@@ -342,6 +342,10 @@ def test_inductors_post_grad_passes_reinplace_the_launches_and_keep_them(cpu_lau
     assert not any("clone" in name or "copy" in name for name in calls(gm))
     branches = [module for name, module in gm.named_children() if name.startswith("bi_launch_")]
     assert branches and all(calls(branch)[in_place] == 1 for branch in branches)
+    # Each launch keeps the fake inputs it was traced with, so Inductor gives it those exact strides (the launch's
+    # ints were computed from them), not only their order (a padded stride would be read wrong).
+    launches = [n for module in (gm, *branches) for n in module.graph.nodes if str(n.target) == in_place]
+    assert launches and all("eager_input_vals" in n.meta for n in launches)
     ranges = matmul_kernels.native_tile_ranges(40, torch.float32, CPU_TARGET)
     tiles = next(tiles for max_m, tiles in ranges if 15 <= max_m)
     y = matmul_kernels.matmul(x.reshape(1, 15, 32), w.t()[None], b.expand(15, 40)[None], tiles=tiles).reshape(3, 5, 40)
