@@ -353,10 +353,10 @@ def test_inductors_post_grad_passes_reinplace_the_launches_and_keep_them(cpu_lau
     assert torch.equal(got[0], a) and torch.equal(got[1], s)
 
 
-def python_of_ours(fn, *args) -> Counter:
+def python_of_ours(fn, *args, kernels: bool = False) -> Counter:
     """The bi-compile functions that one call of ``fn``, compiled already, runs, by file and name (a Triton kernel's
-    body, which the interpreter runs as Python, is not counted: on a GPU it is the compiled kernel). Fails if the
-    call compiles a graph (a guard failed, e.g. another grad mode): that would count the compiler's Python."""
+    body, which the interpreter runs as Python, only with ``kernels``: on a GPU it is the compiled kernel). Fails if
+    the call compiles a graph (a guard failed, e.g. another grad mode): that would count the compiler's Python."""
     import inspect
     import sys
 
@@ -380,7 +380,7 @@ def python_of_ours(fn, *args) -> Counter:
     def profile(frame, event, _arg):
         code = frame.f_code
         if (event == "call" and code.co_filename.startswith(roots)
-                and (code.co_filename, code.co_name) not in kernel_bodies):
+                and (kernels or (code.co_filename, code.co_name) not in kernel_bodies)):
             seen[f"{os.path.basename(code.co_filename)}:{code.co_name}"] += 1
 
     compiled_before = counters["stats"]["unique_graphs"]
@@ -441,3 +441,74 @@ def test_inductors_code_runs_no_python_of_ours():
             ran = python_of_ours(compiled, x, r)
             assert (ran == Counter()) if native else ran, ran
             assert all(torch.equal(got, want) for got, want in zip(compiled(x, r), model(x, r)))
+
+
+@interpreter
+def test_native_attention_takes_the_run_time_schedule(cpu_launches):
+    """``bi.attention`` launched natively in one graph with a symbolic batch: few (sequence, kv head) pairs take the
+    split-key branch of its ``cond`` and many the single-program one, as the op's own plan would, each with the
+    kernel's bits; GQA with a bool padding mask, and causal without one."""
+    from bi_compile.kernels import attention as attention_kernels
+
+    g = torch.Generator().manual_seed(0)
+    kv_len = 600  # two 512-key splits
+
+    def model(q, k, v, mask):
+        padded = torch.ops.bi.attention(q, k, v, mask, 0.0, False, None, True)
+        causal = torch.ops.bi.attention(q, k[:, :, :3], v[:, :, :3], None, 0.0, True, 0.5, True)
+        return padded * 2, causal
+
+    def operands(batch):
+        q = torch.randn(batch, 3, 4, 16, generator=g).transpose(1, 2)  # [B, H, L, D] viewed from [B, L, H, D]
+        k, v = (torch.randn(batch, 2, kv_len, 16, generator=g) for _ in range(2))
+        mask = torch.rand(batch, 1, 3, kv_len, generator=g) > 0.2
+        return q, k, v, mask
+
+    compiled, graphs, launched = compiled_with_native_launches(model, *operands(3))
+    assert launched == {"bi.attention.default": 2}
+    (gm,) = graphs
+    assert not any(name.startswith("bi.") for name in calls(gm))
+    assert sum(node.target is torch.ops.higher_order.cond for node in gm.graph.nodes) == 2
+    schedules = set()
+    for batch in (2, 3, 5):  # 2 kv heads a sequence: 4 and 6 programs split the keys (4 SMs), 10 do not
+        q, k, v, mask = operands(batch)
+        with torch.no_grad():
+            got = compiled(q, k, v, mask)
+            ran = python_of_ours(compiled, q, k, v, mask, kernels=True)
+        split = attention_kernels.plan_attention(q, k, v, mask.expand(batch, 4, 3, kv_len), False).split is not None
+        assert ("attention.py:_merge_splits_kernel" in ran) == split, batch  # the branch the op's plan takes
+        schedules.add(split)
+        want = (attention_kernels.attention(q, k, v, mask.expand(batch, 4, 3, kv_len), False, 0.25) * 2,
+                attention_kernels.attention(q, k[:, :, :3], v[:, :, :3], None, True, 0.5))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), batch
+    assert schedules == {True, False} and len(graphs) == 1
+
+
+@pytest.mark.gpu
+def test_inductor_emits_the_attention_launches_with_run_time_schedules():
+    """bi_ascend + Inductor, dynamic batch and length: the generated code launches the attention kernels itself (no
+    bi op call), a long cache at batch 1 takes the split-key schedule (the merge kernel runs) and a large batch the
+    single-program one, and each gets the op's bits."""
+    from torch._inductor.utils import run_and_get_code
+
+    def model(q, k, v, mask):
+        return torch.ops.bi.attention(q, k, v, mask, 0.0, False, None, True)
+
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    compiled = torch.compile(model, backend="bi_ascend", dynamic=True, options=NATIVE)
+    merged = {}
+    for batch, q_len, kv_len in ((2, 4, 2048), (1, 1, 8192), (64, 16, 1024)):
+        q = torch.randn(batch, q_len, 32, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)
+        k, v = (torch.randn(batch, 8, kv_len, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+        mask = torch.rand(batch, 1, q_len, kv_len, device="cuda", generator=g) > 0.1
+        with torch.no_grad():
+            if batch == 2:
+                got, code = run_and_get_code(compiled, q, k, v, mask)
+                assert "torch.ops.bi.attention" not in "\n".join(code) and "_attention_kernel" in "\n".join(code)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                got = compiled(q, k, v, mask)
+                torch.cuda.synchronize()
+        merged[batch] = any("_merge_splits_kernel" in e.name for e in prof.events())
+        assert torch.equal(got, model(q, k, v, mask)), batch
+    assert merged[1] and not merged[64]

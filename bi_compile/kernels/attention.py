@@ -47,9 +47,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import sym_and
 
 from .device import Backend, launch_options, target
-from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
+from .launch import KeyedKernel, aligned16, cdiv, emit_launch, next_power_of_2
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
@@ -299,6 +300,7 @@ def _attention_kernel(
 ):
     """Grid (programs, 1 or num_splits): program p takes the query tiles p, p + programs, ... of m_tiles x pairs
     (one each on CUDA)."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes a Python float as fp64 (Triton's own launch: fp32)
     for pid in range(tl.program_id(0), m_tiles * num_pairs, tl.num_programs(0)):
         _attention_tile(
             pid, q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
@@ -434,6 +436,82 @@ def attention(
     [B, L, H, Dv] in memory (the op's output layout, bi_compile/ops/attention.py). ``split_kv``: as
     ``plan_attention``'s."""
     return launch_attention(plan_attention(query, key, value, mask, is_causal, split_kv), query, key, value, mask, scale)
+
+
+def emit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                   is_causal: bool, scale: float) -> torch.Tensor:
+    """``attention`` as launches that Inductor emits itself (``launch.emit_launch``), for a graph being traced with
+    the operands on a CUDA device from the start of their storage and the head counts and dims static; batch and
+    lengths may be symbolic. The kernels, blocks, ints and schedule are ``plan_attention``'s for the same operands,
+    so are the bits. The schedule follows the run-time sizes as there: a ``cond`` takes the split-key branch when
+    the graph runs, unless the sizes are static."""
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
+    device_target = target(query.device)
+    cfg = attention_config(head_dim, value_dim, query.dtype, device_target.backend)
+    rows_per_pair = q_len * (num_heads // num_kv_heads)
+    m_tiles = cdiv(rows_per_pair, cfg.block_m)
+    num_pairs = batch * num_kv_heads
+    num_splits = cdiv(kv_len, cfg.split_n)
+    workspace_bytes = num_splits * num_pairs * rows_per_pair * (value_dim + 2) * 4
+    split = (sym_and(num_splits > 1, m_tiles * num_pairs < 2 * device_target.cube_cores,
+                     workspace_bytes <= MAX_WORKSPACE_BYTES))
+    # Strides as plan_attention reads them: key/value broadcast to the query's batch, the mask to [B, H, L, S]
+    # (0 where broadcast); the data pointers are the operands' own.
+    full_mask = None if mask is None else mask.expand(batch, num_heads, q_len, kv_len)
+    mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
+    strides = dict(zip(
+        ("stride_qb", "stride_qh", "stride_ql", "stride_qd", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
+         "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_mb", "stride_mh", "stride_ml", "stride_ms"),
+        (*query.stride(), *key.expand(batch, -1, -1, -1).stride(), *value.expand(batch, -1, -1, -1).stride(),
+         *((0, 0, 0, 0) if full_mask is None else full_mask.stride()))))
+    mask = query if mask is None else mask.view(torch.uint8) if mask_kind == MASK_BOOL else mask
+    ints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, num_splits=num_splits, m_tiles=m_tiles,
+                num_pairs=num_pairs)
+    meta = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n, BLOCK_D=head_block(head_dim),
+                BLOCK_DV=head_block(value_dim), DOT_PRECISION=device_target.dot_precision(query.dtype))
+    grid = device_target.programs(m_tiles * num_pairs, device_target.cube_cores)
+
+    def new_output():
+        return torch.empty((batch, q_len, num_heads, value_dim), dtype=query.dtype, device=query.device)
+
+    def attend(in_place: bool):
+        """One program per query tile, every split merged in it (``split_kv=False``)."""
+        def launch(query, key, value, mask):
+            # The unused workspace pointers take the query's (never read or written).
+            return emit_launch(
+                _attention_kernel, (grid, 1), {"out_ptr": new_output()}, cfg.num_warps, cfg.num_stages,
+                in_place=in_place, q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask, m_part_ptr=query,
+                l_part_ptr=query, acc_part_ptr=query, **strides, **ints, kv_len=kv_len, scale=scale,
+                WRITE_PARTIAL=False, **meta)["out_ptr"]
+        return launch
+
+    def attend_splits(in_place: bool):
+        """A program per (query tile, split) writing its state, then the merge in split order (``split_kv=True``)."""
+        def launch(query, key, value, mask):
+            parts = num_pairs * rows_per_pair
+            states = {"m_part_ptr": torch.empty((num_splits, parts), dtype=torch.float32, device=query.device),
+                      "l_part_ptr": torch.empty((num_splits, parts), dtype=torch.float32, device=query.device),
+                      "acc_part_ptr": torch.empty((num_splits, parts, value_dim), dtype=torch.float32,
+                                                  device=query.device)}
+            states = emit_launch(
+                _attention_kernel, (grid, num_splits), states, cfg.num_warps, cfg.num_stages, in_place=in_place,
+                q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask, out_ptr=query, **strides, **ints, kv_len=kv_len,
+                scale=scale, WRITE_PARTIAL=True, **meta)
+            merge_tiles = cdiv(rows_per_pair, MERGE_BLOCK_M)
+            return emit_launch(
+                _merge_splits_kernel, (device_target.programs(merge_tiles * num_pairs, device_target.vector_cores),),
+                {"out_ptr": new_output()}, 4, in_place=in_place, **states, **ints | {"m_tiles": merge_tiles},
+                VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim))["out_ptr"]
+        return launch
+
+    operands = (query, key, value, mask)
+    if isinstance(split, bool):
+        out = (attend_splits if split else attend)(in_place=False)(*operands)
+    else:
+        out = torch.ops.higher_order.cond(split, attend_splits(in_place=True), attend(in_place=True), operands)
+    return out.transpose(1, 2)
 
 
 _attention_launch = KeyedKernel(_attention_kernel)

@@ -227,3 +227,24 @@ library.define_op(
     "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor",
     fake=_attention_fake, cpu=_attention_on_cpu, triton=_attention_triton,
 )
+
+
+@library.native_launch(OP)
+def _native_attention(arguments: dict) -> library.NativeLaunch | None:
+    """``attention``'s launches for Inductor to emit (kernels.attention.emit_attention) where every operand starts
+    its storage on a CUDA device (the kernel reads them through their strides, so they need not be contiguous) and
+    the head counts and dims are static (the blocks follow from them); the schedule follows the run-time sizes."""
+    query, key, value, mask = (arguments[name] for name in ("query", "key", "value", "attn_mask"))
+    if (arguments["dropout_p"] != 0.0 or not all(map(library.launches_from_start, (query, key, value, mask)))
+            or not all(isinstance(size, int) for size in (*query.shape[1::2], key.shape[1], value.shape[3]))):
+        return None
+    names = ("query", "key", "value") if mask is None else ("query", "key", "value", "attn_mask")
+    is_causal = arguments["is_causal"]
+    scale = 1.0 / math.sqrt(query.shape[3]) if arguments["scale"] is None else arguments["scale"]
+
+    def trace(query, key, value, *mask):
+        from bi_compile.kernels.attention import emit_attention
+
+        return emit_attention(query, key, value, mask[0] if mask else None, is_causal, scale)
+
+    return library.NativeLaunch(names, trace)

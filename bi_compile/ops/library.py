@@ -175,11 +175,17 @@ def native_launch(qualname: str):
 NATIVE_LAUNCH_DEVICES = {"cuda"}
 
 
+def launches_from_start(t: torch.Tensor | None) -> bool:
+    """Whether a native launch whose kernel takes ``t``'s strides may read it as given: on a
+    ``NATIVE_LAUNCH_DEVICES`` device, from the start of its storage for every value its symbolic shape may take (so
+    Inductor knows the data is aligned)."""
+    return t is None or (t.device.type in NATIVE_LAUNCH_DEVICES and _known(t.storage_offset() == 0))
+
+
 def emits_in_place(t: torch.Tensor | None) -> bool:
-    """Whether a native launch may read ``t`` as given: on a ``NATIVE_LAUNCH_DEVICES`` device, contiguous from the
-    start of its storage, for every value its symbolic shape may take (so Inductor knows the data is aligned)."""
-    return t is None or (t.device.type in NATIVE_LAUNCH_DEVICES and _known(t.is_contiguous())
-                         and _known(t.storage_offset() == 0))
+    """Whether a native launch of a kernel that assumes contiguous rows may read ``t`` as given:
+    ``launches_from_start`` and contiguous."""
+    return t is None or (launches_from_start(t) and _known(t.is_contiguous()))
 
 
 def host_scalar(t: torch.Tensor):
