@@ -512,3 +512,44 @@ def test_inductor_emits_the_attention_launches_with_run_time_schedules():
         merged[batch] = any("_merge_splits_kernel" in e.name for e in prof.events())
         assert torch.equal(got, model(q, k, v, mask)), batch
     assert merged[1] and not merged[64]
+
+
+@interpreter
+def test_inductors_post_grad_passes_keep_the_attention_branches(cpu_launches):
+    """The attention's ``cond`` after Inductor's own post-grad passes: each branch keeps its in-place launches (the
+    split one its two kernels, the other one), nothing copies their outputs, and the bits are the kernel's."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.fx_passes.post_grad import post_grad_passes
+    from torch._inductor.virtualized import V
+
+    from bi_compile.kernels import attention as attention_kernels
+
+    graphs = []
+
+    def forward(gm, _inputs):
+        native_launch_pass(gm.graph)
+        with V.set_fake_mode(detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])):
+            post_grad_passes(gm, is_inference=True)
+        gm.recompile()
+        graphs.append(gm)
+        return gm
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 2, 16, generator=g), *(torch.randn(1, 2, 600, 16, generator=g) for _ in range(2))
+    torch._dynamo.reset()
+    for t in (q, k, v):
+        torch._dynamo.mark_dynamic(t, 2)
+
+    def model(q, k, v):
+        return torch.ops.bi.attention(q, k, v, None, 0.0, True, None, True)
+
+    with torch.no_grad():
+        got = torch.compile(model, backend=aot_autograd(fw_compiler=forward, decompositions={}), fullgraph=True)(q, k, v)
+    (gm,) = graphs
+    in_place = str(torch.ops.higher_order.triton_kernel_wrapper_mutation)
+    branches = sorted((module for name, module in gm.named_children() if name.startswith("bi_launch_")),
+                      key=lambda branch: calls(branch)[in_place])
+    assert [calls(branch)[in_place] for branch in branches] == [1, 2]
+    assert not any("clone" in name or "copy" in name or "functional" in name
+                   for module in (gm, *branches) for name in calls(module))
+    assert torch.equal(got, attention_kernels.attention(q, k, v, None, True, 0.25))
