@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import sym_and
 
-from .device import Backend, launch_options, target
+from .device import Backend, Target, launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv, emit_launch, next_power_of_2
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
@@ -349,6 +350,38 @@ class AttentionPlan:
     split: tuple | None
 
 
+class Schedule(NamedTuple):
+    """How a call's work is cut into programs, from its sizes alone (ints, or a traced graph's symbolic sizes)."""
+
+    cfg: AttentionConfig
+    rows_per_pair: int  # packed query rows per (sequence, kv head): q_len * G
+    m_tiles: int  # query tiles per (sequence, kv head)
+    num_pairs: int  # (sequence, kv head) pairs
+    num_splits: int  # key splits of SPLIT_N keys
+    merge_tiles: int  # the merge kernel's tiles per pair
+    splits_pay: bool  # split the keys over programs (then merge): the pairs' tiles alone under-fill the device
+    meta: dict  # the attention kernel's constexprs but WRITE_PARTIAL, without launch options
+
+
+def schedule(batch, num_heads: int, num_kv_heads: int, q_len, kv_len, head_dim: int, value_dim: int, mask_kind: int,
+             is_causal: bool, dtype: torch.dtype, device_target: Target) -> Schedule:
+    """The schedule of a call with these sizes; the sizes may be symbolic (``emit_attention``), and then so are
+    the counts and ``splits_pay``."""
+    cfg = attention_config(head_dim, value_dim, dtype, device_target.backend)
+    rows_per_pair = q_len * (num_heads // num_kv_heads)
+    m_tiles = cdiv(rows_per_pair, cfg.block_m)
+    num_pairs = batch * num_kv_heads
+    num_splits = cdiv(kv_len, cfg.split_n)
+    workspace_bytes = num_splits * num_pairs * rows_per_pair * (value_dim + 2) * 4
+    splits_pay = sym_and(num_splits > 1, m_tiles * num_pairs < 2 * device_target.cube_cores,
+                         workspace_bytes <= MAX_WORKSPACE_BYTES)
+    meta = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n, BLOCK_D=head_block(head_dim),
+                BLOCK_DV=head_block(value_dim), DOT_PRECISION=device_target.dot_precision(dtype))
+    return Schedule(cfg, rows_per_pair, m_tiles, num_pairs, num_splits, cdiv(rows_per_pair, MERGE_BLOCK_M),
+                    splits_pay, meta)
+
+
 @functools.lru_cache(maxsize=8192)
 def _plan(query: Operand, key: Operand, value: Operand, mask: tuple[torch.dtype, tuple[int, ...]] | None,
           is_causal: bool, split_kv: bool | None, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
@@ -356,39 +389,27 @@ def _plan(query: Operand, key: Operand, value: Operand, mask: tuple[torch.dtype,
     (_, num_kv_heads, kv_len, _), k_strides = key
     value_dim = value[0][3]
     device_target = target(device)
-    cfg = attention_config(head_dim, value_dim, dtype, device_target.backend)
-    rows_per_pair = q_len * (num_heads // num_kv_heads)
-    m_tiles = cdiv(rows_per_pair, cfg.block_m)
-    num_pairs = batch * num_kv_heads
-    programs = m_tiles * num_pairs
-    num_splits = cdiv(kv_len, cfg.split_n)
-    workspace_bytes = num_splits * batch * num_kv_heads * rows_per_pair * (value_dim + 2) * 4
-    if split_kv is None:
-        split_kv = (num_splits > 1 and programs < 2 * device_target.cube_cores
-                    and workspace_bytes <= MAX_WORKSPACE_BYTES)
-    split_kv = split_kv and num_splits > 0
     # A bool mask is read as bytes: the same memory, a dtype every Triton backend loads.
     mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask[0] == torch.bool else MASK_ADDITIVE
+    cut = schedule(batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, value_dim, mask_kind, is_causal, dtype,
+                   device_target)
+    split_kv = (cut.splits_pay if split_kv is None else split_kv) and cut.num_splits > 0
     mask_strides = (0, 0, 0, 0) if mask is None else mask[1]
     ints = (*q_strides, *k_strides, *value[1], *mask_strides,
-            num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs)
-    meta = dict(
-        HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal, WRITE_PARTIAL=split_kv,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n,
-        BLOCK_D=head_block(head_dim), BLOCK_DV=head_block(value_dim),
-        DOT_PRECISION=device_target.dot_precision(dtype),
-        **launch_options(device_target.backend, cfg.num_warps, cfg.num_stages),
-    )
+            num_heads, num_kv_heads, q_len, kv_len, cut.num_splits, cut.m_tiles, cut.num_pairs)
+    meta = cut.meta | dict(WRITE_PARTIAL=split_kv,
+                           **launch_options(device_target.backend, cut.cfg.num_warps, cut.cfg.num_stages))
     split = None
     if split_kv:
-        parts = batch * num_kv_heads * rows_per_pair
-        merge_tiles = cdiv(rows_per_pair, MERGE_BLOCK_M)
-        merge_ints = (num_heads, num_kv_heads, q_len, num_splits, merge_tiles, num_pairs)
+        parts = cut.num_pairs * cut.rows_per_pair
+        merge_ints = (num_heads, num_kv_heads, q_len, cut.num_splits, cut.merge_tiles, cut.num_pairs)
         merge_meta = dict(VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim),
                           **launch_options(device_target.backend, 4))
-        split = ((num_splits, parts), (num_splits, parts, value_dim),
-                 (device_target.programs(merge_tiles * num_pairs, device_target.vector_cores),), merge_ints, merge_meta)
-    grid = (device_target.programs(programs, device_target.cube_cores), num_splits if split_kv else 1)
+        split = ((cut.num_splits, parts), (cut.num_splits, parts, value_dim),
+                 (device_target.programs(cut.merge_tiles * cut.num_pairs, device_target.vector_cores),), merge_ints,
+                 merge_meta)
+    grid = (device_target.programs(cut.m_tiles * cut.num_pairs, device_target.cube_cores),
+            cut.num_splits if split_kv else 1)
     return AttentionPlan(device, dtype, (batch, q_len, num_heads, value_dim), mask_kind, grid, ints, meta, split)
 
 
@@ -442,36 +463,26 @@ def emit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                    is_causal: bool, scale: float) -> torch.Tensor:
     """``attention`` as launches that Inductor emits itself (``launch.emit_launch``), for a graph being traced with
     the operands on a CUDA device from the start of their storage and the head counts and dims static; batch and
-    lengths may be symbolic. The kernels, blocks, ints and schedule are ``plan_attention``'s for the same operands,
-    so are the bits. The schedule follows the run-time sizes as there: a ``cond`` takes the split-key branch when
-    the graph runs, unless the sizes are static."""
+    lengths may be symbolic. The kernels, blocks, ints and schedule are ``plan_attention``'s for the same operands
+    (``schedule``), so are the bits. Where the sizes are symbolic, a ``cond`` takes the split-key branch when the
+    graph runs, as the plan would."""
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
     device_target = target(query.device)
-    cfg = attention_config(head_dim, value_dim, query.dtype, device_target.backend)
-    rows_per_pair = q_len * (num_heads // num_kv_heads)
-    m_tiles = cdiv(rows_per_pair, cfg.block_m)
-    num_pairs = batch * num_kv_heads
-    num_splits = cdiv(kv_len, cfg.split_n)
-    workspace_bytes = num_splits * num_pairs * rows_per_pair * (value_dim + 2) * 4
-    split = (sym_and(num_splits > 1, m_tiles * num_pairs < 2 * device_target.cube_cores,
-                     workspace_bytes <= MAX_WORKSPACE_BYTES))
+    mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
+    cut = schedule(batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, value_dim, mask_kind, is_causal,
+                   query.dtype, device_target)
     # Strides as plan_attention reads them: key/value broadcast to the query's batch, the mask to [B, H, L, S]
     # (0 where broadcast); the data pointers are the operands' own.
-    full_mask = None if mask is None else mask.expand(batch, num_heads, q_len, kv_len)
-    mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
     strides = dict(zip(
         ("stride_qb", "stride_qh", "stride_ql", "stride_qd", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
          "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_mb", "stride_mh", "stride_ml", "stride_ms"),
         (*query.stride(), *key.expand(batch, -1, -1, -1).stride(), *value.expand(batch, -1, -1, -1).stride(),
-         *((0, 0, 0, 0) if full_mask is None else full_mask.stride()))))
+         *((0, 0, 0, 0) if mask is None else mask.expand(batch, num_heads, q_len, kv_len).stride()))))
     mask = query if mask is None else mask.view(torch.uint8) if mask_kind == MASK_BOOL else mask
-    ints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, num_splits=num_splits, m_tiles=m_tiles,
-                num_pairs=num_pairs)
-    meta = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n, BLOCK_D=head_block(head_dim),
-                BLOCK_DV=head_block(value_dim), DOT_PRECISION=device_target.dot_precision(query.dtype))
-    grid = device_target.programs(m_tiles * num_pairs, device_target.cube_cores)
+    ints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, num_splits=cut.num_splits,
+                m_tiles=cut.m_tiles, num_pairs=cut.num_pairs)
+    grid = device_target.programs(cut.m_tiles * cut.num_pairs, device_target.cube_cores)
 
     def new_output():
         return torch.empty((batch, q_len, num_heads, value_dim), dtype=query.dtype, device=query.device)
@@ -481,36 +492,35 @@ def emit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         def launch(query, key, value, mask):
             # The unused workspace pointers take the query's (never read or written).
             return emit_launch(
-                _attention_kernel, (grid, 1), {"out_ptr": new_output()}, cfg.num_warps, cfg.num_stages,
+                _attention_kernel, (grid, 1), {"out_ptr": new_output()}, cut.cfg.num_warps, cut.cfg.num_stages,
                 in_place=in_place, q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask, m_part_ptr=query,
                 l_part_ptr=query, acc_part_ptr=query, **strides, **ints, kv_len=kv_len, scale=scale,
-                WRITE_PARTIAL=False, **meta)["out_ptr"]
+                WRITE_PARTIAL=False, **cut.meta)["out_ptr"]
         return launch
 
     def attend_splits(in_place: bool):
         """A program per (query tile, split) writing its state, then the merge in split order (``split_kv=True``)."""
         def launch(query, key, value, mask):
-            parts = num_pairs * rows_per_pair
-            states = {"m_part_ptr": torch.empty((num_splits, parts), dtype=torch.float32, device=query.device),
-                      "l_part_ptr": torch.empty((num_splits, parts), dtype=torch.float32, device=query.device),
-                      "acc_part_ptr": torch.empty((num_splits, parts, value_dim), dtype=torch.float32,
-                                                  device=query.device)}
+            parts = cut.num_pairs * cut.rows_per_pair
+            states = {name: torch.empty((cut.num_splits, parts, *dims), dtype=torch.float32, device=query.device)
+                      for name, dims in (("m_part_ptr", ()), ("l_part_ptr", ()), ("acc_part_ptr", (value_dim,)))}
             states = emit_launch(
-                _attention_kernel, (grid, num_splits), states, cfg.num_warps, cfg.num_stages, in_place=in_place,
-                q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask, out_ptr=query, **strides, **ints, kv_len=kv_len,
-                scale=scale, WRITE_PARTIAL=True, **meta)
-            merge_tiles = cdiv(rows_per_pair, MERGE_BLOCK_M)
+                _attention_kernel, (grid, cut.num_splits), states, cut.cfg.num_warps, cut.cfg.num_stages,
+                in_place=in_place, q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask, out_ptr=query, **strides,
+                **ints, kv_len=kv_len, scale=scale, WRITE_PARTIAL=True, **cut.meta)
+            merge_grid = device_target.programs(cut.merge_tiles * cut.num_pairs, device_target.vector_cores)
             return emit_launch(
-                _merge_splits_kernel, (device_target.programs(merge_tiles * num_pairs, device_target.vector_cores),),
-                {"out_ptr": new_output()}, 4, in_place=in_place, **states, **ints | {"m_tiles": merge_tiles},
-                VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_DV=head_block(value_dim))["out_ptr"]
+                _merge_splits_kernel, (merge_grid,), {"out_ptr": new_output()}, 4, in_place=in_place, **states,
+                **ints | {"m_tiles": cut.merge_tiles}, VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M,
+                BLOCK_DV=head_block(value_dim))["out_ptr"]
         return launch
 
     operands = (query, key, value, mask)
-    if isinstance(split, bool):
-        out = (attend_splits if split else attend)(in_place=False)(*operands)
+    if isinstance(cut.splits_pay, bool):
+        out = (attend_splits if cut.splits_pay else attend)(in_place=False)(*operands)
     else:
-        out = torch.ops.higher_order.cond(split, attend_splits(in_place=True), attend(in_place=True), operands)
+        out = torch.ops.higher_order.cond(cut.splits_pay, attend_splits(in_place=True), attend(in_place=True),
+                                          operands)
     return out.transpose(1, 2)
 
 
