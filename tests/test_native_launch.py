@@ -58,13 +58,21 @@ def inputs(rows: int, width: int = 96, seed: int = 0):
     return x, r, torch.randn(width, generator=g), torch.randn(width, generator=g)
 
 
-def compiled_with_native_launches(fn, *args):
-    """``fn`` through Dynamo (batch dim marked dynamic) and aot_autograd, its graph rewritten by the native_launch
-    pass and run as it is: (the compiled function, the graph modules, what the pass launched)."""
+def compiled_with_native_launches(fn, *args, dim: int = 0, post_grad: bool = False):
+    """``fn`` through Dynamo (``dim`` of each input marked dynamic) and aot_autograd, its graph rewritten by the
+    native_launch pass (then, with ``post_grad``, by Inductor's own post-grad passes, as Inductor runs them after
+    the pipeline) and run as it is: (the compiled function, the graph modules, what the pass launched)."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.fx_passes.post_grad import post_grad_passes
+    from torch._inductor.virtualized import V
+
     seen = []
 
     def forward(gm, _inputs):
         seen.append(native_launch_pass(gm.graph))
+        if post_grad:
+            with V.set_fake_mode(detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])):
+                post_grad_passes(gm, is_inference=True)
         gm.graph.lint()
         gm.recompile()
         graphs.append(gm)
@@ -73,7 +81,7 @@ def compiled_with_native_launches(fn, *args):
     graphs: list = []
     torch._dynamo.reset()
     for arg in args:
-        torch._dynamo.mark_dynamic(arg, 0)
+        torch._dynamo.mark_dynamic(arg, dim)
     compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=forward, decompositions={}), fullgraph=True)
     with torch.no_grad():
         compiled(*args)
@@ -306,10 +314,6 @@ def test_inductors_post_grad_passes_reinplace_the_launches_and_keep_them(cpu_lau
     functional launch becomes the in-place one on its fresh outputs (no copy of them), the launches inside the
     matmul's ``cond`` branches stay, and the graph still computes the kernels' bits. (Lowering the launches needs a
     GPU: the GPU tests below.)"""
-    from torch._guards import detect_fake_mode
-    from torch._inductor.fx_passes.post_grad import post_grad_passes
-    from torch._inductor.virtualized import V
-
     from bi_compile.kernels import matmul as matmul_kernels
     from bi_compile.kernels.device import CPU_TARGET
 
@@ -320,23 +324,10 @@ def test_inductors_post_grad_passes_reinplace_the_launches_and_keep_them(cpu_lau
         a, _, s = torch.ops.bi.add_rms_norm(torch.ops.bi.linear(x, w, b), r, norm_w, 1e-6)
         return a, s
 
-    graphs = []
-
-    def forward(gm, _inputs):
-        native_launch_pass(gm.graph)
-        with V.set_fake_mode(detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])):
-            post_grad_passes(gm, is_inference=True)
-        gm.recompile()
-        graphs.append(gm)
-        return gm
-
     x, r = torch.randn(3, 5, 32, generator=g), torch.randn(3, 5, 40, generator=g)
-    torch._dynamo.reset()
-    for t in (x, r):
-        torch._dynamo.mark_dynamic(t, 0)
+    compiled, (gm,), _ = compiled_with_native_launches(model, x, r, post_grad=True)
     with torch.no_grad():
-        got = torch.compile(model, backend=aot_autograd(fw_compiler=forward, decompositions={}), fullgraph=True)(x, r)
-    (gm,) = graphs
+        got = compiled(x, r)
     in_place = str(torch.ops.higher_order.triton_kernel_wrapper_mutation)
     assert calls(gm)[in_place] == 1 and not calls(gm)[str(KERNEL_LAUNCH)]
     assert not any("clone" in name or "copy" in name for name in calls(gm))
@@ -518,34 +509,16 @@ def test_inductor_emits_the_attention_launches_with_run_time_schedules():
 def test_inductors_post_grad_passes_keep_the_attention_branches(cpu_launches):
     """The attention's ``cond`` after Inductor's own post-grad passes: each branch keeps its in-place launches (the
     split one its two kernels, the other one), nothing copies their outputs, and the bits are the kernel's."""
-    from torch._guards import detect_fake_mode
-    from torch._inductor.fx_passes.post_grad import post_grad_passes
-    from torch._inductor.virtualized import V
-
     from bi_compile.kernels import attention as attention_kernels
-
-    graphs = []
-
-    def forward(gm, _inputs):
-        native_launch_pass(gm.graph)
-        with V.set_fake_mode(detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])):
-            post_grad_passes(gm, is_inference=True)
-        gm.recompile()
-        graphs.append(gm)
-        return gm
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(1, 4, 2, 16, generator=g), *(torch.randn(1, 2, 600, 16, generator=g) for _ in range(2))
-    torch._dynamo.reset()
-    for t in (q, k, v):
-        torch._dynamo.mark_dynamic(t, 2)
 
     def model(q, k, v):
         return torch.ops.bi.attention(q, k, v, None, 0.0, True, None, True)
 
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 2, 16, generator=g), *(torch.randn(1, 2, 600, 16, generator=g) for _ in range(2))
+    compiled, (gm,), _ = compiled_with_native_launches(model, q, k, v, dim=2, post_grad=True)
     with torch.no_grad():
-        got = torch.compile(model, backend=aot_autograd(fw_compiler=forward, decompositions={}), fullgraph=True)(q, k, v)
-    (gm,) = graphs
+        got = compiled(q, k, v)
     in_place = str(torch.ops.higher_order.triton_kernel_wrapper_mutation)
     branches = sorted((module for name, module in gm.named_children() if name.startswith("bi_launch_")),
                       key=lambda branch: calls(branch)[in_place])
