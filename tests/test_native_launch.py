@@ -96,10 +96,12 @@ class WithWeights(torch.nn.Module):
     def __init__(self, fn, *weights):
         super().__init__()
         self.fn = fn
-        self.weights = torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in weights)
+        self.names = tuple(f"weight{i}" for i in range(len(weights)))
+        for name, w in zip(self.names, weights):
+            self.register_parameter(name, torch.nn.Parameter(w, requires_grad=False))
 
-    def forward(self, *inputs):
-        return self.fn(*inputs, *self.weights)
+    def forward(self, *inputs):  # Dynamo 2.11 cannot unpack a ParameterList with *
+        return self.fn(*inputs, *[getattr(self, name) for name in self.names])
 
 
 @interpreter
@@ -196,20 +198,23 @@ def test_native_linear_picks_its_tiles_from_the_run_time_batch(cpu_launches):
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 32, generator=g), torch.randn(40, generator=g)
     x = torch.randn(3, 5, 32, generator=g)
-    compiled, graphs, launched = compiled_with_native_launches(lambda x: torch.ops.bi.linear(x, w, b) * 2, x)
-    assert launched == {"bi.linear.default": 1}
+    compiled, graphs, launched = compiled_with_native_launches(
+        lambda x: (torch.ops.bi.linear(x, w, b) * 2, torch.ops.bi.linear(x, w)), x)  # with and without a bias
+    assert launched == {"bi.linear.default": 2}
     ranges = matmul_kernels.native_tile_ranges(40, torch.float32, CPU_TARGET)
     assert len({tiles for _, tiles in ranges}) > 1  # the portable fp32 table: 16-row tiles up to M = 64
     (gm,) = graphs
     branches = [node for node in gm.graph.nodes if node.target is torch.ops.higher_order.cond]
-    assert len(branches) == len(ranges) - 1 and not any(name.startswith("bi.") for name in calls(gm))
+    assert len(branches) == 2 * (len(ranges) - 1) and not any(name.startswith("bi.") for name in calls(gm))
     for rows in (2, 12, 13, 40):  # M = rows * 5: 10 and 60 in the first range, 65 and 200 in the second
         x = torch.randn(rows, 5, 32, generator=g)
         with torch.no_grad():
-            got = compiled(x)
+            got, got_unbiased = compiled(x)
         tiles = next(tiles for max_m, tiles in ranges if rows * 5 <= max_m)
         want = matmul_kernels.matmul(x.reshape(1, -1, 32), w.t()[None], b.expand(rows * 5, 40)[None], tiles=tiles)
         assert torch.equal(got, want.reshape(rows, 5, 40) * 2), rows
+        want = matmul_kernels.matmul(x.reshape(1, -1, 32), w.t()[None], None, tiles=tiles)
+        assert torch.equal(got_unbiased, want.reshape(rows, 5, 40)), rows
     assert len(graphs) == 1
 
 
@@ -487,12 +492,17 @@ def test_inductor_emits_the_attention_launches_with_run_time_schedules():
 
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
-    compiled = torch.compile(model, backend="bi_ascend", dynamic=True, options=NATIVE)
+    # Batch and lengths symbolic, head counts and dims static, as a model's (dynamic=True would make them symbolic
+    # too, and the call would stay an op call).
+    compiled = torch.compile(model, backend="bi_ascend", options=NATIVE)
     merged = {}
     for batch, q_len, kv_len in ((2, 4, 2048), (1, 1, 8192), (64, 16, 1024)):
         q = torch.randn(batch, q_len, 32, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)
         k, v = (torch.randn(batch, 8, kv_len, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
         mask = torch.rand(batch, 1, q_len, kv_len, device="cuda", generator=g) > 0.1
+        if batch == 2:  # the first call compiles the symbolic graph (later sizes of 1 get a graph of their own)
+            for t, dims in ((q, (0, 2)), (k, (0, 2)), (v, (0, 2)), (mask, (0, 2, 3))):
+                torch._dynamo.mark_dynamic(t, dims)
         with torch.no_grad():
             if batch == 2:
                 got, code = run_and_get_code(compiled, q, k, v, mask)

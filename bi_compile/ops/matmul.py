@@ -225,10 +225,10 @@ def _native_linear(arguments: dict) -> library.NativeLaunch | None:
         return None
     names = ("input", "weight") if bias is None else ("input", "weight", "bias")
 
-    def trace(input, weight, bias=None):
+    def trace(input, weight, *bias):  # make_fx gives a placeholder per parameter: no defaults
         from bi_compile.kernels.matmul import emit_linear
 
-        return emit_linear(input, weight, bias)
+        return emit_linear(input, weight, bias[0] if bias else None)
 
     return library.NativeLaunch(names, trace)
 
