@@ -536,3 +536,45 @@ def test_inductors_post_grad_passes_keep_the_attention_branches(cpu_launches):
     assert not any("clone" in name or "copy" in name or "functional" in name
                    for module in (gm, *branches) for name in calls(module))
     assert torch.equal(got, attention_kernels.attention(q, k, v, None, True, 0.25))
+
+
+@interpreter
+def test_a_transformers_qwen3_prefill_launches_every_bi_op_natively(cpu_launches):
+    """A whole model, as benchmarks/prefill.py compiles it: a 2-layer transformers Qwen3 (SDPA, bias-less linears,
+    q/k norms), one forward with no KV cache, batch symbolic, Inductor's decompositions and then the pipeline with
+    its native launches. No bi op call is left, and a prompt's logits keep their bits alone and inside a batch."""
+    from bi_compile.backend import inductor_decompositions
+    from torch._inductor.fx_passes.post_grad import view_to_reshape
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    graphs, reports = [], []
+
+    def rewrite(gm, _inputs):
+        reports.append(run_pipeline(gm.graph, native_launch=True))
+        view_to_reshape(gm)
+        gm.recompile()
+        graphs.append(gm)
+        return gm
+
+    backend = aot_autograd(fw_compiler=rewrite, decompositions=inductor_decompositions())
+    compiled = torch.compile(lambda ids: model(input_ids=ids, use_cache=False).logits, backend=backend)
+    ids = torch.randint(0, 97, (5, 6), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.mark_dynamic(ids, 0)
+    with torch.no_grad():
+        batched = compiled(ids)
+        alone = compiled(ids[3:5])  # the same symbolic graph at another batch size
+        want = model(input_ids=ids, use_cache=False).logits
+    (gm,) = graphs
+    (report,) = reports
+    assert not any(name.startswith("bi.") for name in calls(gm)), calls(gm)
+    # 7 projections and an attention a layer, and the lm_head; the q and k norms, and the first layer's input
+    # norm (no residual yet); every later norm with the residual add before it
+    assert report.native_launches == {"bi.linear.default": 15, "bi.attention.default": 2,
+                                      "bi.rms_norm.default": 5, "bi.add_rms_norm.default": 4}, report.native_launches
+    assert torch.equal(alone, batched[3:5])
+    assert torch.allclose(batched, want, atol=1e-4, rtol=1e-4)
