@@ -541,9 +541,9 @@ def test_inductors_post_grad_passes_keep_the_attention_branches(cpu_launches):
 @interpreter
 def test_a_transformers_qwen3_prefill_launches_every_bi_op_natively(cpu_launches):
     """A whole model, as benchmarks/prefill.py compiles it: a 2-layer transformers Qwen3 (SDPA, bias-less linears,
-    q/k norms), one forward with no KV cache, batch symbolic, Inductor's decompositions and then the pipeline with
-    its native launches. No bi op call is left, and two prompts' logits have the same bits in a batch of 2 as in a
-    batch of 5."""
+    q/k norms), one forward with no KV cache, batch and length symbolic, Inductor's decompositions and then the
+    pipeline with its native launches. No bi op call is left, two prompts' logits have the same bits in a batch of 2
+    as in a batch of 5, and another length gets the model's logits too."""
     from bi_compile.backend import inductor_decompositions
     from torch._inductor.fx_passes.post_grad import view_to_reshape
 
@@ -565,11 +565,13 @@ def test_a_transformers_qwen3_prefill_launches_every_bi_op_natively(cpu_launches
     backend = aot_autograd(fw_compiler=rewrite, decompositions=inductor_decompositions())
     compiled = torch.compile(lambda ids: model(input_ids=ids, use_cache=False).logits, backend=backend)
     ids = torch.randint(0, 97, (5, 6), generator=torch.Generator().manual_seed(1))
-    torch._dynamo.mark_dynamic(ids, 0)
+    torch._dynamo.mark_dynamic(ids, (0, 1))
     with torch.no_grad():
         batched = compiled(ids)
         pair = compiled(ids[3:5])  # the same symbolic graph at another batch size
         want = model(input_ids=ids, use_cache=False).logits
+        shorter = compiled(ids[:, :4].contiguous())  # the same graph at another length
+        want_shorter = model(input_ids=ids[:, :4], use_cache=False).logits
     (gm,) = graphs
     (report,) = reports
     assert not any(name.startswith("bi.") for name in calls(gm)), calls(gm)
@@ -579,3 +581,4 @@ def test_a_transformers_qwen3_prefill_launches_every_bi_op_natively(cpu_launches
                                       "bi.rms_norm.default": 5, "bi.add_rms_norm.default": 4}, report.native_launches
     assert torch.equal(pair, batched[3:5])
     assert torch.allclose(batched, want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(shorter, want_shorter, atol=1e-4, rtol=1e-4)

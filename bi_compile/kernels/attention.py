@@ -465,62 +465,76 @@ def emit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     the operands on a CUDA device from the start of their storage and the head counts and dims static; batch and
     lengths may be symbolic. The kernels, blocks, ints and schedule are ``plan_attention``'s for the same operands
     (``schedule``), so are the bits. Where the sizes are symbolic, a ``cond`` takes the split-key branch when the
-    graph runs, as the plan would."""
-    batch, num_heads, q_len, head_dim = query.shape
-    num_kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
-    device_target = target(query.device)
+    graph runs, as the plan would. Each launch works its sizes out from its own operands, as the matmul's do: a
+    ``cond`` branch traced over sizes it closes over gets them rebuilt from their expressions, and torch 2.13 drops
+    a factor of such a product (batch x query tiles: a grid of -2 x batch programs)."""
     mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
-    cut = schedule(batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, value_dim, mask_kind, is_causal,
-                   query.dtype, device_target)
-    # Strides as plan_attention reads them: key/value broadcast to the query's batch, the mask to [B, H, L, S]
-    # (0 where broadcast); the data pointers are the operands' own.
-    strides = dict(zip(
-        ("stride_qb", "stride_qh", "stride_ql", "stride_qd", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
-         "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_mb", "stride_mh", "stride_ml", "stride_ms"),
-        (*query.stride(), *key.expand(batch, -1, -1, -1).stride(), *value.expand(batch, -1, -1, -1).stride(),
-         *((0, 0, 0, 0) if mask is None else mask.expand(batch, num_heads, q_len, kv_len).stride()))))
-    mask = query if mask is None else mask.view(torch.uint8) if mask_kind == MASK_BOOL else mask
-    ints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, num_splits=cut.num_splits,
-                m_tiles=cut.m_tiles, num_pairs=cut.num_pairs)
-    grid = device_target.programs(cut.m_tiles * cut.num_pairs, device_target.cube_cores)
+    device_target = target(query.device)
 
-    def new_output():
-        return torch.empty((batch, q_len, num_heads, value_dim), dtype=query.dtype, device=query.device)
+    def cut_of(query, key, value) -> Schedule:
+        (batch, num_heads, q_len, head_dim), (num_kv_heads, kv_len) = query.shape, key.shape[1:3]
+        return schedule(batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, value.shape[3], mask_kind,
+                        is_causal, query.dtype, device_target)
+
+    def arguments(query, key, value, mask) -> tuple[Schedule, dict, int]:
+        """The schedule, the kernel's int arguments and its grid. Strides as plan_attention reads them: key/value
+        broadcast to the query's batch, the mask to [B, H, L, S] (0 where broadcast)."""
+        (batch, num_heads, q_len, _), kv_len = query.shape, key.shape[2]
+        cut = cut_of(query, key, value)
+        strides = dict(zip(
+            ("stride_qb", "stride_qh", "stride_ql", "stride_qd", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
+             "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_mb", "stride_mh", "stride_ml", "stride_ms"),
+            (*query.stride(), *key.expand(batch, -1, -1, -1).stride(), *value.expand(batch, -1, -1, -1).stride(),
+             *((0, 0, 0, 0) if mask_kind == MASK_NONE else mask.expand(batch, num_heads, q_len, kv_len).stride()))))
+        ints = dict(num_heads=num_heads, num_kv_heads=key.shape[1], q_len=q_len, kv_len=kv_len,
+                    num_splits=cut.num_splits, m_tiles=cut.m_tiles, num_pairs=cut.num_pairs)
+        return cut, strides | ints, device_target.programs(cut.m_tiles * cut.num_pairs, device_target.cube_cores)
+
+    def new_output(query, value):
+        batch, num_heads, q_len, _ = query.shape
+        return torch.empty((batch, q_len, num_heads, value.shape[3]), dtype=query.dtype, device=query.device)
 
     def attend(in_place: bool):
         """One program per query tile, every split merged in it (``split_kv=False``)."""
         def launch(query, key, value, mask):
+            cut, ints, grid = arguments(query, key, value, mask)
             # The unused workspace pointers take the query's (never read or written).
             return emit_launch(
-                _attention_kernel, (grid, 1), {"out_ptr": new_output()}, cut.cfg.num_warps, cut.cfg.num_stages,
-                in_place=in_place, q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask, m_part_ptr=query,
-                l_part_ptr=query, acc_part_ptr=query, **strides, **ints, kv_len=kv_len, scale=scale,
-                WRITE_PARTIAL=False, **cut.meta)["out_ptr"]
+                _attention_kernel, (grid, 1), {"out_ptr": new_output(query, value)}, cut.cfg.num_warps,
+                cut.cfg.num_stages, in_place=in_place, q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask,
+                m_part_ptr=query, l_part_ptr=query, acc_part_ptr=query, **ints, scale=scale, WRITE_PARTIAL=False,
+                **cut.meta)["out_ptr"]
         return launch
 
     def attend_splits(in_place: bool):
         """A program per (query tile, split) writing its state, then the merge in split order (``split_kv=True``)."""
         def launch(query, key, value, mask):
+            cut, ints, grid = arguments(query, key, value, mask)
+            value_dim = value.shape[3]
             parts = cut.num_pairs * cut.rows_per_pair
             states = {name: torch.empty((cut.num_splits, parts, *dims), dtype=torch.float32, device=query.device)
                       for name, dims in (("m_part_ptr", ()), ("l_part_ptr", ()), ("acc_part_ptr", (value_dim,)))}
             states = emit_launch(
                 _attention_kernel, (grid, cut.num_splits), states, cut.cfg.num_warps, cut.cfg.num_stages,
-                in_place=in_place, q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask, out_ptr=query, **strides,
-                **ints, kv_len=kv_len, scale=scale, WRITE_PARTIAL=True, **cut.meta)
+                in_place=in_place, q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask, out_ptr=query, **ints,
+                scale=scale, WRITE_PARTIAL=True, **cut.meta)
+            merge_ints = {name: ints[name]
+                          for name in ("num_heads", "num_kv_heads", "q_len", "num_splits", "num_pairs")}
             merge_grid = device_target.programs(cut.merge_tiles * cut.num_pairs, device_target.vector_cores)
             return emit_launch(
-                _merge_splits_kernel, (merge_grid,), {"out_ptr": new_output()}, 4, in_place=in_place, **states,
-                **ints | {"m_tiles": cut.merge_tiles}, VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M,
+                _merge_splits_kernel, (merge_grid,), {"out_ptr": new_output(query, value)}, 4, in_place=in_place,
+                **states, **merge_ints, m_tiles=cut.merge_tiles, VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M,
                 BLOCK_DV=head_block(value_dim))["out_ptr"]
         return launch
 
-    operands = (query, key, value, mask)
-    if isinstance(cut.splits_pay, bool):
-        out = (attend_splits if cut.splits_pay else attend)(in_place=False)(*operands)
+    # A bool mask is read as bytes; without a mask the kernel's unused pointer takes the query's.
+    operands = (query, key, value,
+                query if mask is None else mask.view(torch.uint8) if mask_kind == MASK_BOOL else mask)
+    splits_pay = cut_of(query, key, value).splits_pay
+    if isinstance(splits_pay, bool):
+        out = (attend_splits if splits_pay else attend)(in_place=False)(*operands)
     else:
-        out = torch.ops.higher_order.cond(cut.splits_pay, attend_splits(in_place=True), attend(in_place=True),
-                                          operands)
+        out = torch.ops.higher_order.cond(splits_pay, attend_splits(in_place=True), attend(in_place=True), operands)
     return out.transpose(1, 2)
 
 
