@@ -488,7 +488,10 @@ def test_inductor_emits_the_attention_launches_with_run_time_schedules():
     from torch._inductor.utils import run_and_get_code
 
     def model(q, k, v, mask):
-        return torch.ops.bi.attention(q, k, v, mask, 0.0, False, None, True)
+        # The query computed in the graph (exactly: x 2), not read in place from an input: the launch takes the
+        # strides it was traced with, so Inductor must lay the product out so (eager_input_vals), as it would a
+        # model's RoPE output.
+        return torch.ops.bi.attention(q * 2, k, v, mask, 0.0, False, None, True)
 
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
