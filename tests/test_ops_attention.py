@@ -464,6 +464,48 @@ def test_interpreted_kernel_static_cache_padding_keeps_bits():
     _static_cache_padding_keeps_bits(triton_attend(None), torch.float16, "cpu", (520, 1030), seed=7)
 
 
+def _unmasked_chunks_keep_bits(dtype, device, head_dim, cases, seed) -> None:
+    """Chunks that every row of a tile sees in full skip the masking; forcing the masked step on every chunk
+    (MASK_EVERY_CHUNK) must change no bit, in either schedule. cases: (B, H, Hkv, L, S, causal)."""
+    import dataclasses
+
+    from bi_compile.kernels import attention as kernels
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(dtype=dtype, device=device, generator=g)
+    for batch, heads, kv_heads, q_len, kv_len, causal in cases:
+        q = randn(batch, heads, q_len, head_dim, **kw)
+        k, v = randn(batch, kv_heads, kv_len, head_dim, **kw), randn(batch, kv_heads, kv_len, head_dim, **kw)
+        ref = reference(q, k, v, None, causal, head_dim**-0.5)
+        for split_kv in (False, True):
+            plan = kernels.plan_attention(q, k, v, None, causal, split_kv)
+            masked = dataclasses.replace(plan, meta=plan.meta | dict(MASK_EVERY_CHUNK=True))
+            fast, slow = (kernels.launch_attention(p, q, k, v, None, head_dim**-0.5) for p in (plan, masked))
+            assert_matches_reference(fast, ref, dtype)
+            assert torch.equal(fast, slow), f"L={q_len} S={kv_len} causal={causal} split_kv={split_kv}"
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_interpreted_unmasked_chunks_give_the_bits_of_masked_ones(dtype):
+    """Causal prefill (chunks below the tile's diagonal), keys past the last full chunk, several splits."""
+    _unmasked_chunks_keep_bits(dtype, "cpu", 64, [(1, 4, 2, 200, 200, True), (2, 2, 1, 3, 600, False)], seed=12)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_interpreted_kernel_keeps_finfo_min_masks_finite(dtype):
+    """An additive mask of finfo.min (HF's) scaled into log2 units must not overflow to -inf: a row masked
+    everywhere with it averages every value, as SDPA does, rather than giving 0."""
+    g = torch.Generator().manual_seed(13)
+    kw = dict(dtype=dtype, device="cpu", generator=g)
+    q, k, v = randn(1, 2, 3, 64, **kw), randn(1, 2, 100, 64, **kw), randn(1, 2, 100, 64, **kw)
+    mask = torch.zeros(1, 2, 3, 100, dtype=dtype)
+    mask[:, :, 1] = torch.finfo(dtype).min
+    mask[:, :, 2, 50:] = torch.finfo(dtype).min
+    assert_matches_reference(triton_attend(None)(q, k, v, mask, False), reference(q, k, v, mask), dtype)
+
+
 # ---- GPU: long contexts in bf16, split vs merged schedules, control, CUDA graphs ----
 
 GPU_MODES = [
@@ -530,6 +572,16 @@ def test_gpu_split_and_merged_schedules_give_the_same_bits(dtype, head_dim):
             outs = [kernels.attention(q, k, v, mask, causal, head_dim**-0.5, split_kv=s) for s in (False, True)]
             assert torch.equal(*outs), f"B={batch} H={heads}/{kv_heads} L={q_len} S={kv_len} mask={mask is not None}"
             assert_matches_reference(outs[0], reference(q, k, v, mask, causal), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gpu_unmasked_chunks_give_the_bits_of_masked_ones(dtype, head_dim):
+    """On the GPU the compiler could contract the two steps' arithmetic differently: same bits with every chunk
+    masked, causal prefill and decode over long contexts, GQA."""
+    _unmasked_chunks_keep_bits(dtype, "cuda", head_dim, [(1, 8, 2, 1500, 1500, True), (2, 16, 8, 1, 3000, False),
+                                                         (1, 8, 8, 70, 1100, False)], seed=head_dim)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,10 @@ takes the chunks in order; the split states are then merged in order, starting f
 
     (m, l, acc) <- merge((m, l, acc), split_0), merge(..., split_1), ...
 
+It runs in log2 units: each score is multiplied once by ``scale * log2(e)`` (an additive mask by ``log2(e)``), m
+is the max of those, and every exponential is an ``exp2``, in the chunks, the merge and the split states the
+workspace holds alike.
+
 This tree is fixed by the key positions and ``(head dim, dtype)`` (the config table below): never by the
 batch, the number of heads, the query length or the row's place in the batch. Every sum in it is a ``tl.dot``
 (l too, as ``p @ ones``), which adds in its instruction's order, or a max, which is exact: a ``tl.sum`` would
@@ -27,14 +31,19 @@ GPU).
 **Rows.** A program owns one (sequence, kv head) and ``BLOCK_M`` packed query rows ``r = position * G + g``
 (G = H / Hkv query heads share a kv head: GQA/MQA decode fills the tile with the group). Rows of a tile are
 independent in ``tl.dot``; ``BLOCK_M`` is fixed per config, so the query length only changes how many tiles
-there are. It must not follow the query length: a chunked prefill pads every sequence to the batch's longest
-chunk, so q_len depends on the other sequences, and on the H100 a 16-row tile (mma.sync) gave other bf16 bits
-than the 64-row one (wgmma) for head dim 128, G = 4 (measured 2026-11-23; they agreed for head dim 64, G = 2).
+there are (128 rows on CUDA for fp16/bf16 up to head dim 128, 64 otherwise). It must not follow the query
+length: a chunked prefill pads every sequence to the batch's longest chunk, so q_len depends on the other
+sequences, and on the H100 a 16-row tile (mma.sync) gave other bf16 bits than the 64-row one (wgmma) for head dim
+128, G = 4 (measured 2026-11-23; they agreed for head dim 64, G = 2).
 
-**Masked keys are exact no-ops**: a chunk or split whose keys are all masked for a row leaves (m, l, acc)
-bit-identical (exp(0) = 1, exp(-inf) = 0). So causal tiles stop at their last visible key, and a static KV
-cache of any length S gives the same bits as long as the slots past a sequence's length are masked: the
-chunks are anchored at key 0, whatever S is.
+**Masked keys are exact no-ops**: a masked key gets weight 0 and leaves m alone, so a chunk or split whose keys
+are all masked for a row leaves (m, l, acc) bit-identical (exp2(0) = 1). So causal tiles stop at their last
+visible key, and a static KV cache of any length S gives the same bits as long as the slots past a sequence's
+length are masked: the chunks are anchored at key 0, whatever S is. It also lets the chunks that every row of a
+tile sees in full (below kv_len and below the tile's first row on the causal diagonal, with no explicit mask)
+skip the bounds, causal and mask tests: the unmasked step does what the masked one does for a visible key, with
+the exponent pinned as one ``tl.fma`` in both (as the merge pins its own), so which step takes a chunk, which
+depends on the row's tile, changes no bit of the row.
 
 Fully masked rows (l = 0) give 0, as torch's CPU SDPA does.
 """
@@ -64,6 +73,10 @@ MAX_WORKSPACE_BYTES = 256 << 20
 MERGE_BLOCK_M = 16
 # Columns of the row-sum dot p @ ones (tl.dot's smallest N).
 ROW_SUM_N = tl.constexpr(16)
+# The softmax runs in log2 units (exp2, with scale * log2(e) folded into the scores).
+LOG2E = tl.constexpr(1.4426950408889634)
+# Finite additive masks are clamped here before that scaling (anything below it is masked-but-finite alike).
+MIN_BIAS = tl.constexpr(-2e38)
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,10 @@ class AttentionConfig:
 
 # Per backend, keyed by (padded head dim, fp32?): the whole reduction order of a row follows from this entry.
 # CUDA: blocks chosen so that ptxas (sm_90a) keeps the single-program schedule, which holds two accumulators,
-# within 255 registers with at most ~128 bytes of spills (8 warps on 64 rows halve the per-thread accumulators).
+# within 255 registers with at most ~128 bytes of spills, none in the chunk loops. fp16/bf16 up to head dim 128 take
+# 128-row tiles on 8 warps (a warpgroup's wgmma per 64 rows): 100 bytes of spill stores at head dim 128, none at 64
+# (Triton 3.6 offline compile). Head dim 256 (116 bytes at 64 rows) and fp32 (tl.dot on FMAs) keep 64 rows: at 128
+# they spill 1.3 KB and 30 KB.
 # Splits of 512 keys: each split restarts the load pipeline, so short splits cost bandwidth in the single-program
 # schedule, long ones cost parallelism in the split-KV one (B = 1, Hkv = 8, S = 8192: 128 programs).
 # Ascend: q, both fp32 accumulators (the split's and the merged one), a K and a V chunk and the chunk's scores
@@ -86,8 +102,8 @@ class AttentionConfig:
 # at 105-170 KB once the merged accumulator is counted).
 ATTENTION_CONFIGS = {
     Backend.CUDA: {
-        (64, False): AttentionConfig(64, 64, 512, 8, 3),
-        (128, False): AttentionConfig(64, 64, 512, 8, 3),
+        (64, False): AttentionConfig(128, 64, 512, 8, 3),
+        (128, False): AttentionConfig(128, 64, 512, 8, 3),
         (256, False): AttentionConfig(64, 32, 512, 8, 2),
         (64, True): AttentionConfig(64, 32, 512, 8, 2),
         (128, True): AttentionConfig(64, 32, 512, 8, 2),
@@ -109,69 +125,122 @@ def head_block(dim: int) -> int:
     return max(16, next_power_of_2(dim))
 
 
-def attention_config(head_dim: int, value_dim: int, dtype: torch.dtype, backend: Backend = Backend.CUDA) -> AttentionConfig:
-    """The config for head dims up to 256; 16 and 32 share the 64 entry (same order, smaller blocks)."""
-    return ATTENTION_CONFIGS[backend][(max(64, head_block(max(head_dim, value_dim))), dtype == torch.float32)]
+def attention_config(head_dim: int, value_dim: int, dtype: torch.dtype, backend: Backend = Backend.CUDA,
+                     configs: dict = ATTENTION_CONFIGS) -> AttentionConfig:
+    """The config for head dims up to 256 from ``configs`` (a table like ``ATTENTION_CONFIGS``); 16 and 32 share
+    the 64 entry (same order, smaller blocks)."""
+    return configs[backend][(max(64, head_block(max(head_dim, value_dim))), dtype == torch.float32)]
 
 
 @triton.jit
-def _attend_split(
-    q, split, k_base, v_base, mask_base, mask_rows, q_pos, row_valid,
-    stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, scale,
+def _softmax_step(s, visible, bias, v, m, l, acc, ones, qk_scale,
+                  MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One chunk of the online softmax, in log2 units: raw scores s = q . k, scaled by qk_scale = scale * log2(e)
+    (plus bias, an additive mask times log2(e)), so that exp2 gives the exponentials. MASKED: keys where
+    ``visible`` is false get no weight; an unmasked step (every key visible to every row, no bias) computes the
+    same bits for its keys as a masked one, the where aside: the exponent is one pinned fma in both (a separate
+    multiply and subtract could be contracted to an fma in one and not in the other)."""
+    t = tl.fma(s, qk_scale, bias) if HAS_BIAS else s * qk_scale
+    if MASKED:
+        t = tl.where(visible, t, float("-inf"))
+    m_new = tl.maximum(m, tl.max(t, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row has seen no key
+    alpha = tl.exp2(m - shift)
+    # With a bias, t is an fma's result (nothing to contract) and holds the bias as rounded for the max: scores
+    # that a huge bias absorbs stay equal, as in SDPA. Without one, the fma pins s * qk_scale - shift.
+    p = tl.exp2(t - shift[:, None] if HAS_BIAS else tl.fma(s, qk_scale, -shift[:, None]))
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
+    p = p.to(ones.dtype)
+    l = tl.dot(p, ones, l * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _attend_chunk(
+    q, first, m, l, acc, ones, k_base, v_base, mask_base, mask_rows, q_pos, row_valid,
+    stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over the keys of one split, chunk by chunk -> (m, l, acc) of that split alone.
-    MASK_KIND: 0 no mask, 1 bool read as bytes (attend where != 0), 2 additive float.
-    l runs as [BLOCK_M, ROW_SUM_N] = sum of p @ ones (not tl.sum: see the module docstring), every column
-    the same sum of the probabilities as rounded for P @ V."""
+    """The keys [first, first + BLOCK_N) into (m, l, acc). Unless MASKED, every key is below kv_len and visible
+    to every row of the tile: no bounds, causal or mask tests."""
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M, ROW_SUM_N], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    ones = tl.full([BLOCK_N, ROW_SUM_N], 1.0, v_base.dtype.element_ty)
-    start = split * SPLIT_N
-    for first in range(start, tl.minimum(start + SPLIT_N, key_end), BLOCK_N):
-        keys = first + tl.arange(0, BLOCK_N)
-        key_valid = keys < kv_len
-        k_t = tl.load(
-            k_base + keys[None, :] * stride_ks + d[:, None] * stride_kd,
-            mask=key_valid[None, :] & (d[:, None] < HEAD_DIM), other=0.0,
-        )
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
-        visible = key_valid[None, :] & row_valid[:, None]
+    keys = first + tl.arange(0, BLOCK_N)
+    key_valid = keys < kv_len
+    if MASKED:
+        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None] * stride_kd,
+                      mask=key_valid[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vs + dv[None, :] * stride_vd,
+                    mask=key_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
+    else:
+        k_t = tl.load(k_base + keys[None, :] * stride_ks + d[:, None] * stride_kd,
+                      mask=d[:, None] < HEAD_DIM, other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vs + dv[None, :] * stride_vd,
+                    mask=dv[None, :] < VALUE_DIM, other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+    visible = key_valid[None, :] & row_valid[:, None]
+    bias = 0.0
+    if MASKED:
         if IS_CAUSAL:
             visible = visible & (keys[None, :] <= q_pos[:, None])
         if MASK_KIND != 0:
             mask = tl.load(mask_base + mask_rows[:, None] + keys[None, :] * stride_ms, mask=visible, other=0)
             if MASK_KIND == 1:
                 visible = visible & (mask != 0)
-            else:
-                s = s + mask.to(tl.float32)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row has seen no key
-        alpha = tl.exp(m - shift)
-        p = tl.exp(s - shift[:, None]).to(ones.dtype)
-        l = tl.dot(p, ones, l * alpha[:, None], input_precision=DOT_PRECISION)
-        v = tl.load(
-            v_base + keys[:, None] * stride_vs + dv[None, :] * stride_vd,
-            mask=key_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0,
+            else:  # finite stays finite: an fp32 finfo.min (HF's masks) times log2(e) would overflow to -inf
+                bias = mask.to(tl.float32)
+                bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, MIN_BIAS) * LOG2E)
+    return _softmax_step(s, visible, bias, v, m, l, acc, ones, qk_scale, MASKED, MASK_KIND == 2, DOT_PRECISION)
+
+
+@triton.jit
+def _attend_split(
+    q, split, k_base, v_base, mask_base, mask_rows, q_pos, row_valid,
+    stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, full_end, qk_scale,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over the keys of one split, chunk by chunk -> (m, l, acc) of that split alone, m in log2
+    units. MASK_KIND: 0 no mask, 1 bool read as bytes (attend where != 0), 2 additive float. The chunks below
+    ``full_end`` (every row of the tile sees each of their keys) take the unmasked step, the rest the masked one;
+    a row gets the same bits either way, so where the cut falls changes no bit.
+    l runs as [BLOCK_M, ROW_SUM_N] = sum of p @ ones (not tl.sum: see the module docstring), every column
+    the same sum of the probabilities as rounded for P @ V."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M, ROW_SUM_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    ones = tl.full([BLOCK_N, ROW_SUM_N], 1.0, v_base.dtype.element_ty)
+    start = split * SPLIT_N
+    end = tl.minimum(start + SPLIT_N, key_end)
+    unmasked_end = tl.minimum(end, start + tl.maximum(full_end - start, 0) // BLOCK_N * BLOCK_N)
+    for first in range(start, unmasked_end, BLOCK_N):
+        m, l, acc = _attend_chunk(
+            q, first, m, l, acc, ones, k_base, v_base, mask_base, mask_rows, q_pos, row_valid,
+            stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, qk_scale,
+            HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, False, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
         )
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m = m_new
+    for first in range(tl.maximum(unmasked_end, start), end, BLOCK_N):
+        m, l, acc = _attend_chunk(
+            q, first, m, l, acc, ones, k_base, v_base, mask_base, mask_rows, q_pos, row_valid,
+            stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, qk_scale,
+            HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, True, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
+        )
     return m, tl.max(l, 1), acc  # the columns of l are equal: max picks that value exactly
 
 
 @triton.jit
 def _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Fold a split's state into the running one (explicit fma: the same rounding in both kernels)."""
+    """Fold a split's state (m in log2 units) into the running one (explicit fma: the same rounding in both
+    kernels)."""
     m_new = tl.maximum(m, m_split)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    old = tl.exp(m - shift)
-    new = tl.exp(m_split - shift)
+    old = tl.exp2(m - shift)
+    new = tl.exp2(m_split - shift)
     l = tl.fma(l_split, new, l * old)
     acc = tl.fma(
         acc_split, tl.broadcast_to(new[:, None], (BLOCK_M, BLOCK_DV)),
@@ -243,10 +312,10 @@ def _attention_tile(
     pid, q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd, stride_mb, stride_mh, stride_ml, stride_ms,
-    num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs, scale,
+    num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs, qk_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_EVERY_CHUNK: tl.constexpr,
 ):
     """Query tile ``pid`` (of m_tiles x pairs). WRITE_PARTIAL: split program_id(1)'s state goes to the workspace
     [num_splits, pairs * q_len * G] (+ [.., Dv] for acc); else all splits, merged, and the output."""
@@ -261,14 +330,18 @@ def _attention_tile(
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
     mask_rows = batch * stride_mb + head * stride_mh + q_pos * stride_ml
     key_end = kv_len
+    full_end = kv_len  # keys below it are visible to every row of the tile
     if IS_CAUSAL:  # stop after the tile's last visible key (later chunks would be exact no-ops)
         key_end = tl.minimum(kv_len, tl.max(tl.where(row_valid, q_pos, 0), 0) + 1)
+        full_end = tl.minimum(kv_len, tl.min(q_pos, 0) + 1)
+    if MASK_KIND != 0 or MASK_EVERY_CHUNK:
+        full_end = 0
 
     if WRITE_PARTIAL:
         split = tl.program_id(1)
         m, l, acc = _attend_split(
             q, split, k_base, v_base, mask_ptr, mask_rows, q_pos, row_valid,
-            stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, scale,
+            stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, full_end, qk_scale,
             HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
         )
         part = _part_rows(split, pair, rows, num_pairs, num_heads, num_kv_heads, q_len)
@@ -280,7 +353,7 @@ def _attention_tile(
         for split in range(0, num_splits):
             m_split, l_split, acc_split = _attend_split(
                 q, split, k_base, v_base, mask_ptr, mask_rows, q_pos, row_valid,
-                stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, scale,
+                stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, kv_len, key_end, full_end, qk_scale,
                 HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
             )
             m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
@@ -297,19 +370,21 @@ def _attention_kernel(
     num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_EVERY_CHUNK: tl.constexpr,
 ):
     """Grid (programs, 1 or num_splits): program p takes the query tiles p, p + programs, ... of m_tiles x pairs
-    (one each on CUDA)."""
-    scale = tl.cast(scale, tl.float32)  # Inductor passes a Python float as fp64 (Triton's own launch: fp32)
+    (one each on CUDA). MASK_EVERY_CHUNK (tests only): the masked step for every chunk, which must not change a
+    bit."""
+    # Inductor passes a Python float as fp64 (Triton's own launch: fp32): the same fp32 scale either way.
+    qk_scale = tl.cast(scale, tl.float32) * LOG2E
     for pid in range(tl.program_id(0), m_tiles * num_pairs, tl.num_programs(0)):
         _attention_tile(
             pid, q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
             stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_mb, stride_mh, stride_ml, stride_ms,
-            num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs, scale,
+            num_heads, num_kv_heads, q_len, kv_len, num_splits, m_tiles, num_pairs, qk_scale,
             HEAD_DIM, VALUE_DIM, MASK_KIND, IS_CAUSAL, WRITE_PARTIAL, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV,
-            DOT_PRECISION,
+            DOT_PRECISION, MASK_EVERY_CHUNK,
         )
 
 
@@ -377,7 +452,8 @@ def schedule(batch, num_heads: int, num_kv_heads: int, q_len, kv_len, head_dim: 
                          workspace_bytes <= MAX_WORKSPACE_BYTES)
     meta = dict(HEAD_DIM=head_dim, VALUE_DIM=value_dim, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n, BLOCK_D=head_block(head_dim),
-                BLOCK_DV=head_block(value_dim), DOT_PRECISION=device_target.dot_precision(dtype))
+                BLOCK_DV=head_block(value_dim), DOT_PRECISION=device_target.dot_precision(dtype),
+                MASK_EVERY_CHUNK=False)
     return Schedule(cfg, rows_per_pair, m_tiles, num_pairs, num_splits, cdiv(rows_per_pair, MERGE_BLOCK_M),
                     splits_pay, meta)
 

@@ -10,18 +10,19 @@ of block ``block_table[r, j // block_size]``):
 anchored at position 0 of that request (tile i holds positions [i * POSITIONS, (i + 1) * POSITIONS)), with the
 G query heads of the kv head as rows: row ``(p % POSITIONS) * GROUP_BLOCK + g`` is position p, head
 ``kv_head * G + g`` (GROUP_BLOCK = G rounded up to a power of two, POSITIONS = BLOCK_M / GROUP_BLOCK, so the tile
-is BLOCK_M rows, the height bi::attention uses). A row's tile and its slot in it follow from its position alone:
-a decode, a chunk of a prompt or the whole prompt put position p in the same slot of the same-height tile, and the
-rows of a tile are independent in ``tl.dot``. Rows that are not new this step (earlier positions of the tile,
-positions past the sequence, heads past G) are masked: zero queries, every key invisible, nothing stored.
+is BLOCK_M rows, the height ``PAGED_ATTENTION_CONFIGS`` gives). A row's tile and its slot in it follow from its
+position alone: a decode, a chunk of a prompt or the whole prompt put position p in the same slot of the same-height
+tile, and the rows of a tile are independent in ``tl.dot``. Rows that are not new this step (earlier positions of
+the tile, positions past the sequence, heads past G) are masked: zero queries, every key invisible, nothing stored.
 
-**Reduction order**: bi::attention's (kernels/attention.py), with the same config table entry: keys are cut from
-key 0 into splits of ``SPLIT_N`` (512) keys and each split into chunks of ``BLOCK_N`` keys; an online softmax takes
-a split's chunks in order (``l`` as a ``tl.dot`` with ones), and the split states are merged in split order from
-the empty state with pinned ``tl.fma``. A tile reduces keys [0, min(seq_len, end of tile)): keys past a row's
-position are masked, and a masked chunk or an all-masked split leaves a row's state bit-identical (exp(-inf) = 0,
-exp(0) = 1), so neither the tile's extent nor the request's length changes a row. Keys past ``seq_len`` (a recycled
-block may hold anything, NaN included) are never loaded.
+**Reduction order**: bi::attention's (kernels/attention.py), its softmax step and merge in log2 units, with the
+splits and chunks of its config table but a table of its own (64-row tiles on CUDA): keys are cut from key 0 into
+splits of ``SPLIT_N`` (512) keys and each split into chunks of ``BLOCK_N`` keys; an online softmax takes a split's
+chunks in order (``l`` as a ``tl.dot`` with ones), every chunk masked, and the split states are merged in split
+order from the empty state with pinned ``tl.fma``. A tile reduces keys [0, min(seq_len, end of tile)): keys past a
+row's position are masked, and a masked chunk or an all-masked split leaves a row's state bit-identical (a masked
+key weighs 0, exp2(0) = 1), so neither the tile's extent nor the request's length changes a row. Keys past
+``seq_len`` (a recycled block may hold anything, NaN included) are never loaded.
 
 **The grid** follows from host values only, so a CUDA graph can capture it: T (query rows), R (block table rows),
 the head counts and the two bounds the caller passes.
@@ -54,9 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (MAX_WORKSPACE_BYTES, ROW_SUM_N, _merge, _merge_stored_split, _store_split_state,
-                        attention_config, head_block)
-from .device import launch_options, target
+from .attention import (ATTENTION_CONFIGS, LOG2E, MAX_WORKSPACE_BYTES, ROW_SUM_N, AttentionConfig, _merge,
+                        _merge_stored_split, _softmax_step, _store_split_state, attention_config, head_block)
+from .device import Backend, launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
 
 # Requests per step of a program's tile search; padding tokens and output elements per zeroing step.
@@ -66,6 +67,21 @@ ZERO_ELEMENTS = 256
 
 # A (shape, strides) pair, the metadata a plan reads of an operand.
 Operand = tuple[tuple[int, ...], tuple[int, ...]]
+
+# bi::attention's table but 64-row tiles on CUDA (keyed likewise by padded head dim and fp32?): a paged step is
+# mostly decodes, whose tiles hold one position each, so bi::attention's 128-row prefill tiles would only add
+# masked rows. The splits and chunks are bi::attention's.
+PAGED_ATTENTION_CONFIGS = {
+    Backend.CUDA: {
+        (64, False): AttentionConfig(64, 64, 512, 8, 3),
+        (128, False): AttentionConfig(64, 64, 512, 8, 3),
+        (256, False): AttentionConfig(64, 32, 512, 8, 2),
+        (64, True): AttentionConfig(64, 32, 512, 8, 2),
+        (128, True): AttentionConfig(64, 32, 512, 8, 2),
+        (256, True): AttentionConfig(64, 16, 512, 8, 1),
+    },
+    Backend.ASCEND: ATTENTION_CONFIGS[Backend.ASCEND],
+}
 
 
 def max_tiles(tokens: int, requests: int, max_query_len: int, positions: int) -> int:
@@ -151,13 +167,14 @@ def _tile_rows(slot, kv_head, seq_lens_ptr, starts_ptr, num_requests, GROUP: tl.
 @triton.jit
 def _attend_split(
     q, split, k_base, v_base, table_row, pos, row_valid, seq_len, key_end,
-    stride_kb, stride_ks, stride_vb, stride_vs, scale,
+    stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over the keys of one split of the paged cache, chunk by chunk -> (m, l, acc) of the split
-    alone: bi::attention's ``_attend_split`` with each key's address read through the block table."""
+    alone (m in log2 units): bi::attention's ``_softmax_step`` on keys whose addresses are read through the block
+    table, every chunk masked."""
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -174,20 +191,13 @@ def _attend_split(
             k_base + block[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None],
             mask=key_valid[None, :] & (d[:, None] < HEAD_DIM), other=0.0,
         )
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
-        visible = key_valid[None, :] & row_valid[:, None] & (keys[None, :] <= pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row has seen no key
-        alpha = tl.exp(m - shift)
-        p = tl.exp(s - shift[:, None]).to(ones.dtype)
-        l = tl.dot(p, ones, l * alpha[:, None], input_precision=DOT_PRECISION)
         v = tl.load(
             v_base + block[:, None] * stride_vb + slot[:, None] * stride_vs + dv[None, :],
             mask=key_valid[:, None] & (dv[None, :] < VALUE_DIM), other=0.0,
         )
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m = m_new
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+        visible = key_valid[None, :] & row_valid[:, None] & (keys[None, :] <= pos[:, None])
+        m, l, acc = _softmax_step(s, visible, 0.0, v, m, l, acc, ones, qk_scale, True, False, DOT_PRECISION)
     return m, tl.max(l, 1), acc  # the columns of l are equal: max picks that value exactly
 
 
@@ -215,6 +225,7 @@ def _paged_attention_kernel(
     """Grid (slots x Hkv, 1 or splits). WRITE_PARTIAL: split program_id(1)'s state goes to the workspace
     [splits, T, H] (+ [.., Dv] for acc); else every split of the tile, merged in order, the output, and the
     padding rows' zeros."""
+    qk_scale = tl.cast(scale, tl.float32) * LOG2E
     slot = tl.program_id(0) // NUM_KV_HEADS
     kv_head = tl.program_id(0) % NUM_KV_HEADS
     request, seq_len, pos, head, token, row_valid, key_end, tile_splits = _tile_rows(
@@ -231,7 +242,7 @@ def _paged_attention_kernel(
         split = tl.program_id(1)
         m, l, acc = _attend_split(
             q, split, k_base, v_base, table_row, pos, row_valid, seq_len, key_end,
-            stride_kb, stride_ks, stride_vb, stride_vs, scale,
+            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
             HEAD_DIM, VALUE_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
         )
         part = (split * num_tokens + token) * NUM_HEADS + head
@@ -244,7 +255,7 @@ def _paged_attention_kernel(
         for split in range(0, tile_splits):
             m_split, l_split, acc_split = _attend_split(
                 q, split, k_base, v_base, table_row, pos, row_valid, seq_len, key_end,
-                stride_kb, stride_ks, stride_vb, stride_vs, scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
                 HEAD_DIM, VALUE_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, SPLIT_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
             )
             m, l, acc = _merge(m, l, acc, m_split, l_split, acc_split, BLOCK_M, BLOCK_DV)
@@ -306,7 +317,7 @@ def _plan(query: Operand, key_cache: Operand, value_cache: Operand, table_stride
     (_, kv_heads, block_size, _), (stride_kb, stride_kh, stride_ks, _) = key_cache
     (*_, value_dim), (stride_vb, stride_vh, stride_vs, _) = value_cache
     device_target = target(device)
-    cfg = attention_config(head_dim, value_dim, dtype, device_target.backend)
+    cfg = attention_config(head_dim, value_dim, dtype, device_target.backend, PAGED_ATTENTION_CONFIGS)
     group = heads // kv_heads
     group_block = next_power_of_2(group)
     block_m = max(cfg.block_m, group_block)
