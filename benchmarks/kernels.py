@@ -117,8 +117,8 @@ def reduction_cases(shapes: Shapes) -> list[Case]:
     return cases
 
 
-# Qwen3-8B / Llama-3-8B attention: query heads, kv heads, head dim.
-ATTENTION_HEADS = (32, 8, 128)
+# Attention (query heads, kv heads, head dim): Qwen3-8B / Llama-3-8B, Qwen3-1.7B, Gemma-2-9B / Gemma-3-12B.
+ATTENTION_HEADS = ((32, 8, 128), (16, 8, 128), (16, 8, 256))
 ATTENTION_CONTEXTS = (512, 2048, 8192)
 ATTENTION_MAX_BATCH = 64
 
@@ -126,12 +126,11 @@ ATTENTION_MAX_BATCH = 64
 def attention_cases(shapes: Shapes) -> list[Case]:
     """bi::attention vs F.scaled_dot_product_attention (GQA), M = the batch (1..64): decode (one query over a
     context of S keys) and causal prefill (L = S), no mask, so that stock SDPA takes its flash kernel."""
-    heads, kv_heads, dim = ATTENTION_HEADS
 
-    def case(context: int, prefill: bool) -> Case:
+    def case(heads: int, kv_heads: int, dim: int, context: int, prefill: bool) -> Case:
         q_len = context if prefill else 1
         return Case(
-            "attention", f"{'prefill' if prefill else 'decode'} ctx {context}",
+            "attention", f"{'prefill' if prefill else 'decode'} ctx {context} {heads}/{kv_heads}x{dim}",
             lambda m, dtype: (_rand(m, heads, q_len, dim, dtype=dtype), _rand(m, kv_heads, context, dim, dtype=dtype),
                               _rand(m, kv_heads, context, dim, dtype=dtype)),
             lambda q, k, v: torch.ops.bi.attention(q, k, v, is_causal=prefill, enable_gqa=True),
@@ -140,7 +139,8 @@ def attention_cases(shapes: Shapes) -> list[Case]:
             max_m=ATTENTION_MAX_BATCH,
         )
 
-    return [case(context, prefill) for prefill in (False, True) for context in ATTENTION_CONTEXTS]
+    return [case(*head, context, prefill) for head in ATTENTION_HEADS for prefill in (False, True)
+            for context in ATTENTION_CONTEXTS]
 
 
 # Each builder turns the shapes into cases; to time another op family, append its builder.
