@@ -579,7 +579,7 @@ def emit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                 _attention_kernel, (grid, 1), {"out_ptr": new_output(query, value)}, cut.cfg.num_warps,
                 cut.cfg.num_stages, in_place=in_place, q_ptr=query, k_ptr=key, v_ptr=value, mask_ptr=mask,
                 m_part_ptr=query, l_part_ptr=query, acc_part_ptr=query, **ints, scale=scale, WRITE_PARTIAL=False,
-                **cut.meta)["out_ptr"]
+                **cut.meta)["out_ptr"],
         return launch
 
     def attend_splits(in_place: bool):
@@ -600,17 +600,17 @@ def emit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             return emit_launch(
                 _merge_splits_kernel, (merge_grid,), {"out_ptr": new_output(query, value)}, 4, in_place=in_place,
                 **states, **merge_ints, m_tiles=cut.merge_tiles, VALUE_DIM=value_dim, BLOCK_M=MERGE_BLOCK_M,
-                BLOCK_DV=head_block(value_dim))["out_ptr"]
+                BLOCK_DV=head_block(value_dim))["out_ptr"],
         return launch
 
-    # A bool mask is read as bytes; without a mask the kernel's unused pointer takes the query's.
-    operands = (query, key, value,
-                query if mask is None else mask.view(torch.uint8) if mask_kind == MASK_BOOL else mask)
+    # Without a mask the kernel's unused pointer takes the query's. A bool mask goes as it is (Triton loads a bool
+    # pointer as bytes): torch 2.11's Inductor cannot lower the op path's view as uint8.
+    operands = (query, key, value, query if mask is None else mask)
     splits_pay = cut_of(query, key, value).splits_pay
     if isinstance(splits_pay, bool):
-        out = (attend_splits if splits_pay else attend)(in_place=False)(*operands)
-    else:
-        out = torch.ops.higher_order.cond(splits_pay, attend_splits(in_place=True), attend(in_place=True), operands)
+        out, = (attend_splits if splits_pay else attend)(in_place=False)(*operands)
+    else:  # each branch returns a tuple: Inductor lowers a cond's outputs as a sequence
+        out, = torch.ops.higher_order.cond(splits_pay, attend_splits(in_place=True), attend(in_place=True), operands)
     return out.transpose(1, 2)
 
 

@@ -445,8 +445,8 @@ def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         tiles = next(tiles for max_m, tiles in ranges if m <= max_m)
         return _emit_matmul(a, weight, bias, tiles, in_place=False).reshape(*input.shape[:-1], n)
 
-    def branch(tiles: TileConfig):
-        return lambda a, w, *b: _emit_matmul(a, w, b[0] if b else None, tiles, in_place=True)
+    def branch(tiles: TileConfig):  # a tuple: Inductor lowers a cond's outputs as a sequence
+        return lambda a, w, *b: (_emit_matmul(a, w, b[0] if b else None, tiles, in_place=True),)
 
     def choose(first: int):
         """The launch for M in ranges[first:]: that range's, or (M past it) the choice among the rest."""
@@ -456,7 +456,7 @@ def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return lambda *operands: torch.ops.higher_order.cond(m <= max_m, branch(tiles), choose(first + 1), operands)
 
     operands = (a, weight) if bias is None else (a, weight, bias)
-    return choose(0)(*operands).reshape(*input.shape[:-1], n)
+    return choose(0)(*operands)[0].reshape(*input.shape[:-1], n)
 
 
 def _emit_matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: TileConfig, *,
