@@ -12,7 +12,8 @@ Controls: the same check with stock Inductor must find a difference on Llama 3 (
 kernels for the 4096-wide projections once the batch grows), and so must stock eager, which the dispatcher-override
 baseline (``benchmarks/override.py``) then makes invariant.
 
-    python3 -m pytest -m gpu tests/test_models_gpu.py
+    python3 -m pytest -m gpu tests/test_models_gpu.py                      # every case
+    python3 -m pytest -m gpu tests/test_models_gpu.py -k native_launch     # bi_ascend with native_launch=True
 """
 
 from __future__ import annotations
@@ -150,15 +151,18 @@ class ProbeRuns:
     batches_agree: bool  # the probe's logits are bitwise equal across all the batches (batch 1 aside)
 
 
-def probe_runs(model, lengths, backend: str | None, *, graph: bool = True, seed: int = 0) -> ProbeRuns:
+def probe_runs(model, lengths, backend: str | None, *, graph: bool = True, native_launch: bool = False,
+               seed: int = 0) -> ProbeRuns:
     """The probe prompt alone and at a random row of each of ``BATCH_SIZES`` (other prompts of random lengths in
-    [low, high)), through ``backend`` (None: eager), the decode step captured in a CUDA graph when ``graph``."""
+    [low, high)), through ``backend`` (None: eager; bi_ascend with its option ``native_launch``), the decode step
+    captured in a CUDA graph when ``graph``."""
     torch._dynamo.reset()
     low, high = lengths
     cache = RowCache(model.config, max(BATCH_SIZES), high + STEPS, dtype=model.dtype, device=DEVICE)
     step = RowStep(model, cache)
     if backend is not None:
-        options = {"options": {"inner": "inductor", "strict": True}} if backend == "bi_ascend" else {}
+        options = ({"options": {"inner": "inductor", "strict": True, "native_launch": native_launch}}
+                   if backend == "bi_ascend" else {})
         step = torch.compile(step, backend=backend, dynamic=True, fullgraph=True, **options)
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size
@@ -229,12 +233,18 @@ def test_dispatcher_override_makes_eager_llama_invariant(models):
     assert eager == graphed == {batch: [] for batch in BATCH_SIZES}
 
 
+# Both ways the compiled code reaches the bi kernels: op calls (the default), and their launches emitted by Inductor
+# (design.md, pass 6), which the CUDA graph then captures. `-k native_launch` picks the latter.
+LAUNCHES = [pytest.param(False, id="op_calls"), pytest.param(True, id="native_launch")]
+
+
+@pytest.mark.parametrize("native_launch", LAUNCHES)
 @pytest.mark.parametrize("name", list(MODELS))
 @torch.no_grad()
-def test_bi_ascend_graph_decode_is_bitwise_batch_invariant(models, name):
+def test_bi_ascend_graph_decode_is_bitwise_batch_invariant(models, name, native_launch):
     model = models(name)
     bi_compile.clear_reports()
-    runs = probe_runs(model, MODELS[name].prompt_lengths, "bi_ascend")
+    runs = probe_runs(model, MODELS[name].prompt_lengths, "bi_ascend", native_launch=native_launch)
     # batches_agree tells a row-dependent kernel (False) from a batch-1 graph that computes differently from the
     # shared batch >= 2 graph (True: Dynamo specialises batch 1, so two compiled graphs are compared).
     assert runs.mismatches == {batch: [] for batch in BATCH_SIZES}, f"batches agree: {runs.batches_agree}"
@@ -245,6 +255,7 @@ def test_bi_ascend_graph_decode_is_bitwise_batch_invariant(models, name):
     assert any(r.endswith(("-> bi.linear", "-> bi.addmm")) for r in report.rewrites)  # GPT-2's Conv1D: bi.addmm
     if name in LAYER_NORM_FAMILIES:
         assert "aten.native_layer_norm.default -> bi.layer_norm" in report.rewrites
+    assert bool(report.native_launches) == native_launch, report.native_launches
     # Invariant and right: the logits match a stock eager forward over the whole generated sequence.
     prompt_length = len(runs.sequence) - STEPS + 1
     expected = model(runs.sequence[None]).logits[0, prompt_length - 1:]

@@ -49,13 +49,13 @@ tiles past the slots; it is never read out of bounds.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention import (ATTENTION_CONFIGS, LOG2E, MAX_WORKSPACE_BYTES, ROW_SUM_N, AttentionConfig, _merge,
+from .attention import (ATTENTION_CONFIGS, LOG2E, MAX_WORKSPACE_BYTES, ROW_SUM_N, _merge,
                         _merge_stored_split, _softmax_step, _store_split_state, attention_config, head_block)
 from .device import Backend, launch_options, target
 from .launch import KeyedKernel, aligned16, cdiv, next_power_of_2
@@ -72,14 +72,7 @@ Operand = tuple[tuple[int, ...], tuple[int, ...]]
 # mostly decodes, whose tiles hold one position each, so bi::attention's 128-row prefill tiles would only add
 # masked rows. The splits and chunks are bi::attention's.
 PAGED_ATTENTION_CONFIGS = {
-    Backend.CUDA: {
-        (64, False): AttentionConfig(64, 64, 512, 8, 3),
-        (128, False): AttentionConfig(64, 64, 512, 8, 3),
-        (256, False): AttentionConfig(64, 32, 512, 8, 2),
-        (64, True): AttentionConfig(64, 32, 512, 8, 2),
-        (128, True): AttentionConfig(64, 32, 512, 8, 2),
-        (256, True): AttentionConfig(64, 16, 512, 8, 1),
-    },
+    Backend.CUDA: {key: replace(cfg, block_m=64) for key, cfg in ATTENTION_CONFIGS[Backend.CUDA].items()},
     Backend.ASCEND: ATTENTION_CONFIGS[Backend.ASCEND],
 }
 
