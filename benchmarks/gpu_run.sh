@@ -6,7 +6,8 @@
 #   tests-models   pytest -m gpu on the backend and the model suite, the bi kernels called as ops (~7 min)
 #   tests-native   pytest -m gpu on the native launches (design.md, pass 6) and the model suite with them (~7 min)
 #                  (all three with BI_COMPILE_CHECK_LAUNCH_KEYS=1: every keyed kernel launch is checked against
-#                  Triton's own choice of binary, bi_compile/kernels/launch.py)
+#                  Triton's own choice of binary, bi_compile/kernels/launch.py; a line per test in the log, so a
+#                  call that runs out of time still shows which tests passed)
 #   bits           benchmarks/cuda_bits.py: every bi op's output bits from the source in BITS_BEFORE (e.g. a
 #                  `git archive` of the last GPU-verified commit, unpacked) against this tree's; fails if any differ
 #   warm           compile the decode step of both compiled variants, in parallel processes, to fill the Inductor
@@ -70,11 +71,11 @@ SERVE_DIR=/tmp/bi-compile-serve
 for stage in "$@"; do
   case $stage in
     tests-ops)
-      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
+      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -v --tb=short -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
     tests-models)
-      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py -k "not native_launch" 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
+      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -v --tb=short -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py -k "not native_launch" 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
     tests-native)
-      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 -rfEs tests/test_native_launch.py tests/test_models_gpu.py -k native_launch 2>&1 | tee "$OUT/tests_native.log" | tail -20 ;;
+      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -v --tb=short -p no:cacheprovider --durations=10 -rfEs tests/test_native_launch.py tests/test_models_gpu.py -k native_launch 2>&1 | tee "$OUT/tests_native.log" | tail -20 ;;
     bits)
       [ -d "${BITS_BEFORE:-}" ] || { echo "bits: BITS_BEFORE must name the old source tree" >&2; exit 2; }
       PYTHONPATH="$BITS_BEFORE" python3 benchmarks/cuda_bits.py save "$OUT/bits_before.json"

@@ -27,6 +27,7 @@ import itertools
 from collections import Counter
 
 from torch._guards import detect_fake_mode
+from torch._inductor.decomposition import select_decomp_table
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -49,8 +50,10 @@ def native_launch_pass(graph: Graph) -> Counter:
             continue
         inputs = [call.arguments[name] for name in launch.inputs]
         fakes = [fake_value(arg) for arg in inputs]
+        # Decomposed as Inductor's post-grad graphs are (its pattern matcher traces replacements the same way): an
+        # op it decomposes, such as aten.transpose.int, has no lowering of its own there.
         with detect_fake_mode(fakes) or contextlib.nullcontext():
-            traced = make_fx(launch.trace)(*fakes)
+            traced = make_fx(launch.trace, decomposition_table=select_decomp_table())(*fakes)
         _adopt_subgraphs(traced, graph.owning_module)
         copied = dict(zip(_placeholders(traced.graph), inputs))
         with graph.inserting_before(node):

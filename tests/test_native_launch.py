@@ -7,8 +7,10 @@ one symbolic graph. The GPU tests compile it with Inductor, which lowers the lau
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 from collections import Counter
 
 import pytest
@@ -53,11 +55,35 @@ def calls(gm) -> Counter:
 
 
 def conds(gm) -> list:
-    """The graph's ``cond`` nodes, each giving a sequence of outputs: Inductor's lowering zips a cond's outputs with
-    the node's fake value, so a lone tensor there would be zipped row by row (ir.Conditional.create)."""
+    """The graph's ``cond`` nodes, checked for what Inductor needs of them: a sequence of outputs (its lowering zips
+    a cond's outputs with the node's fake value, so a lone tensor there would be zipped row by row,
+    ir.Conditional.create), and every dense tensor operand held to its traced strides by Inductor's
+    ``force_stride_order`` (the branches read it through them; Inductor does not fix a cond operand's layout)."""
     nodes = [node for node in gm.graph.nodes if node.target is torch.ops.higher_order.cond]
     assert all(isinstance(node.meta["val"], (tuple, list)) for node in nodes), [node.meta["val"] for node in nodes]
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+    loose = [operand for node in nodes for operand in node.args[3] if isinstance(operand, torch.fx.Node)
+             and isinstance(operand.meta.get("val"), torch.Tensor)
+             and is_non_overlapping_and_dense_or_false(operand.meta["val"])
+             and operand.target is not torch.ops.prims.inductor_force_stride_order.default]
+    assert not loose, loose
     return nodes
+
+
+def assert_inductor_lowers(gm, inserted) -> None:
+    """Every ATen op that the pass ``inserted`` in ``gm`` (and every one in the ``cond`` branches) is one that
+    Inductor lowers after its decompositions have run: an op it decomposes instead has no lowering there, and its
+    graph lowering stops on it ("both a fallback and a decomp"). CPU cannot run that lowering for a user's Triton
+    launch, so the tests check this much of it."""
+    from torch._inductor.decomposition import decompositions
+    from torch._inductor.lowering import lowerings
+
+    branches = [node for sub in gm.children() if isinstance(sub, torch.fx.GraphModule) for node in sub.graph.nodes]
+    refused = {str(node.target) for node in (*inserted, *branches) if node.op == "call_function"
+               and isinstance(node.target, torch._ops.OpOverload)
+               and node.target in decompositions and node.target not in lowerings}
+    assert not refused, refused
 
 
 def inputs(rows: int, width: int = 96, seed: int = 0):
@@ -77,7 +103,10 @@ def compiled_with_native_launches(fn, *args, dim: int = 0, post_grad: bool = Fal
     seen = []
 
     def forward(gm, _inputs):
+        before = set(gm.graph.nodes)
         seen.append(native_launch_pass(gm.graph))
+        assert_inductor_lowers(gm, [node for node in gm.graph.nodes if node not in before])
+        conds(gm)
         if post_grad:
             with V.set_fake_mode(detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])):
                 post_grad_passes(gm, is_inference=True)
@@ -225,31 +254,44 @@ def test_native_linear_picks_its_tiles_from_the_run_time_batch(cpu_launches):
     assert len(graphs) == 1
 
 
+def cuda_kernel_blocks(fn, name: str) -> set[tuple[int, ...]]:
+    """The thread blocks of the CUDA kernels named like ``name`` that ``fn()`` launches, from the profiler's trace
+    (a Triton kernel keeps its name under every config; its block is its config's warps x 32)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    return {tuple(e["args"]["block"]) for e in events if e.get("cat") == "kernel" and name in e["name"]}
+
+
 @pytest.mark.gpu
 def test_inductor_emits_the_linear_launches_with_run_time_tiles():
     """bi_ascend + Inductor, dynamic batch: the generated code holds the matmul kernel's launches and an ``if`` per
-    tile range, no bi op call; small and large batches launch different kernels (different tiles), and each gets
-    the bits of the op called eagerly."""
+    tile range, no bi op call; each batch launches the kernel with its range's tiles (seen in the launch's warps,
+    which differ between the first and the last range here), and each gets the bits of the op called eagerly."""
     from torch._inductor.utils import run_and_get_code
+
+    from bi_compile.kernels import matmul as matmul_kernels
+    from bi_compile.kernels.device import target
 
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(3072, 1024, device="cuda", generator=g).bfloat16() / 32
     model = WithWeights(torch.ops.bi.linear, w)
     compiled = torch.compile(model, backend="bi_ascend", dynamic=True, options=NATIVE)
-    kernels_run = {}
+    ranges = matmul_kernels.native_tile_ranges(3072, torch.bfloat16, target(w.device))
+    assert ranges[0][1].num_warps != ranges[-1][1].num_warps, ranges  # else the warps cannot tell the tiles apart
     for rows in (3, 48, 200, 2048):
         x = torch.randn(rows, 1024, device="cuda", generator=g).bfloat16()
         if rows == 3:
             got, code = run_and_get_code(compiled, x)
             code = "\n".join(code)
             assert "torch.ops.bi.linear" not in code and "_matmul_kernel" in code and "if " in code
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            got = compiled(x)
-            torch.cuda.synchronize()
-        kernels_run[rows] = {e.name for e in prof.events() if "matmul" in e.name}
-        assert torch.equal(got, model(x)), rows
-    assert kernels_run[3] != kernels_run[2048]
+        tiles = next(tiles for max_m, tiles in ranges if rows <= max_m)
+        assert cuda_kernel_blocks(lambda: compiled(x), "matmul") == {(tiles.num_warps * 32, 1, 1)}, rows
+        assert torch.equal(compiled(x), model(x)), rows
 
 
 @interpreter
@@ -568,6 +610,8 @@ def test_a_transformers_qwen3_prefill_launches_every_bi_op_natively(cpu_launches
     def rewrite(gm, _inputs):
         reports.append(run_pipeline(gm.graph, native_launch=True))
         view_to_reshape(gm)
+        assert_inductor_lowers(gm, gm.graph.nodes)
+        conds(gm)
         gm.recompile()
         graphs.append(gm)
         return gm

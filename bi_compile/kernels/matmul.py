@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .device import Backend, Target, launch_options, target
-from .launch import KeyedKernel, aligned16, cdiv, emit_launch
+from .launch import KeyedKernel, aligned16, cdiv, cond_operands, emit_launch
 
 
 @dataclass(frozen=True)
@@ -455,7 +455,7 @@ def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             return branch(tiles)
         return lambda *operands: torch.ops.higher_order.cond(m <= max_m, branch(tiles), choose(first + 1), operands)
 
-    operands = (a, weight) if bias is None else (a, weight, bias)
+    operands = cond_operands(a, weight) if bias is None else cond_operands(a, weight, bias)
     return choose(0)(*operands)[0].reshape(*input.shape[:-1], n)
 
 
