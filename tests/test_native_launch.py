@@ -590,21 +590,50 @@ def test_inductors_post_grad_passes_keep_the_attention_branches(cpu_launches):
     assert torch.equal(got, attention_kernels.attention(q, k, v, None, True, 0.25))
 
 
+def _tiny(family: str):
+    """A 2-layer transformers config of ``family`` (SDPA), vocabulary 97, hidden size 64."""
+    transformers = pytest.importorskip("transformers")
+    decoder = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, attn_implementation="sdpa")
+    return {"qwen3": lambda: transformers.Qwen3Config(**decoder, head_dim=16),
+            "llama": lambda: transformers.LlamaConfig(**decoder),
+            "gemma3": lambda: transformers.Gemma3TextConfig(**decoder, head_dim=16, sliding_window=4),
+            "gpt2": lambda: transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                    bos_token_id=0, eos_token_id=0, attn_implementation="sdpa"),
+            }[family]()
+
+
+# What the pass launches natively in each tiny model's prefill graph, and the bi op calls it leaves.
+# qwen3/llama: 7 projections and an attention a layer, and the lm_head; the q and k norms (qwen3), the first input
+# norm (no residual yet), every later norm with the residual add before it. gemma3: four norms a layer and the
+# final one as `bi.rms_norm` (their `1 + w` computed in the graph); its q and k norms read the query and key after
+# their transpose to [B, H, L, D], whose rows are no longer evenly spaced, which the native norm does not take, so
+# they stay op calls. gpt2: its Conv1D projections are `addmm`s with a [K, N] weight, which has no native launch, and its key
+# and value are slices of the fused qkv output past the start of its storage, so the attention stays a call.
+NATIVE_PREFILLS = {
+    "qwen3": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 5,
+               "bi.add_rms_norm.default": 4}, {}),
+    "llama": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 1,
+               "bi.add_rms_norm.default": 4}, {}),
+    "gemma3": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 9},
+               {"bi.rms_norm.default": 4}),
+    "gpt2": ({"bi.layer_norm.default": 5, "bi.linear.default": 1}, {"bi.addmm.default": 8, "bi.attention.default": 2}),
+}
+
+
 @interpreter
-def test_a_transformers_qwen3_prefill_launches_every_bi_op_natively(cpu_launches):
-    """A whole model, as benchmarks/prefill.py compiles it: a 2-layer transformers Qwen3 (SDPA, bias-less linears,
-    q/k norms), one forward with no KV cache, batch and length symbolic, Inductor's decompositions and then the
-    pipeline with its native launches. No bi op call is left, two prompts' logits have the same bits in a batch of 2
-    as in a batch of 5, and another length gets the model's logits too."""
+@pytest.mark.parametrize("family", list(NATIVE_PREFILLS))
+def test_a_transformers_prefill_graph_launches_natively(cpu_launches, family):
+    """A whole model, as benchmarks/prefill.py compiles it: a 2-layer transformers model, one forward with no KV
+    cache, batch and length symbolic, Inductor's decompositions and then the pipeline with its native launches. The
+    graph holds only ops that Inductor lowers, and the bi op calls listed above; two prompts' logits have the same
+    bits in a batch of 2 as in a batch of 5, and another length gets the model's logits too."""
     from bi_compile.backend import inductor_decompositions
     from torch._inductor.fx_passes.post_grad import view_to_reshape
 
     transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(_tiny(family)).eval()
     graphs, reports = [], []
 
     def rewrite(gm, _inputs):
@@ -628,11 +657,9 @@ def test_a_transformers_qwen3_prefill_launches_every_bi_op_natively(cpu_launches
         want_shorter = model(input_ids=ids[:, :4], use_cache=False).logits
     (gm,) = graphs
     (report,) = reports
-    assert not any(name.startswith("bi.") for name in calls(gm)), calls(gm)
-    # 7 projections and an attention a layer, and the lm_head; the q and k norms, and the first layer's input
-    # norm (no residual yet); every later norm with the residual add before it
-    assert report.native_launches == {"bi.linear.default": 15, "bi.attention.default": 2,
-                                      "bi.rms_norm.default": 5, "bi.add_rms_norm.default": 4}, report.native_launches
+    launched, left = NATIVE_PREFILLS[family]
+    assert report.native_launches == launched, report.native_launches
+    assert {name: n for name, n in calls(gm).items() if name.startswith("bi.")} == left, calls(gm)
     assert torch.equal(pair, batched[3:5])
     assert torch.allclose(batched, want, atol=1e-4, rtol=1e-4)
     assert torch.allclose(shorter, want_shorter, atol=1e-4, rtol=1e-4)
