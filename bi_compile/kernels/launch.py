@@ -135,9 +135,9 @@ def cond_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tensors`` as operands of a ``cond`` whose branches launch kernels (``emit_launch``), each held to the
     strides it is traced with. The branches read their operands through those strides, but Inductor fixes the
     layout of a launch's operands (its ``triton_kernel_default_layout_constraint``), not of a ``cond``'s
-    (``ir.Conditional.create`` fixes only the outputs), and may lay a pointwise result out in another order: seen on
-    an H100 as a failed ``assert_size_stride`` on a RoPE'd query. Inductor's own ``force_stride_order`` prim is a
-    no-op where the layout already matches. It holds a dense tensor only: what it gives a view with gaps (a slice of
+    (``ir.Conditional.create`` fixes only the outputs), and may lay a pointwise result, a RoPE'd query say, out in
+    another order (docs/design.md, pass 6). Inductor's own ``force_stride_order`` prim is a no-op where the layout
+    already matches. It holds a dense tensor only: what it gives a view with gaps (a slice of
     an input, whose layout Inductor keeps anyway) is dense."""
     import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
     from torch._prims_common import is_non_overlapping_and_dense_or_false

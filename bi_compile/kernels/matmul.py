@@ -455,7 +455,7 @@ def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             return branch(tiles)
         return lambda *operands: torch.ops.higher_order.cond(m <= max_m, branch(tiles), choose(first + 1), operands)
 
-    operands = cond_operands(a, weight) if bias is None else cond_operands(a, weight, bias)
+    operands = cond_operands(*((a, weight) if bias is None else (a, weight, bias)))
     return choose(0)(*operands)[0].reshape(*input.shape[:-1], n)
 
 
