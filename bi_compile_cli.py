@@ -26,7 +26,7 @@ EXIT_OK, EXIT_VARIANT, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 MODEL_PRESETS = ("tiny", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b")
 DTYPES = ("float32", "bfloat16", "float16")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
-BENCHMARKS = ("kernels", "decode", "prefill", "tiles", "rows", "serve")
+BENCHMARKS = ("kernels", "decode", "prefill", "tiles", "attention_tiles", "rows", "serve")
 # Where the benchmarks are: next to this file in a source checkout; an installed package has none.
 SOURCE_ROOT = Path(__file__).resolve().parent
 

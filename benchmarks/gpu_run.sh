@@ -15,6 +15,9 @@
 #   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
 #   kernels        benchmarks/kernels.py, every op under CUDA graphs
 #   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~2 min)
+#   attention-tiles  benchmarks/attention_tiles.py: every attention config candidate on prefill and decode cases of
+#                  GQA 32/8 and 16/8 at head dim 128, against SDPA, each checked for invariance first (not yet run on a
+#                  GPU: time it with one head shape first, ATTENTION_TILES_ARGS="--heads 32/8x128")
 #   rows           benchmarks/rows.py, one row blocking per width searched across every row op, with an invariance
 #                  check each (~2 min with ROWS_ARGS="--ms 2048 8192 32768"; a 9-minute timeout keeps what it measured)
 #   prefill        benchmarks/prefill.py: compiled prefill outside CUDA graphs, bi_ascend (with and without its
@@ -52,8 +55,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case $stage in
-    tests-ops | tests-models | tests-native | bits | warm | decode | prefill | kernels | tiles | rows | vllm-stage | vllm-tests | vllm-moe | vllm-profile | vllm-serve) ;;
-    *) echo "unknown stage: $stage (tests-ops, tests-models, tests-native, bits, warm, decode, prefill, kernels, tiles, rows, vllm-stage, vllm-tests, vllm-moe, vllm-profile, vllm-serve)" >&2
+    tests-ops | tests-models | tests-native | bits | warm | decode | prefill | kernels | tiles | attention-tiles | rows | vllm-stage | vllm-tests | vllm-moe | vllm-profile | vllm-serve) ;;
+    *) echo "unknown stage: $stage (tests-ops, tests-models, tests-native, bits, warm, decode, prefill, kernels, tiles, attention-tiles, rows, vllm-stage, vllm-tests, vllm-moe, vllm-profile, vllm-serve)" >&2
        exit 2 ;;
   esac
 done
@@ -106,6 +109,9 @@ for stage in "$@"; do
       tail -5 "$OUT/kernels.md" ;;
     tiles)
       python3 benchmarks/tiles.py ${TILES_ARGS:-} --json "$OUT/tiles.json" --markdown "$OUT/tiles.md" 2>&1 | grep -v "it/s" | tail -45 ;;
+    attention-tiles)  # a 9-minute timeout keeps the head shapes it finished (--json is written after each)
+      timeout 540 python3 benchmarks/attention_tiles.py ${ATTENTION_TILES_ARGS:-} --json "$OUT/attention_tiles.json" \
+        --markdown "$OUT/attention_tiles.md" 2>&1 | grep -v "it/s" | tail -40 ;;
     rows)
       timeout 540 python3 benchmarks/rows.py ${ROWS_ARGS:-} --json "$OUT/rows.json" --markdown "$OUT/rows.md" 2>&1 | grep -v "it/s" | tail -30 ;;
     vllm-stage)

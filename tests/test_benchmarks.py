@@ -4,6 +4,7 @@ Their timings run on the H100 only (``benchmarks/gpu_run.sh``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["kernels", "tiles", "rows", "serve", "all_reduce", "moe", "profile_table",
-                                    "prefill"])
+@pytest.mark.parametrize("script", ["kernels", "tiles", "attention_tiles", "rows", "serve", "all_reduce", "moe",
+                                    "profile_table", "prefill"])
 def test_script_parses_its_arguments(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
                           cwd=BENCHMARKS.parent, env={"PYTHONPATH": f"{BENCHMARKS.parent}", "PATH": "/usr/bin:/bin"})
@@ -200,3 +201,52 @@ def test_prefill_table_sets_each_bi_variant_beside_inductor():
     assert "| 1 x 16 | bi_ascend+native | 4.00 | 4.20 | 1.05 |" in table
     assert "target: bi_ascend wall <= 1.10x Inductor; met at 0 of 1 points" in table
     assert "target: bi_ascend+native wall <= 1.10x Inductor; met at 1 of 1 points" in table
+
+
+@pytest.fixture
+def attention_tiles(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import attention_tiles
+
+    return attention_tiles
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernel under TRITON_INTERPRET=1")
+def test_attention_search_check_passes_the_kernel_and_catches_a_variant_or_wrong_one(attention_tiles, monkeypatch):
+    """A candidate passes when its split and single-program schedules agree bitwise and it matches float64; the
+    controls: an "attention" whose split path rounds differently, and one that is off by more than the tolerance.
+    (fp16 here: the interpreter has no bf16.)"""
+    from bi_compile.kernels.attention import AttentionConfig
+
+    monkeypatch.setattr(attention_tiles, "CHECK_CASES", ((2, 1, 200, False), (1, 150, 150, True)))
+    candidate = AttentionConfig(block_m=32, block_n=16, split_n=64, num_warps=4, num_stages=2)
+    assert attention_tiles.check(candidate, 4, 2, 32, "cpu", torch.float16) is None
+    kernel = attention_tiles.attention
+    monkeypatch.setattr(attention_tiles, "attention",
+                        lambda *a: kernel(*a) * (1.001 if a[6] else 1.0))  # a[6]: split_kv
+    assert "bits differ" in attention_tiles.check(candidate, 4, 2, 32, "cpu", torch.float16)
+    monkeypatch.setattr(attention_tiles, "attention", lambda *a: kernel(*a) + 0.1)
+    assert "max error" in attention_tiles.check(candidate, 4, 2, 32, "cpu", torch.float16)
+
+
+def test_attention_search_table_ranks_candidates_and_lists_the_refused(attention_tiles):
+    result = {"heads": "32/8x128", "current": "m128 n64 split512 w8 s3", "cases": ["prefill 2048", "decode 1x2048"],
+              "sdpa_us": {"prefill 2048": 100.0, "decode 1x2048": 10.0},
+              "candidates": {"m128 n64 split512 w8 s3": {"prefill 2048": 200.0, "decode 1x2048": 20.0},
+                             "m128 n64 split512 w8 s2": {"prefill 2048": 100.0, "decode 1x2048": 40.0},
+                             "m64 n64 split512 w4 s3": {"prefill 2048": 150.0, "decode 1x2048": 15.0}},
+              "refused": {"m128 n128 split512 w8 s2": "split and single-program bits differ (B=3 L=1 S=1500)"},
+              "failed": {"m128 n64 split512 w8 s4": "OutOfResources: shared memory"}}
+    table = attention_tiles.markdown([result], "### search")
+    rows = [line for line in table.splitlines() if line.startswith("| m")]
+    assert rows == ["| m64 n64 split512 w4 s3 | 1.50 | 1.50 | 1.50 |",
+                    "| m128 n64 split512 w8 s3 (current) | 2.00 | 2.00 | 2.00 |",
+                    "| m128 n64 split512 w8 s2 | 1.00 | 4.00 | 2.00 |"]
+    assert "| SDPA us | 100.0 | 10.0 | |" in table
+    assert "- refused m128 n128 split512 w8 s2: split and single-program bits differ" in table
+    assert "- failed m128 n64 split512 w8 s4: OutOfResources" in table
+    assert "bi/SDPA geomean: current 2.00, best m64 n64 split512 w4 s3 1.50" in table
+    assert attention_tiles.head_shape("16/8x256") == (16, 8, 256)
+    with pytest.raises(Exception, match="head dim 96"):
+        attention_tiles.head_shape("16/8x96")

@@ -637,3 +637,24 @@ def test_gpu_attention_replays_in_a_cuda_graph(batch):
         mask.copy_(torch.arange(8192, device="cuda") < 5000 + 1000 * step)
         graph.replay()
         assert torch.equal(captured, bi_attend(q, k, v, mask, False))
+
+
+@interpreter_only
+def test_interpreted_candidate_config_keeps_both_schedules_bitwise_equal():
+    """A config other than the table's (benchmarks/attention_tiles.py searches them): other chunks and splits, so
+    other bits than the table's, but its own single-program and split-key schedules agree bitwise and match the
+    reference; a split that is not whole chunks is refused, naming the op."""
+    from bi_compile.kernels import attention as kernels
+
+    g = torch.Generator().manual_seed(14)
+    kw = dict(dtype=torch.float16, device="cpu", generator=g)
+    q, k, v = randn(2, 4, 3, 64, **kw), randn(2, 2, 300, 64, **kw), randn(2, 2, 300, 64, **kw)
+    candidate = kernels.AttentionConfig(block_m=32, block_n=16, split_n=128, num_warps=4, num_stages=2)
+    assert candidate != kernels.attention_config(64, 64, torch.float16)
+    single, split = (kernels.attention(q, k, v, None, False, 0.125, split_kv, candidate) for split_kv in (False, True))
+    plan = kernels.plan_attention(q, k, v, None, False, True, candidate)
+    assert plan.split is not None and (plan.meta["BLOCK_M"], plan.meta["BLOCK_N"], plan.meta["SPLIT_N"]) == (32, 16, 128)
+    assert torch.equal(single, split)
+    assert_matches_reference(single, reference(q, k, v, None, False, 0.125), torch.float16)
+    with pytest.raises(ValueError, match=r"bi::attention: a split of 100 keys is not a whole number of 16-key"):
+        kernels.plan_attention(q, k, v, None, False, None, kernels.AttentionConfig(32, 16, 100, 4, 2))

@@ -439,10 +439,14 @@ class Schedule(NamedTuple):
 
 
 def schedule(batch, num_heads: int, num_kv_heads: int, q_len, kv_len, head_dim: int, value_dim: int, mask_kind: int,
-             is_causal: bool, dtype: torch.dtype, device_target: Target) -> Schedule:
+             is_causal: bool, dtype: torch.dtype, device_target: Target,
+             config: AttentionConfig | None = None) -> Schedule:
     """The schedule of a call with these sizes; the sizes may be symbolic (``emit_attention``), and then so are
-    the counts and ``splits_pay``."""
-    cfg = attention_config(head_dim, value_dim, dtype, device_target.backend)
+    the counts and ``splits_pay``. ``config``: a candidate in place of the table's (benchmarks/attention_tiles.py)."""
+    cfg = config or attention_config(head_dim, value_dim, dtype, device_target.backend)
+    if cfg.split_n % cfg.block_n:
+        raise ValueError(f"bi::attention: a split of {cfg.split_n} keys is not a whole number of {cfg.block_n}-key "
+                         f"chunks ({cfg})")
     rows_per_pair = q_len * (num_heads // num_kv_heads)
     m_tiles = cdiv(rows_per_pair, cfg.block_m)
     num_pairs = batch * num_kv_heads
@@ -460,7 +464,8 @@ def schedule(batch, num_heads: int, num_kv_heads: int, q_len, kv_len, head_dim: 
 
 @functools.lru_cache(maxsize=8192)
 def _plan(query: Operand, key: Operand, value: Operand, mask: tuple[torch.dtype, tuple[int, ...]] | None,
-          is_causal: bool, split_kv: bool | None, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
+          is_causal: bool, split_kv: bool | None, dtype: torch.dtype, device: torch.device,
+          config: AttentionConfig | None) -> AttentionPlan:
     (batch, num_heads, q_len, head_dim), q_strides = query
     (_, num_kv_heads, kv_len, _), k_strides = key
     value_dim = value[0][3]
@@ -468,7 +473,7 @@ def _plan(query: Operand, key: Operand, value: Operand, mask: tuple[torch.dtype,
     # A bool mask is read as bytes: the same memory, a dtype every Triton backend loads.
     mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask[0] == torch.bool else MASK_ADDITIVE
     cut = schedule(batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, value_dim, mask_kind, is_causal, dtype,
-                   device_target)
+                   device_target, config)
     split_kv = (cut.splits_pay if split_kv is None else split_kv) and cut.num_splits > 0
     mask_strides = (0, 0, 0, 0) if mask is None else mask[1]
     ints = (*q_strides, *k_strides, *value[1], *mask_strides,
@@ -490,12 +495,14 @@ def _plan(query: Operand, key: Operand, value: Operand, mask: tuple[torch.dtype,
 
 
 def plan_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                   is_causal: bool, split_kv: bool | None = None) -> AttentionPlan:
+                   is_causal: bool, split_kv: bool | None = None,
+                   config: AttentionConfig | None = None) -> AttentionPlan:
     """The launch for operands of these shapes and strides (``attention``'s arguments; only metadata is read).
     ``split_kv`` picks the schedule (same bits either way); None: split when the (sequence, kv head, query
-    tile) programs alone would leave the device under-filled."""
+    tile) programs alone would leave the device under-filled. ``config``: as ``schedule``'s."""
     return _plan((query.shape, query.stride()), (key.shape, key.stride()), (value.shape, value.stride()),
-                 None if mask is None else (mask.dtype, mask.stride()), is_causal, split_kv, query.dtype, query.device)
+                 None if mask is None else (mask.dtype, mask.stride()), is_causal, split_kv, query.dtype, query.device,
+                 config)
 
 
 def launch_attention(plan: AttentionPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -526,13 +533,14 @@ def launch_attention(plan: AttentionPlan, query: torch.Tensor, key: torch.Tensor
 
 def attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-    is_causal: bool, scale: float, split_kv: bool | None = None,
+    is_causal: bool, scale: float, split_kv: bool | None = None, config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """query [B, H, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv] (any batch/head/row strides, Hkv | H),
     mask None or bool/float [B, H, L, S] (any strides, 0 for broadcast dims) -> a fresh [B, H, L, Dv] laid out
-    [B, L, H, Dv] in memory (the op's output layout, bi_compile/ops/attention.py). ``split_kv``: as
+    [B, L, H, Dv] in memory (the op's output layout, bi_compile/ops/attention.py). ``split_kv`` and ``config``: as
     ``plan_attention``'s."""
-    return launch_attention(plan_attention(query, key, value, mask, is_causal, split_kv), query, key, value, mask, scale)
+    return launch_attention(plan_attention(query, key, value, mask, is_causal, split_kv, config), query, key, value,
+                            mask, scale)
 
 
 def emit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
