@@ -663,3 +663,43 @@ def test_a_transformers_prefill_graph_launches_natively(cpu_launches, family):
     assert torch.equal(pair, batched[3:5])
     assert torch.allclose(batched, want, atol=1e-4, rtol=1e-4)
     assert torch.allclose(shorter, want_shorter, atol=1e-4, rtol=1e-4)
+
+
+@interpreter
+@pytest.mark.slow  # about 25 s a family on the 2-core CI machine
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "gpt2"])
+def test_a_transformers_decode_with_a_row_cache_launches_natively(cpu_launches, family):
+    """The graphs of the GPU model suite (tests/test_models_gpu.py), on CPU: a tiny model's prefill and decode steps
+    over a per-row KV cache (benchmarks/rowcache.py, bool masks, cache writes in the graph), compiled with dynamic
+    shapes, Inductor's decompositions and the pipeline with native launches. Every graph holds only ops Inductor
+    lowers and pins its cond operands (the checks whose controls are the tests above); the attention launches
+    natively in every graph (GPT-2's too: its query, a view of the fused projection, starts its storage, and its
+    keys come from the cache); a prompt's logits at every step are the same alone as in a batch of 3."""
+    from bi_compile.backend import inductor_decompositions
+    from torch._inductor.fx_passes.post_grad import view_to_reshape
+
+    from benchmarks.rowcache import RowCache, RowStep, generate
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_tiny(family)).eval()
+    reports = []
+
+    def rewrite(gm, _inputs):
+        reports.append(run_pipeline(gm.graph, native_launch=True))
+        view_to_reshape(gm)
+        assert_inductor_lowers(gm, gm.graph.nodes)
+        conds(gm)
+        gm.recompile()
+        return gm
+
+    torch._dynamo.reset()
+    cache = RowCache(model.config, 3, 16, dtype=torch.float32, device="cpu")
+    backend = aot_autograd(fw_compiler=rewrite, decompositions=inductor_decompositions())
+    step = torch.compile(RowStep(model, cache), backend=backend, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(97, (length,), generator=g) for length in (5, 3, 7)]
+    alone = generate(step, step, cache, [prompts[1]], 4, watch=0)
+    batched = generate(step, step, cache, prompts, 4, watch=1)
+    assert torch.equal(alone.watched, batched.watched)
+    assert reports and all(report.native_launches.get("bi.attention.default") == 2 for report in reports), reports
