@@ -590,6 +590,26 @@ def test_inductors_post_grad_passes_keep_the_attention_branches(cpu_launches):
     assert torch.equal(got, attention_kernels.attention(q, k, v, None, True, 0.25))
 
 
+def native_pipeline(graphs: list, reports: list):
+    """A torch.compile backend that runs a model's graph as benchmarks/prefill.py's bi_ascend would hand it to
+    Inductor: Inductor's decompositions, then the pipeline with its native launches. Each graph is checked for
+    what Inductor's lowering needs (``assert_inductor_lowers``, ``conds``), kept in ``graphs`` with its report in
+    ``reports``, and run as it is."""
+    from bi_compile.backend import inductor_decompositions
+    from torch._inductor.fx_passes.post_grad import view_to_reshape
+
+    def rewrite(gm, _inputs):
+        reports.append(run_pipeline(gm.graph, native_launch=True))
+        view_to_reshape(gm)
+        assert_inductor_lowers(gm, gm.graph.nodes)
+        conds(gm)
+        gm.recompile()
+        graphs.append(gm)
+        return gm
+
+    return aot_autograd(fw_compiler=rewrite, decompositions=inductor_decompositions())
+
+
 def _tiny(family: str):
     """A 2-layer transformers config of ``family`` (SDPA), vocabulary 97, hidden size 64."""
     transformers = pytest.importorskip("transformers")
@@ -628,25 +648,12 @@ def test_a_transformers_prefill_graph_launches_natively(cpu_launches, family):
     cache, batch and length symbolic, Inductor's decompositions and then the pipeline with its native launches. The
     graph holds only ops that Inductor lowers, and the bi op calls listed above; two prompts' logits have the same
     bits in a batch of 2 as in a batch of 5, and another length gets the model's logits too."""
-    from bi_compile.backend import inductor_decompositions
-    from torch._inductor.fx_passes.post_grad import view_to_reshape
-
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_tiny(family)).eval()
     graphs, reports = [], []
-
-    def rewrite(gm, _inputs):
-        reports.append(run_pipeline(gm.graph, native_launch=True))
-        view_to_reshape(gm)
-        assert_inductor_lowers(gm, gm.graph.nodes)
-        conds(gm)
-        gm.recompile()
-        graphs.append(gm)
-        return gm
-
-    backend = aot_autograd(fw_compiler=rewrite, decompositions=inductor_decompositions())
-    compiled = torch.compile(lambda ids: model(input_ids=ids, use_cache=False).logits, backend=backend)
+    compiled = torch.compile(lambda ids: model(input_ids=ids, use_cache=False).logits,
+                             backend=native_pipeline(graphs, reports))
     ids = torch.randint(0, 97, (5, 6), generator=torch.Generator().manual_seed(1))
     torch._dynamo.mark_dynamic(ids, (0, 1))
     with torch.no_grad():
@@ -675,28 +682,15 @@ def test_a_transformers_decode_with_a_row_cache_launches_natively(cpu_launches, 
     lowers and pins its cond operands (the checks whose controls are the tests above); the attention launches
     natively in every graph (GPT-2's too: its query, a view of the fused projection, starts its storage, and its
     keys come from the cache); a prompt's logits at every step are the same alone as in a batch of 3."""
-    from bi_compile.backend import inductor_decompositions
-    from torch._inductor.fx_passes.post_grad import view_to_reshape
-
     from benchmarks.rowcache import RowCache, RowStep, generate
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_tiny(family)).eval()
     reports = []
-
-    def rewrite(gm, _inputs):
-        reports.append(run_pipeline(gm.graph, native_launch=True))
-        view_to_reshape(gm)
-        assert_inductor_lowers(gm, gm.graph.nodes)
-        conds(gm)
-        gm.recompile()
-        return gm
-
     torch._dynamo.reset()
     cache = RowCache(model.config, 3, 16, dtype=torch.float32, device="cpu")
-    backend = aot_autograd(fw_compiler=rewrite, decompositions=inductor_decompositions())
-    step = torch.compile(RowStep(model, cache), backend=backend, dynamic=True, fullgraph=True)
+    step = torch.compile(RowStep(model, cache), backend=native_pipeline([], reports), dynamic=True, fullgraph=True)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(97, (length,), generator=g) for length in (5, 3, 7)]
     alone = generate(step, step, cache, [prompts[1]], 4, watch=0)
