@@ -100,7 +100,7 @@ def search(heads: int, kv_heads: int, dim: int, prefill: list[int], decode: list
     cases = [(f"prefill {s}", 1, s, s, True) for s in prefill] + [(f"decode {b}x{s}", b, 1, s, False)
                                                                   for b, s in decode]
     current = attention_config(dim, dim, DTYPE)
-    configs = [current] + [c for c in map(lambda t: AttentionConfig(*t), CANDIDATES[dim]) if c != current]
+    configs = [current] + [c for c in (AttentionConfig(*t) for t in CANDIDATES[dim]) if c != current]
     result = {"heads": f"{heads}/{kv_heads}x{dim}", "current": label(current), "cases": [c[0] for c in cases],
               "sdpa_us": {}, "candidates": {}, "refused": {}, "failed": {}}
     arg_sets = {}

@@ -87,6 +87,11 @@ class AttentionConfig:
     num_warps: int
     num_stages: int
 
+    def __post_init__(self):
+        if self.split_n % self.block_n:
+            raise ValueError(f"bi::attention: a split of {self.split_n} keys is not a whole number of "
+                             f"{self.block_n}-key chunks ({self})")
+
 
 # Per backend, keyed by (padded head dim, fp32?): the whole reduction order of a row follows from this entry.
 # CUDA: blocks chosen so that ptxas (sm_90a) keeps the single-program schedule, which holds two accumulators,
@@ -444,9 +449,6 @@ def schedule(batch, num_heads: int, num_kv_heads: int, q_len, kv_len, head_dim: 
     """The schedule of a call with these sizes; the sizes may be symbolic (``emit_attention``), and then so are
     the counts and ``splits_pay``. ``config``: a candidate in place of the table's (benchmarks/attention_tiles.py)."""
     cfg = config or attention_config(head_dim, value_dim, dtype, device_target.backend)
-    if cfg.split_n % cfg.block_n:
-        raise ValueError(f"bi::attention: a split of {cfg.split_n} keys is not a whole number of {cfg.block_n}-key "
-                         f"chunks ({cfg})")
     rows_per_pair = q_len * (num_heads // num_kv_heads)
     m_tiles = cdiv(rows_per_pair, cfg.block_m)
     num_pairs = batch * num_kv_heads
