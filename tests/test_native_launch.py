@@ -51,14 +51,16 @@ def kernel_norms(x, r, w, b):
 
 
 def calls(gm) -> Counter:
-    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    """The calls in ``gm`` by target, less the layout holds of ``cond`` operands (``conds`` checks those)."""
+    return Counter(str(n.target) for n in gm.graph.nodes
+                   if n.op == "call_function" and n.target is not torch.ops.bi.exact_strides.default)
 
 
 def conds(gm) -> list:
     """The graph's ``cond`` nodes, checked for what Inductor needs of them: a sequence of outputs (its lowering zips
     a cond's outputs with the node's fake value, so a lone tensor there would be zipped row by row,
     ir.Conditional.create), and every dense tensor operand held to its traced strides by Inductor's
-    ``force_stride_order`` (the branches read it through them; Inductor does not fix a cond operand's layout)."""
+    ``bi.exact_strides`` (the branches read it through them; Inductor does not fix a cond operand's layout)."""
     nodes = [node for node in gm.graph.nodes if node.target is torch.ops.higher_order.cond]
     assert all(isinstance(node.meta["val"], (tuple, list)) for node in nodes), [node.meta["val"] for node in nodes]
     from torch._prims_common import is_non_overlapping_and_dense_or_false
@@ -66,7 +68,7 @@ def conds(gm) -> list:
     loose = [operand for node in nodes for operand in node.args[3] if isinstance(operand, torch.fx.Node)
              and isinstance(operand.meta.get("val"), torch.Tensor)
              and is_non_overlapping_and_dense_or_false(operand.meta["val"])
-             and operand.target is not torch.ops.prims.inductor_force_stride_order.default]
+             and operand.target is not torch.ops.bi.exact_strides.default]
     assert not loose, loose
     return nodes
 
@@ -226,6 +228,41 @@ def test_inductor_emits_the_norm_launches_and_keeps_the_bits():
 
 
 @interpreter
+@pytest.mark.parametrize("hold", ["bi_exact_strides", "inductor_force_stride_order"])
+def test_cond_operands_are_held_without_ordering_symbolic_strides(monkeypatch, hold):
+    """A ``cond`` operand's layout is pinned by a lowering that compares symbolic strides, never orders them: torch
+    2.11's Inductor orders them without a shape env and stops on "cannot determine truth value of Relational" (every
+    GPU model case did, with the ``force_stride_order`` prim, the control here). Ordering is made to fail on the
+    CPU's torch as it does there; the held layout is checked on a pointwise result seen through a transposed view
+    (a RoPE'd query's case) at two sizes of one dynamic graph."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+    import torch._inductor.ir as ir
+    from bi_compile.kernels.launch import cond_operands
+
+    cond_operands()  # registers bi.exact_strides' lowering
+    held = {"bi_exact_strides": torch.ops.bi.exact_strides,
+            "inductor_force_stride_order": torch.ops.prims.inductor_force_stride_order}[hold]
+
+    def cannot_order(*args, **kwargs):
+        raise TypeError("cannot determine truth value of Relational (ordering symbolic strides)")
+
+    monkeypatch.setattr(ir, "get_stride_order", cannot_order)
+
+    def fn(x):
+        y = (x * 2).transpose(1, 2)
+        return held(y, y.stride()) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="inductor", dynamic=True)
+    if hold == "inductor_force_stride_order":
+        with pytest.raises(Exception, match="cannot determine truth value"):
+            compiled(torch.randn(2, 5, 3, 8))
+        return
+    for rows in (5, 11):
+        x = torch.randn(2, rows, 3, 8)
+        assert torch.equal(compiled(x), (x * 2).transpose(1, 2) + 1)
+
+
 def test_native_linear_picks_its_tiles_from_the_run_time_batch(cpu_launches):
     """One graph, symbolic batch: a ``cond`` per range of the tile table picks the launch when the graph runs, and
     every batch gets the bits of the kernel launched with that range's tiles."""
@@ -446,8 +483,9 @@ def norms_and_linear(x, r, norm_w, w, b):
 @interpreter
 def test_a_native_graph_runs_no_python_of_ours(cpu_launches):
     """Issue 21's check that a compiled graph holds no per-call Python checks: a call of the rewritten graph runs
-    not one bi-compile function (no op, no input check, no launcher). Control: the same graph with its op calls
-    runs the ops' Python on every call."""
+    not one bi-compile function (no op, no input check, no launcher), but for the eager form of the layout holds
+    on its ``cond`` operands, which Inductor lowers (the GPU test below runs Inductor's code). Control: the same
+    graph with its op calls runs the ops' Python on every call."""
     g = torch.Generator().manual_seed(0)
     norm_w, w, b = torch.randn(40, generator=g), torch.randn(40, 32, generator=g), torch.randn(40, generator=g)
     x, r = torch.randn(6, 32, generator=g), torch.randn(6, 40, generator=g)
@@ -455,7 +493,7 @@ def test_a_native_graph_runs_no_python_of_ours(cpu_launches):
     assert launched == {"bi.linear.default": 1, "bi.add_rms_norm.default": 1, "bi.rms_norm.default": 1}
     x, r = torch.randn(9, 32, generator=g), torch.randn(9, 40, generator=g)
     with torch.no_grad():  # the grad mode the graph was compiled in (another one recompiles)
-        assert python_of_ours(compiled, x, r) == Counter()
+        assert set(python_of_ours(compiled, x, r)) <= {"launch.py:_exact_strides"}
 
         torch._dynamo.reset()
         for t in (x, r):

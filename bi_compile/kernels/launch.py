@@ -131,19 +131,47 @@ def emit_launch(kernel: triton.runtime.JITFunction, grid: tuple, outputs: dict[s
     return {name: written[name] for name in outputs}
 
 
+# ``bi::exact_strides``: a tensor held to the strides it is traced with, for the ``cond`` operands below. Inductor's
+# own ``prims.inductor_force_stride_order`` does that by ordering the strides, which torch 2.11's Inductor cannot do
+# when they are symbolic ("cannot determine truth value of Relational": it has no shape env there); Inductor's
+# ``require_exact_strides``, which its lowering of this op calls, compares them instead.
+_LAUNCH_LIBRARY = torch.library.Library("bi", "FRAGMENT")
+_LAUNCH_LIBRARY.define("exact_strides(Tensor input, SymInt[] stride) -> Tensor")
+
+
+def _exact_strides(input: torch.Tensor, stride: list[int]) -> torch.Tensor:
+    """Outside Inductor (a graph run as it is): a copy with ``stride`` (an op's output never aliases its input)."""
+    return torch.empty_strided(input.shape, stride, dtype=input.dtype, device=input.device).copy_(input)
+
+
+_LAUNCH_LIBRARY.impl("exact_strides", _exact_strides, "CompositeExplicitAutograd")
+torch.library.register_fake("bi::exact_strides", lambda input, stride: input.new_empty_strided(input.shape, stride),
+                            lib=_LAUNCH_LIBRARY)
+
+
+@functools.cache
+def _lower_exact_strides() -> None:
+    """Teach Inductor ``bi::exact_strides``: the input itself where its layout already has the strides (an input, a
+    view Inductor keeps), else its layout frozen to them (a pointwise result: no copy) or, failing that, a copy."""
+    from torch._inductor.ir import ExternKernel
+    from torch._inductor.lowering import register_lowering
+
+    register_lowering(torch.ops.bi.exact_strides.default, type_promotion_kind=None)(
+        lambda input, stride: ExternKernel.require_exact_strides(input, stride))
+
+
 def cond_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tensors`` as operands of a ``cond`` whose branches launch kernels (``emit_launch``), each held to the
     strides it is traced with. The branches read their operands through those strides, but Inductor fixes the
     layout of a launch's operands (its ``triton_kernel_default_layout_constraint``), not of a ``cond``'s
     (``ir.Conditional.create`` fixes only the outputs), and may lay a pointwise result, a RoPE'd query say, out in
-    another order (docs/design.md, pass 6). Inductor's own ``force_stride_order`` prim is a no-op where the layout
-    already matches. It holds a dense tensor only: what it gives a view with gaps (a slice of
-    an input, whose layout Inductor keeps anyway) is dense."""
-    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+    another order (docs/design.md, pass 6). Only dense tensors are held: a view with gaps (a slice of an input) keeps
+    its layout in Inductor anyway, and its copy would be dense."""
     from torch._prims_common import is_non_overlapping_and_dense_or_false
 
-    return tuple(torch.ops.prims.inductor_force_stride_order(t, t.stride())
-                 if is_non_overlapping_and_dense_or_false(t) else t for t in tensors)
+    _lower_exact_strides()
+    return tuple(torch.ops.bi.exact_strides(t, t.stride()) if is_non_overlapping_and_dense_or_false(t) else t
+                 for t in tensors)
 
 
 @functools.cache
