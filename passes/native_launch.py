@@ -26,6 +26,7 @@ import contextlib
 import itertools
 from collections import Counter
 
+import torch
 from torch._guards import detect_fake_mode
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx import Graph, GraphModule, Node
@@ -39,6 +40,7 @@ from .fx_utils import SOURCE_META, fake_value, getitem_users, op_call
 def native_launch_pass(graph: Graph) -> Counter:
     """Returns the launches handed to Inductor, per op."""
     launched: Counter = Counter()
+    symbol_nodes = _SymbolNodes(graph)
     for node in list(graph.nodes):
         call = op_call(node)
         if call is None or call.functionalized or call.op._schema.name not in NATIVE_LAUNCHES:
@@ -50,12 +52,15 @@ def native_launch_pass(graph: Graph) -> Counter:
             continue
         inputs = [call.arguments[name] for name in launch.inputs]
         fakes = [fake_value(arg) for arg in inputs]
+        symbols = [symbol_nodes.get(symbol) for symbol in _size_symbols(fakes)]
+        symbols = [node for node in symbols if node is not None]
         # Decomposed as Inductor's post-grad graphs are (its pattern matcher traces replacements the same way): an
         # op it decomposes, such as aten.transpose.int, has no lowering of its own there.
         with detect_fake_mode(fakes) or contextlib.nullcontext():
-            traced = make_fx(launch.trace, decomposition_table=select_decomp_table())(*fakes)
+            traced = make_fx(_with_cond_symbols(launch.trace, len(fakes)),
+                             decomposition_table=select_decomp_table())(*fakes, *(n.meta["val"] for n in symbols))
         _adopt_subgraphs(traced, graph.owning_module)
-        copied = dict(zip(_placeholders(traced.graph), inputs))
+        copied = dict(zip(_placeholders(traced.graph), inputs + symbols))
         with graph.inserting_before(node):
             outputs = graph.graph_copy(traced.graph, copied)
         for new in copied.values():  # the launch keeps the op call's source line, for reports and profiles
@@ -70,7 +75,58 @@ def native_launch_pass(graph: Graph) -> Counter:
                     graph.erase_node(user)
         graph.erase_node(node)
         launched[call.name] += 1
+    symbol_nodes.erase_unused()
     return launched
+
+
+def _size_symbols(fakes: list) -> list:
+    """The size symbols in the sizes and strides of ``fakes`` (fake tensors), by name."""
+    symbols = {symbol for fake in fakes if isinstance(fake, torch.Tensor) for size in (*fake.shape, *fake.stride())
+               if isinstance(size, torch.SymInt) for symbol in size.node.expr.free_symbols}
+    return sorted(symbols, key=str)
+
+
+class _SymbolNodes:
+    """A node of ``graph`` for each of its bare size symbols, for the launches' ``cond`` branches, which Inductor
+    binds symbols for from their inputs alone (``kernels.launch.launch_cond``): a ``Sym`` placeholder, or else a
+    ``sym_size`` of the first input that has the symbol as a dimension, inserted when first asked for."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.placeholders = _placeholders(graph)
+        self.nodes = {ph.meta["val"].node.expr: ph for ph in self.placeholders
+                      if isinstance(ph.meta.get("val"), torch.SymInt)}
+        self.inserted: list[Node] = []
+
+    def get(self, symbol) -> Node | None:
+        if symbol not in self.nodes:
+            for ph in self.placeholders:
+                val = ph.meta.get("val")
+                dim = next((i for i, size in enumerate(val.shape) if isinstance(size, torch.SymInt)
+                            and size.node.expr == symbol), None) if isinstance(val, torch.Tensor) else None
+                if dim is not None:
+                    with self.graph.inserting_after(self.placeholders[-1]):
+                        node = self.graph.call_function(torch.ops.aten.sym_size.int, (ph, dim))
+                    node.meta["val"] = val.shape[dim]
+                    self.nodes[symbol] = node
+                    self.inserted.append(node)
+                    break
+        return self.nodes.get(symbol)
+
+    def erase_unused(self) -> None:
+        for node in self.inserted:
+            if not node.users:
+                self.graph.erase_node(node)
+
+
+def _with_cond_symbols(trace, num_tensors: int):
+    """``trace`` over the first ``num_tensors`` arguments, the rest being the size symbols its ``cond``s pass on."""
+    from bi_compile.kernels.launch import cond_symbols  # Triton, an extra, only where a launch is traced
+
+    def traced(*args):
+        with cond_symbols(args[num_tensors:]):
+            return trace(*args[:num_tensors])
+    return traced
 
 
 def _placeholders(graph: Graph) -> list[Node]:

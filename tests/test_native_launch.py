@@ -57,19 +57,32 @@ def calls(gm) -> Counter:
 
 
 def conds(gm) -> list:
-    """The graph's ``cond`` nodes, checked for what Inductor needs of them: a sequence of outputs (its lowering zips
-    a cond's outputs with the node's fake value, so a lone tensor there would be zipped row by row,
-    ir.Conditional.create), and every dense tensor operand held to its traced strides by Inductor's
-    ``bi.exact_strides`` (the branches read it through them; Inductor does not fix a cond operand's layout)."""
-    nodes = [node for node in gm.graph.nodes if node.target is torch.ops.higher_order.cond]
-    assert all(isinstance(node.meta["val"], (tuple, list)) for node in nodes), [node.meta["val"] for node in nodes]
+    """The graph's ``cond`` nodes, those in its branches too, checked for what Inductor needs of them
+    (``kernels.launch.launch_cond``): a sequence of outputs (its lowering zips a cond's outputs with the node's fake
+    value, so a lone tensor there would be zipped row by row, ir.Conditional.create); every dense tensor operand
+    held to its traced strides by ``bi.exact_strides`` (the branches read it through them; Inductor does not fix a
+    cond operand's layout); and every size symbol of a tensor operand bound by the operands as Inductor binds a
+    branch's, from a bare symbol that is an operand or a tensor operand's size or stride (``s0*s1`` alone binds
+    neither, and Inductor's code generation stops on it)."""
     from torch._prims_common import is_non_overlapping_and_dense_or_false
 
-    loose = [operand for node in nodes for operand in node.args[3] if isinstance(operand, torch.fx.Node)
-             and isinstance(operand.meta.get("val"), torch.Tensor)
-             and is_non_overlapping_and_dense_or_false(operand.meta["val"])
-             and operand.target is not torch.ops.bi.exact_strides.default]
-    assert not loose, loose
+    nodes = [node for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+             for node in module.graph.nodes if node.target is torch.ops.higher_order.cond]
+    assert all(isinstance(node.meta["val"], (tuple, list)) for node in nodes), [node.meta["val"] for node in nodes]
+    for node in nodes:
+        values = [operand.meta.get("val") if isinstance(operand, torch.fx.Node) else operand
+                  for operand in node.args[3]]
+        tensors = [(operand, value) for operand, value in zip(node.args[3], values)
+                   if isinstance(value, torch.Tensor)]
+        loose = [operand for operand, value in tensors if is_non_overlapping_and_dense_or_false(value)
+                 and operand.target is not torch.ops.bi.exact_strides.default]
+        assert not loose, loose
+        exprs = [size.node.expr for value in values
+                 for size in ((*value.shape, *value.stride()) if isinstance(value, torch.Tensor) else (value,))
+                 if isinstance(size, torch.SymInt)]
+        bound = {expr for expr in exprs if expr.is_Symbol}
+        unbound = {symbol for expr in exprs for symbol in expr.free_symbols} - bound
+        assert not unbound, (node, unbound)
     return nodes
 
 
@@ -237,9 +250,9 @@ def test_cond_operands_are_held_without_ordering_symbolic_strides(monkeypatch, h
     (a RoPE'd query's case) at two sizes of one dynamic graph."""
     import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
     import torch._inductor.ir as ir
-    from bi_compile.kernels.launch import cond_operands
+    from bi_compile.kernels.launch import lower_exact_strides
 
-    cond_operands()  # registers bi.exact_strides' lowering
+    lower_exact_strides()
     held = {"bi_exact_strides": torch.ops.bi.exact_strides,
             "inductor_force_stride_order": torch.ops.prims.inductor_force_stride_order}[hold]
 

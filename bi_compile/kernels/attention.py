@@ -60,7 +60,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import sym_and
 
 from .device import Backend, Target, launch_options, target
-from .launch import KeyedKernel, aligned16, cdiv, cond_operands, emit_launch, next_power_of_2
+from .launch import KeyedKernel, aligned16, cdiv, emit_launch, launch_cond, next_power_of_2
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
@@ -619,9 +619,8 @@ def emit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     splits_pay = cut_of(query, key, value).splits_pay
     if isinstance(splits_pay, bool):
         out, = (attend_splits if splits_pay else attend)(in_place=False)(*operands)
-    else:  # each branch returns a tuple: Inductor lowers a cond's outputs as a sequence
-        out, = torch.ops.higher_order.cond(splits_pay, attend_splits(in_place=True), attend(in_place=True),
-                                           cond_operands(*operands))
+    else:
+        out, = launch_cond(splits_pay, attend_splits(in_place=True), attend(in_place=True), operands)
     return out.transpose(1, 2)
 
 

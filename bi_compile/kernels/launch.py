@@ -23,8 +23,11 @@ own generated code (passes/native_launch.py), with no Python of ours on the call
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -131,7 +134,8 @@ def emit_launch(kernel: triton.runtime.JITFunction, grid: tuple, outputs: dict[s
     return {name: written[name] for name in outputs}
 
 
-# ``bi::exact_strides``: a tensor held to the strides it is traced with, for the ``cond`` operands below. Inductor's
+# ``bi::exact_strides``: a tensor held to the strides it is traced with, for the ``cond`` operands below
+# (``launch_cond``). Inductor's
 # own ``prims.inductor_force_stride_order`` does that by ordering the strides, which torch 2.11's Inductor cannot do
 # when they are symbolic ("cannot determine truth value of Relational": it has no shape env there); Inductor's
 # ``require_exact_strides``, which its lowering of this op calls, compares them instead.
@@ -150,7 +154,7 @@ torch.library.register_fake("bi::exact_strides", lambda input, stride: input.new
 
 
 @functools.cache
-def _lower_exact_strides() -> None:
+def lower_exact_strides() -> None:
     """Teach Inductor ``bi::exact_strides``: the input itself where its layout already has the strides (an input, a
     view Inductor keeps), else its layout frozen to them (a pointwise result: no copy) or, failing that, a copy."""
     from torch._inductor.ir import ExternKernel
@@ -160,18 +164,49 @@ def _lower_exact_strides() -> None:
         lambda input, stride: ExternKernel.require_exact_strides(input, stride))
 
 
-def cond_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tensors`` as operands of a ``cond`` whose branches launch kernels (``emit_launch``), each held to the
-    strides it is traced with. The branches read their operands through those strides, but Inductor fixes the
-    layout of a launch's operands (its ``triton_kernel_default_layout_constraint``), not of a ``cond``'s
-    (``ir.Conditional.create`` fixes only the outputs), and may lay a pointwise result, a RoPE'd query say, out in
-    another order (docs/design.md, pass 6). Only dense tensors are held: a view with gaps (a slice of an input) keeps
-    its layout in Inductor anyway, and its copy would be dense."""
+# The size symbols a ``cond`` passes its branches ahead of its tensors (``launch_cond``), set by the pass that
+# traces the launch (passes/native_launch.py) and, inside a branch, by the branch to its own.
+_COND_SYMBOLS: contextvars.ContextVar[tuple] = contextvars.ContextVar("bi_cond_symbols", default=())
+
+
+@contextlib.contextmanager
+def cond_symbols(symbols: tuple):
+    """Trace launches with ``symbols`` (SymInts, each a bare size symbol of the traced graph) as the ones every
+    ``launch_cond`` passes to its branches."""
+    token = _COND_SYMBOLS.set(tuple(symbols))
+    try:
+        yield
+    finally:
+        _COND_SYMBOLS.reset(token)
+
+
+def launch_cond(pred, on_true: Callable, on_false: Callable, tensors: tuple[torch.Tensor, ...]) -> tuple:
+    """``torch.ops.higher_order.cond(pred, on_true, on_false, tensors)`` for branches that launch kernels
+    (``emit_launch``; the operator itself, not ``torch.cond``, which would have Dynamo trace the branches, and
+    Dynamo cannot trace Triton's autotuner being built), with what Inductor needs of such a ``cond``:
+
+    - each dense tensor held to the strides it is traced with. The branches read it through those strides, but
+      Inductor fixes the layout of a launch's operands (its ``triton_kernel_default_layout_constraint``), not of a
+      ``cond``'s (``ir.Conditional.create`` fixes only the outputs), and may lay a pointwise result, a RoPE'd query
+      say, out in another order. A view with gaps (a slice of an input) keeps its layout in Inductor anyway;
+    - the size symbols (``cond_symbols``) passed first: Inductor binds a branch's symbols from its inputs alone,
+      and stops on an input of size ``s0*s1`` (a flattened batch) whose ``s0`` and ``s1`` no input binds.
+
+    Branches return tuples: Inductor lowers a ``cond``'s outputs as a sequence."""
     from torch._prims_common import is_non_overlapping_and_dense_or_false
 
-    _lower_exact_strides()
-    return tuple(torch.ops.bi.exact_strides(t, t.stride()) if is_non_overlapping_and_dense_or_false(t) else t
+    lower_exact_strides()
+    symbols = _COND_SYMBOLS.get()
+
+    def branch(fn: Callable) -> Callable:
+        def run(*operands):
+            with cond_symbols(operands[:len(symbols)]):
+                return fn(*operands[len(symbols):])
+        return run
+
+    held = tuple(torch.ops.bi.exact_strides(t, t.stride()) if is_non_overlapping_and_dense_or_false(t) else t
                  for t in tensors)
+    return torch.ops.higher_order.cond(pred, branch(on_true), branch(on_false), (*symbols, *held))
 
 
 @functools.cache

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .device import Backend, Target, launch_options, target
-from .launch import KeyedKernel, aligned16, cdiv, cond_operands, emit_launch
+from .launch import KeyedKernel, aligned16, cdiv, emit_launch, launch_cond
 
 
 @dataclass(frozen=True)
@@ -433,9 +433,8 @@ def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     for a graph being traced with contiguous operands on a CUDA device and K and N static: a fresh contiguous
     [..., N]. The tiles follow the run-time M, never the trace's: one ``cond`` per range of the tile table
     (``native_tile_ranges``) takes the branch of the range M falls in when the graph runs (Inductor emits it as
-    an ``if`` in its generated code), unless M is static. The K order is the one of every launch of the kernel.
-    (The ``cond`` operator itself, not ``torch.cond``, which would have Dynamo trace the branches, and Dynamo
-    cannot trace Triton's autotuner being built.)"""
+    an ``if`` in its generated code, ``launch.launch_cond``), unless M is static. The K order is the one of every
+    launch of the kernel."""
     k, n = input.shape[-1], weight.shape[0]
     ranges = native_tile_ranges(n, input.dtype, target(input.device))
 
@@ -453,10 +452,9 @@ def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         max_m, tiles = ranges[first]
         if first == len(ranges) - 1:
             return branch(tiles)
-        return lambda *operands: torch.ops.higher_order.cond(m <= max_m, branch(tiles), choose(first + 1), operands)
+        return lambda *operands: launch_cond(m <= max_m, branch(tiles), choose(first + 1), operands)
 
-    operands = cond_operands(*((a, weight) if bias is None else (a, weight, bias)))
-    return choose(0)(*operands)[0].reshape(*input.shape[:-1], n)
+    return choose(0)(*((a, weight) if bias is None else (a, weight, bias)))[0].reshape(*input.shape[:-1], n)
 
 
 def _emit_matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: TileConfig, *,
