@@ -4,10 +4,14 @@
 #
 #   tests-ops      pytest -m gpu on the op files                                  (~7 min)
 #   tests-models   pytest -m gpu on the backend and the model suite, the bi kernels called as ops (~7 min)
-#   tests-native   pytest -m gpu on the native launches (design.md, pass 6) and the model suite with them (~7 min)
+#   tests-native   pytest -m gpu on the native launches (design.md, pass 6) and the model suite with them: ~40 s
+#                  for tests/test_native_launch.py, then 90-115 s a model case on the H100 (~30 s through the ops),
+#                  so the model cases a few a call: TESTS_K="qwen3", "llama or gemma or gpt2", "pythia or phi or
+#                  starcoder" (a TESTS_K leaves test_native_launch.py out: its tests' names hold no model's)
 #                  (all three with BI_COMPILE_CHECK_LAUNCH_KEYS=1: every keyed kernel launch is checked against
-#                  Triton's own choice of binary, bi_compile/kernels/launch.py; a line per test in the log, so a
-#                  call that runs out of time still shows which tests passed)
+#                  Triton's own choice of binary, bi_compile/kernels/launch.py; a line per test in the log, and
+#                  pytest is interrupted after TESTS_TIMEOUT seconds (540) so that it still prints its failures;
+#                  TESTS_K narrows the model cases of tests-models and tests-native, a pytest -k expression)
 #   bits           benchmarks/cuda_bits.py: every bi op's output bits from the source in BITS_BEFORE (e.g. a
 #                  `git archive` of the last GPU-verified commit, unpacked) against this tree's; fails if any differ
 #   warm           compile the decode step of both compiled variants, in parallel processes, to fill the Inductor
@@ -71,14 +75,23 @@ CHECKPOINTS=/tmp/bi-compile-checkpoints
 CHECKPOINT="$CHECKPOINTS/qwen3-0.6b"
 SERVE_DIR=/tmp/bi-compile-serve
 
+# pytest -m gpu over "$@", its log in $OUT/$1.log. Interrupted (SIGINT) after TESTS_TIMEOUT seconds, so that it
+# still prints why each test that ran failed: a call's limit kills it with nothing printed.
+gpu_tests() {
+  local log=$1
+  shift
+  BI_COMPILE_CHECK_LAUNCH_KEYS=1 timeout -s INT -k 20 "${TESTS_TIMEOUT:-540}" python3 -m pytest -m gpu -v --tb=short \
+    -p no:cacheprovider --durations=10 -rfEs "$@" 2>&1 | tee "$OUT/$log.log" | tail -20
+}
+
 for stage in "$@"; do
   case $stage in
     tests-ops)
-      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -v --tb=short -p no:cacheprovider --durations=10 -rfEs tests/test_ops_*.py 2>&1 | tee "$OUT/tests_ops.log" | tail -20 ;;
+      gpu_tests tests_ops tests/test_ops_*.py ;;
     tests-models)
-      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -v --tb=short -p no:cacheprovider --durations=10 -rfEs tests/test_backend_gpu.py tests/test_models_gpu.py -k "not native_launch" 2>&1 | tee "$OUT/tests_models.log" | tail -20 ;;
+      gpu_tests tests_models tests/test_backend_gpu.py tests/test_models_gpu.py -k "not native_launch${TESTS_K:+ and ($TESTS_K)}" ;;
     tests-native)
-      BI_COMPILE_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -v --tb=short -p no:cacheprovider --durations=10 -rfEs tests/test_native_launch.py tests/test_models_gpu.py -k native_launch 2>&1 | tee "$OUT/tests_native.log" | tail -20 ;;
+      gpu_tests tests_native tests/test_native_launch.py tests/test_models_gpu.py -k "native_launch${TESTS_K:+ and ($TESTS_K)}" ;;
     bits)
       [ -d "${BITS_BEFORE:-}" ] || { echo "bits: BITS_BEFORE must name the old source tree" >&2; exit 2; }
       PYTHONPATH="$BITS_BEFORE" python3 benchmarks/cuda_bits.py save "$OUT/bits_before.json"
