@@ -304,6 +304,39 @@ def test_native_linear_picks_its_tiles_from_the_run_time_batch(cpu_launches):
     assert len(graphs) == 1
 
 
+@pytest.mark.parametrize("layout", ["conv1d_weight", "linear_weight_transposed"])
+def test_native_addmm_launches_as_a_linear_with_run_time_tiles(cpu_launches, layout):
+    """``bias + x @ W`` (GPT-2's Conv1D: W [K, N] contiguous; or a linear's [N, K] weight transposed) launches the
+    matmul kernel over the weight in place, with the tiles of the run-time M's range and the bits of that launch;
+    other beta, alpha or bias shapes stay op calls."""
+    from bi_compile.kernels import matmul as matmul_kernels
+    from bi_compile.kernels.device import CPU_TARGET
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 40, generator=g) if layout == "conv1d_weight" else torch.randn(40, 32, generator=g).t()
+    b = torch.randn(40, generator=g)
+    compiled, graphs, launched = compiled_with_native_launches(
+        lambda x: torch.ops.bi.addmm(b, x.reshape(-1, 32), weight).reshape(*x.shape[:-1], 40),
+        torch.randn(3, 5, 32, generator=g))
+    assert launched == {"bi.addmm.default": 1}
+    ranges = matmul_kernels.native_tile_ranges(40, torch.float32, CPU_TARGET)
+    (gm,) = graphs
+    assert len(conds(gm)) == len(ranges) - 1 and not any(name.startswith("bi.") for name in calls(gm))
+    for rows in (2, 40):
+        x = torch.randn(rows, 5, 32, generator=g)
+        with torch.no_grad():
+            got = compiled(x)
+        tiles = next(tiles for max_m, tiles in ranges if rows * 5 <= max_m)
+        want = matmul_kernels.matmul(x.reshape(1, -1, 32), weight[None], b.expand(rows * 5, 40)[None], tiles=tiles)
+        assert torch.equal(got, want.reshape(rows, 5, 40)), rows
+
+    def not_a_linear(x, weight, b, full_bias):
+        return torch.ops.bi.addmm(b, x, weight, beta=0.5), torch.ops.bi.addmm(full_bias, x, weight)
+
+    gm = make_fx(not_a_linear, tracing_mode="fake")(torch.randn(6, 32), weight, b, torch.randn(6, 40))
+    assert native_launch_pass(gm.graph) == Counter() and calls(gm)["bi.addmm.default"] == 2
+
+
 def cuda_kernel_blocks(fn, name: str) -> set[tuple[int, ...]]:
     """The thread blocks of the CUDA kernels named like ``name`` that ``fn()`` launches, from the profiler's trace
     (a Triton kernel keeps its name under every config; its block is its config's warps x 32)."""
@@ -679,7 +712,7 @@ def _tiny(family: str):
 # norm (no residual yet), every later norm with the residual add before it. gemma3: four norms a layer and the
 # final one as `bi.rms_norm` (their `1 + w` computed in the graph); its q and k norms read the query and key after
 # their transpose to [B, H, L, D], whose rows are no longer evenly spaced, which the native norm does not take, so
-# they stay op calls. gpt2: its Conv1D projections are `addmm`s with a [K, N] weight, which has no native launch, and its key
+# they stay op calls. gpt2: its Conv1D projections are `addmm`s with a [K, N] weight, launched as linears; its key
 # and value are slices of the fused qkv output past the start of its storage, so the attention stays a call.
 NATIVE_PREFILLS = {
     "qwen3": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 5,
@@ -688,7 +721,8 @@ NATIVE_PREFILLS = {
                "bi.add_rms_norm.default": 4}, {}),
     "gemma3": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 9},
                {"bi.rms_norm.default": 4}),
-    "gpt2": ({"bi.layer_norm.default": 5, "bi.linear.default": 1}, {"bi.addmm.default": 8, "bi.attention.default": 2}),
+    "gpt2": ({"bi.layer_norm.default": 5, "bi.linear.default": 1, "bi.addmm.default": 8},
+             {"bi.attention.default": 2}),
 }
 
 

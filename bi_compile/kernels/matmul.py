@@ -430,8 +430,8 @@ def native_tile_ranges(n: int, dtype: torch.dtype, device_target: Target) -> lis
 
 def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``input [..., K] @ weight[N, K].T + bias[N]`` as launches that Inductor emits itself (``launch.emit_launch``),
-    for a graph being traced with contiguous operands on a CUDA device and K and N static: a fresh contiguous
-    [..., N]. The tiles follow the run-time M, never the trace's: one ``cond`` per range of the tile table
+    for a graph being traced with contiguous operands (the weight, or its transpose: a Conv1D's [K, N] weight read
+    as [N, K]) on a CUDA device and K and N static: a fresh contiguous [..., N]. The tiles follow the run-time M, never the trace's: one ``cond`` per range of the tile table
     (``native_tile_ranges``) takes the branch of the range M falls in when the graph runs (Inductor emits it as
     an ``if`` in its generated code, ``launch.launch_cond``), unless M is static. The K order is the one of every
     launch of the kernel."""
@@ -459,8 +459,8 @@ def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _emit_matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: TileConfig, *,
                  in_place: bool) -> torch.Tensor:
-    """One launch of the kernel with ``tiles``: a [M, K] and weight [N, K] contiguous -> a fresh [M, N]
-    (``in_place``: inside a ``cond`` branch, ``emit_launch``'s in-place form)."""
+    """One launch of the kernel with ``tiles``: a [M, K] contiguous and weight [N, K] contiguous or transposed
+    -> a fresh [M, N] (``in_place``: inside a ``cond`` branch, ``emit_launch``'s in-place form)."""
     (m, k), n = a.shape, weight.shape[0]
     device_target = target(a.device)
     block_k = tiles.block_k or BLOCK_K[a.dtype]
@@ -468,14 +468,18 @@ def _emit_matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
     grid = torch.sym_min(num_tiles, device_target.cube_cores) if tiles.persistent else num_tiles
     # TMA as plan_matmul allows it: a and the weight are contiguous rows of K, so 16-byte aligned row strides.
-    tma = tiles.tma and device_target.tma and k * a.dtype.itemsize % 16 == 0
+    # Inductor describes an operand as the tensor it is given, so a transposed weight (rows of N) goes without:
+    # the loads differ, the products and their order do not.
+    unit_stride_k = weight.stride(1) == 1
+    tma = tiles.tma and device_target.tma and unit_stride_k and k * a.dtype.itemsize % 16 == 0
     written = emit_launch(
         _matmul_kernel, (grid,), {"c_ptr": out}, tiles.num_warps, tiles.num_stages, in_place=in_place,
         tma_blocks={"a_ptr": (tiles.block_m, block_k), "b_ptr": (tiles.block_n, block_k)} if tma else None,
         a_ptr=a, b_ptr=weight, bias_ptr=a if bias is None else bias,
-        M=m, N=n, K=k, BATCH=1, stride_ab=m * k, stride_am=k, stride_bb=0, stride_bk=1, stride_bn=k,
-        stride_biasb=0, stride_biasm=0, stride_biasn=1, stride_cb=m * n, stride_cm=n, alpha=1.0, beta=1.0,
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, TMA=tma, B_UNIT_STRIDE_K=True,
+        M=m, N=n, K=k, BATCH=1, stride_ab=m * k, stride_am=k, stride_bb=0, stride_bk=weight.stride(1),
+        stride_bn=weight.stride(0), stride_biasb=0, stride_biasm=0, stride_biasn=1, stride_cb=m * n, stride_cm=n,
+        alpha=1.0, beta=1.0, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, TMA=tma,
+        B_UNIT_STRIDE_K=unit_stride_k,
         FLATTEN=tiles.persistent and a.device.type == "cuda", INPUT_PRECISION=device_target.dot_precision(a.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP_M=tiles.group_m)
     return written["c_ptr"]

@@ -233,6 +233,27 @@ def _native_linear(arguments: dict) -> library.NativeLaunch | None:
     return library.NativeLaunch(names, trace)
 
 
+@library.native_launch("bi::addmm")
+def _native_addmm(arguments: dict) -> library.NativeLaunch | None:
+    """``addmm``'s launch for Inductor to emit where it is a linear layer: ``bias[N] + mat1 @ mat2`` (beta and alpha
+    1), as GPT-2's Conv1D computes it with its [K, N] weight, read in place as the [N, K] weight's transpose
+    (kernels.matmul.emit_linear); the same conditions as ``linear``'s otherwise."""
+    bias, mat1, mat2 = arguments["self"], arguments["mat1"], arguments["mat2"]
+    weight = mat2.t()
+    if (arguments["beta"] != 1 or arguments["alpha"] != 1 or bias.dim() != 1 or bias.shape[0] != mat2.shape[1]
+            or not all(map(library.emits_in_place, (bias, mat1)))
+            or not (library.emits_in_place(mat2) or library.emits_in_place(weight))
+            or not isinstance(mat2.shape[0], int) or not isinstance(mat2.shape[1], int)):
+        return None
+
+    def trace(bias, mat1, mat2):
+        from bi_compile.kernels.matmul import emit_linear
+
+        return emit_linear(mat1, mat2.t(), bias)
+
+    return library.NativeLaunch(("self", "mat1", "mat2"), trace)
+
+
 @library.memoized_on_metadata
 def _check_grouped_mm(self, mat2, offs) -> None:
     _check_operands("bi::grouped_mm", 2, 3, self=self, mat2=mat2)
