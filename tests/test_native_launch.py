@@ -304,6 +304,30 @@ def test_native_linear_picks_its_tiles_from_the_run_time_batch(cpu_launches):
     assert len(graphs) == 1
 
 
+def test_size_symbols_come_from_a_tensor_input_where_no_symbol_is_one(cpu_launches):
+    """An exported graph, whose inputs are tensors only (Dynamo's graphs take their sizes as inputs too): the launch
+    ``cond``s get their bare symbols from a ``sym_size`` of the input that has them as a dimension, inserted once and
+    only where a launch uses it, and the graph still gives the op's bits at every batch."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 32, generator=g), torch.randn(40, generator=g)
+    rows = torch.export.Dim("rows", min=2)
+    gm = torch.export.export(WithWeights(lambda x, w: torch.ops.bi.linear(x, w, b) * 2, w),
+                             (torch.randn(3, 5, 32, generator=g),), dynamic_shapes=(({0: rows},),)).module()
+    assert not any(isinstance(node.meta.get("val"), torch.SymInt) for node in gm.graph.nodes if node.op == "placeholder")
+
+    def sizes():
+        return [node for node in gm.graph.nodes if node.target is torch.ops.aten.sym_size.int]
+
+    before = sizes()
+    assert native_launch_pass(gm.graph) == {"bi.linear.default": 1}
+    gm.recompile()
+    inserted = [node for node in sizes() if node not in before and node.args[0].op == "placeholder"]
+    assert len(inserted) == 1 and inserted[0].users and conds(gm)
+    for batch in (2, 40):
+        x = torch.randn(batch, 5, 32, generator=g)
+        assert torch.equal(gm(x), torch.ops.bi.linear(x, w, b) * 2), batch
+
+
 @pytest.mark.parametrize("layout", ["conv1d_weight", "linear_weight_transposed"])
 def test_native_addmm_launches_as_a_linear_with_run_time_tiles(cpu_launches, layout):
     """``bias + x @ W`` (GPT-2's Conv1D: W [K, N] contiguous; or a linear's [N, K] weight transposed) launches the
