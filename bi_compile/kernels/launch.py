@@ -135,10 +135,9 @@ def emit_launch(kernel: triton.runtime.JITFunction, grid: tuple, outputs: dict[s
 
 
 # ``bi::exact_strides``: a tensor held to the strides it is traced with, for the ``cond`` operands below
-# (``launch_cond``). Inductor's
-# own ``prims.inductor_force_stride_order`` does that by ordering the strides, which torch 2.11's Inductor cannot do
-# when they are symbolic ("cannot determine truth value of Relational": it has no shape env there); Inductor's
-# ``require_exact_strides``, which its lowering of this op calls, compares them instead.
+# (``launch_cond``). Inductor's own ``prims.inductor_force_stride_order`` does that by ordering the strides, which
+# torch 2.11's Inductor cannot do when they are symbolic ("cannot determine truth value of Relational": it has no
+# shape env there); Inductor's ``require_exact_strides``, which its lowering of this op calls, compares them.
 _LAUNCH_LIBRARY = torch.library.Library("bi", "FRAGMENT")
 _LAUNCH_LIBRARY.define("exact_strides(Tensor input, SymInt[] stride) -> Tensor")
 
