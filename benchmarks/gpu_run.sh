@@ -28,7 +28,8 @@
 #                  native launches) vs stock Inductor, 28 layers of Qwen3-0.6B, and the eager per-call cost of
 #                  bi.linear / bi.rms_norm. Each variant is
 #                  compiled first in a process of its own, in parallel, to fill the Inductor cache (~4 min on the
-#                  H200 host), then the measured run loads the graphs (Dynamo still traces: ~2.5 min a backend).
+#                  H200 host; each compile's time is a "first call" line of $OUT/prefill_warm_VARIANT.log), then
+#                  the measured run loads the graphs (Dynamo still traces: ~2.5 min a backend).
 #                  Run it alone in a call (~9 min). PREFILL_BACKENDS picks the variants, e.g.
 #                  PREFILL_BACKENDS="inductor bi_ascend+native" PREFILL_ARGS="--layers 12" (two variants fit sooner)
 #   vllm-stage     for a machine without vLLM: copy the parts of the offline vLLM bundle carried in this call

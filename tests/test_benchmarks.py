@@ -194,10 +194,10 @@ def test_prefill_table_sets_each_bi_variant_beside_inductor():
     sys.path.insert(0, str(BENCHMARKS.parent))
     from benchmarks import prefill
 
-    points = [prefill.Point("inductor", 1, 16, 4.0, 1.0), prefill.Point("bi_ascend", 1, 16, 6.0, 1.2),
-              prefill.Point("bi_ascend+native", 1, 16, 4.2, 1.2)]
+    points = [prefill.Point("inductor", 1, 16, 4.0, 1.0, 30.0), prefill.Point("bi_ascend", 1, 16, 6.0, 1.2, 40.0),
+              prefill.Point("bi_ascend+native", 1, 16, 4.2, 1.2, 95.0)]
     table = prefill.markdown("env", "title", points, {})
-    assert "| 1 x 16 | bi_ascend | 4.00 | 6.00 | 1.50 | 1.00 | 1.20 | 1.20 | 3.00 | 4.80 |" in table
+    assert "| 1 x 16 | bi_ascend | 4.00 | 6.00 | 1.50 | 1.00 | 1.20 | 1.20 | 3.00 | 4.80 | 30.0 | 40.0 |" in table
     assert "| 1 x 16 | bi_ascend+native | 4.00 | 4.20 | 1.05 |" in table
     assert "target: bi_ascend wall <= 1.10x Inductor; met at 0 of 1 points" in table
     assert "target: bi_ascend+native wall <= 1.10x Inductor; met at 1 of 1 points" in table
