@@ -90,9 +90,11 @@ for stage in "$@"; do
     tests-ops)
       gpu_tests tests_ops tests/test_ops_*.py ;;
     tests-models)
-      gpu_tests tests_models tests/test_backend_gpu.py tests/test_models_gpu.py -k "not native_launch${TESTS_K:+ and ($TESTS_K)}" ;;
+      gpu_tests tests_models tests/test_backend_gpu.py tests/test_models_gpu.py \
+        -k "not native_launch${TESTS_K:+ and ($TESTS_K)}" ;;
     tests-native)
-      gpu_tests tests_native tests/test_native_launch.py tests/test_models_gpu.py -k "native_launch${TESTS_K:+ and ($TESTS_K)}" ;;
+      gpu_tests tests_native tests/test_native_launch.py tests/test_models_gpu.py \
+        -k "native_launch${TESTS_K:+ and ($TESTS_K)}" ;;
     bits)
       [ -d "${BITS_BEFORE:-}" ] || { echo "bits: BITS_BEFORE must name the old source tree" >&2; exit 2; }
       PYTHONPATH="$BITS_BEFORE" python3 benchmarks/cuda_bits.py save "$OUT/bits_before.json"

@@ -100,17 +100,15 @@ class _SymbolNodes:
 
     def get(self, symbol) -> Node | None:
         if symbol not in self.nodes:
-            for ph in self.placeholders:
-                val = ph.meta.get("val")
-                dim = next((i for i, size in enumerate(val.shape) if isinstance(size, torch.SymInt)
-                            and size.node.expr == symbol), None) if isinstance(val, torch.Tensor) else None
-                if dim is not None:
-                    with self.graph.inserting_after(self.placeholders[-1]):
-                        node = self.graph.call_function(torch.ops.aten.sym_size.int, (ph, dim))
-                    node.meta["val"] = val.shape[dim]
-                    self.nodes[symbol] = node
-                    self.inserted.append(node)
-                    break
+            dims = ((ph, dim) for ph in self.placeholders if isinstance(ph.meta.get("val"), torch.Tensor)
+                    for dim, size in enumerate(ph.meta["val"].shape)
+                    if isinstance(size, torch.SymInt) and size.node.expr == symbol)
+            for ph, dim in itertools.islice(dims, 1):
+                with self.graph.inserting_after(self.placeholders[-1]):
+                    node = self.graph.call_function(torch.ops.aten.sym_size.int, (ph, dim))
+                node.meta["val"] = ph.meta["val"].shape[dim]
+                self.nodes[symbol] = node
+                self.inserted.append(node)
         return self.nodes.get(symbol)
 
     def erase_unused(self) -> None:

@@ -313,7 +313,8 @@ def test_size_symbols_come_from_a_tensor_input_where_no_symbol_is_one(cpu_launch
     rows = torch.export.Dim("rows", min=2)
     gm = torch.export.export(WithWeights(lambda x, w: torch.ops.bi.linear(x, w, b) * 2, w),
                              (torch.randn(3, 5, 32, generator=g),), dynamic_shapes=(({0: rows},),)).module()
-    assert not any(isinstance(node.meta.get("val"), torch.SymInt) for node in gm.graph.nodes if node.op == "placeholder")
+    assert not any(isinstance(node.meta.get("val"), torch.SymInt)
+                   for node in gm.graph.nodes if node.op == "placeholder")
 
     def sizes():
         return [node for node in gm.graph.nodes if node.target is torch.ops.aten.sym_size.int]

@@ -431,10 +431,10 @@ def native_tile_ranges(n: int, dtype: torch.dtype, device_target: Target) -> lis
 def emit_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``input [..., K] @ weight[N, K].T + bias[N]`` as launches that Inductor emits itself (``launch.emit_launch``),
     for a graph being traced with contiguous operands (the weight, or its transpose: a Conv1D's [K, N] weight read
-    as [N, K]) on a CUDA device and K and N static: a fresh contiguous [..., N]. The tiles follow the run-time M, never the trace's: one ``cond`` per range of the tile table
-    (``native_tile_ranges``) takes the branch of the range M falls in when the graph runs (Inductor emits it as
-    an ``if`` in its generated code, ``launch.launch_cond``), unless M is static. The K order is the one of every
-    launch of the kernel."""
+    as [N, K]) on a CUDA device and K and N static: a fresh contiguous [..., N]. The tiles follow the run-time M,
+    never the trace's: one ``cond`` per range of the tile table (``native_tile_ranges``) takes the branch of the
+    range M falls in when the graph runs (Inductor emits it as an ``if`` in its generated code,
+    ``launch.launch_cond``), unless M is static. The K order is the one of every launch of the kernel."""
     k, n = input.shape[-1], weight.shape[0]
     ranges = native_tile_ranges(n, input.dtype, target(input.device))
 
