@@ -57,6 +57,10 @@ def bi_outputs() -> Iterator[tuple[str, torch.Tensor | tuple[torch.Tensor, ...]]
             yield f"sum {dtype} N={n}", bi.sum(x, [-1], False, torch.float32)
             yield f"mean {dtype} N={n}", bi.mean(x, [-1], True, None)
             yield f"mean_square {dtype} N={n}", bi.mean_square(x, [-1], True)
+            yield f"layer_norm {dtype} N={n}", bi.layer_norm(x, weight, weight * 0.25, 1e-5)
+            yield f"layer_norm without affine {dtype} N={n}", bi.layer_norm(x, None, None, 1e-5)
+            yield f"var_mean {dtype} N={n}", bi.var_mean(x, [-1], 1.0, True)
+            yield f"logsumexp {dtype} N={n}", bi.logsumexp(x, [-1], False)
         yield f"sum of everything {dtype}", bi.sum(randn(4096, 151936 // 8, dtype=dtype), [0, 1], False, torch.float32)
         for head_dim in (64, 128, 256):
             for batch, q_len, kv_len in ((1, 1, 2048), (8, 1, 700), (2, 37, 37), (3, 16, 1500)):

@@ -51,13 +51,14 @@ def label(blocking: RowBlocking) -> str:
 
 
 def candidates(width: int, split: bool) -> list[RowBlocking]:
-    """Rows that fit one chunk: rows per program x warps, up to 128 elements per thread (what the registers hold).
+    """Rows that fit one chunk: rows per program x warps (2 for the short rows of a latency-bound call), up to 128
+    elements per thread (what the registers hold).
     Longer rows: chunk lengths x warps, up to 64 elements per thread and chunk (the online softmax keeps two fp32
     accumulators per element of a chunk); for a kernel that can ``split`` a row, also 1, 2 or 4 chunks per program."""
     if width <= ROW_POLICIES[Backend.CUDA].fused_max:
         block = triton.next_power_of_2(width)
-        return [RowBlocking(block, rows, True, warps) for rows, warps in itertools.product((1, 2, 4, 8, 16), (4, 8, 16))
-                if block * rows // (32 * warps) <= 128]
+        return [RowBlocking(block, rows, True, warps)
+                for rows, warps in itertools.product((1, 2, 4, 8, 16), (2, 4, 8, 16)) if block * rows // (32 * warps) <= 128]
     whole = [RowBlocking(block, 1, False, warps) for block, warps in itertools.product((4096, 8192, 16384, 32768), (16, 32))
              if block // (32 * warps) <= 64]
     pieces = [RowBlocking(block, 1, False, warps, piece) for block, warps, piece in

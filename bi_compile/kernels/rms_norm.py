@@ -65,13 +65,26 @@ def _row_stat(squares, n_cols, eps, divisor, STAT: tl.constexpr):
 
 
 @triton.jit
-def _store_normalised(x, rstd, w_ptr, b_ptr, y_rows, cols, mask, n_left, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """y = x * rstd (* w) (+ b) for a chunk whose first column is ``n_left`` columns before the row's end."""
+def _load_affine(w_ptr, b_ptr, cols, n_left, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """The weight and bias (fp32; 0.0 where absent, never used) of a chunk whose first column is ``n_left`` columns
+    before the row's end."""
+    w = 0.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cols < n_left, other=0.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=cols < n_left, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
+def _store_normalised(x, rstd, w, b, y_rows, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """y = x * rstd (* w) (+ b), with the chunk's weight and bias from ``_load_affine``."""
     y = x * rstd[:, None]
     if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=cols < n_left, other=0.0).to(tl.float32)
+        y = y * w
     if HAS_B:
-        y = y + tl.load(b_ptr + cols, mask=cols < n_left, other=0.0).to(tl.float32)
+        y = y + b
     tl.store(y_rows + cols, y.to(y_rows.dtype.element_ty), mask=mask)
 
 
@@ -94,6 +107,9 @@ def _rms_norm_kernel(
         if FUSED:
             mask = row_mask & (cols < n_cols)
             x = _load_row_chunk(x1_rows, x2_rows, cols, mask, HAS_X2, dtype)
+            # Loaded ahead of the reductions, so that their latency overlaps x's: a call of a few hundred rows is
+            # latency-bound (docs/benchmarks.md, "Row reductions").
+            w, b = _load_affine(w_ptr, b_ptr, cols, n_cols, HAS_W, HAS_B)
             if HAS_X2:
                 tl.store(s_ptr + out_rows + cols, x.to(dtype), mask=mask)
             if CENTER:
@@ -101,7 +117,7 @@ def _rms_norm_kernel(
             x = _centred(x, mask, mean, CENTER)
             stat = _row_stat(tl.sum(x * x, axis=1), n_cols, eps, divisor, STAT)
             if STAT == RSTD:
-                _store_normalised(x, stat, w_ptr, b_ptr, y_ptr + out_rows, cols, mask, n_cols, HAS_W, HAS_B)
+                _store_normalised(x, stat, w, b, y_ptr + out_rows, cols, mask, HAS_W, HAS_B)
         else:
             if CENTER:
                 acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
@@ -123,8 +139,8 @@ def _rms_norm_kernel(
                     mask = row_mask & (start + cols < n_cols)
                     x = _load_row_chunk(x1_rows + start, x2_rows + start, cols, mask, HAS_X2, dtype)
                     x = _centred(x, mask, mean, CENTER)
-                    _store_normalised(x, stat, w_ptr + start, b_ptr + start, y_ptr + out_rows + start, cols, mask,
-                                      n_cols - start, HAS_W, HAS_B)
+                    w, b = _load_affine(w_ptr + start, b_ptr + start, cols, n_cols - start, HAS_W, HAS_B)
+                    _store_normalised(x, stat, w, b, y_ptr + out_rows + start, cols, mask, HAS_W, HAS_B)
         if CENTER:
             tl.store(mean_ptr + rows, mean.to(mean_ptr.dtype.element_ty), mask=rows < n_rows)
         tl.store(stat_ptr + rows, stat.to(stat_ptr.dtype.element_ty), mask=rows < n_rows)
