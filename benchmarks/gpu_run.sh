@@ -119,7 +119,7 @@ for stage in "$@"; do
       wait
       python3 benchmarks/prefill.py --backends "${backends[@]}" --markdown "$OUT/prefill.md" --json "$OUT/prefill.json" \
         ${PREFILL_ARGS:-} 2>&1 \
-        | grep -v -i warn | tee "$OUT/prefill.log" | tail -30 ;;
+        | grep --line-buffered -v -i warn | tee "$OUT/prefill.log" | tail -30 ;;
     kernels)
       python3 benchmarks/kernels.py --cuda-graph --markdown "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
       tail -5 "$OUT/kernels.md" ;;
