@@ -13,11 +13,13 @@
 #                  pytest is interrupted after TESTS_TIMEOUT seconds (540) so that it still prints its failures;
 #                  TESTS_K narrows the model cases of tests-models and tests-native, a pytest -k expression)
 #   bits           benchmarks/cuda_bits.py: every bi op's output bits from the source in BITS_BEFORE (e.g. a
-#                  `git archive` of the last GPU-verified commit, unpacked) against this tree's; fails if any differ
+#                  `git archive` of the last GPU-verified commit, unpacked) against this tree's; fails if any differ.
+#                  BITS_ONLY="layer_norm var_mean" keeps those ops' outputs (the whole set needs minutes)
 #   warm           compile the decode step of both compiled variants, in parallel processes, to fill the Inductor
 #                  cache (cold: 110-175 s per batch class and variant; the measured run then loads the graphs)
 #   decode         benchmarks/decode.py, all five variants in one run: table, plot, kernel profile
-#   kernels        benchmarks/kernels.py, every op under CUDA graphs
+#   kernels        benchmarks/kernels.py, every op under CUDA graphs (KERNELS_ARGS narrows it, e.g. "--shapes
+#                  layer-norm --ops layer_norm --ms 256 2048 8192"; PYTHONPATH=<old source> times that source)
 #   tiles          benchmarks/tiles.py, every matmul tile candidate on the issue-7 shapes, with the bit check (~2 min)
 #   attention-tiles  benchmarks/attention_tiles.py: every attention config candidate on prefill and decode cases of
 #                  GQA 32/8 and 16/8 at head dim 128, against SDPA, each checked for invariance first (not yet run on a
@@ -97,8 +99,9 @@ for stage in "$@"; do
         -k "native_launch${TESTS_K:+ and ($TESTS_K)}" ;;
     bits)
       [ -d "${BITS_BEFORE:-}" ] || { echo "bits: BITS_BEFORE must name the old source tree" >&2; exit 2; }
-      PYTHONPATH="$BITS_BEFORE" python3 benchmarks/cuda_bits.py save "$OUT/bits_before.json"
-      PYTHONPATH=. python3 benchmarks/cuda_bits.py save "$OUT/bits_after.json"
+      only=(${BITS_ONLY:+--only $BITS_ONLY})
+      PYTHONPATH="$BITS_BEFORE" python3 benchmarks/cuda_bits.py save "$OUT/bits_before.json" "${only[@]}"
+      PYTHONPATH=. python3 benchmarks/cuda_bits.py save "$OUT/bits_after.json" "${only[@]}"
       python3 benchmarks/cuda_bits.py compare "$OUT/bits_before.json" "$OUT/bits_after.json" | tee "$OUT/bits.log" ;;
     warm)
       i=0
@@ -121,7 +124,7 @@ for stage in "$@"; do
         ${PREFILL_ARGS:-} 2>&1 \
         | grep --line-buffered -v -i warn | tee "$OUT/prefill.log" | tail -30 ;;
     kernels)
-      python3 benchmarks/kernels.py --cuda-graph --markdown "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
+      python3 benchmarks/kernels.py --cuda-graph ${KERNELS_ARGS:-} --markdown "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
       tail -5 "$OUT/kernels.md" ;;
     tiles)
       python3 benchmarks/tiles.py ${TILES_ARGS:-} --json "$OUT/tiles.json" --markdown "$OUT/tiles.md" 2>&1 | grep -v "it/s" | tail -45 ;;

@@ -15,7 +15,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["kernels", "tiles", "attention_tiles", "rows", "serve", "all_reduce", "moe",
+@pytest.mark.parametrize("script", ["kernels", "tiles", "attention_tiles", "rows", "serve", "all_reduce", "moe", "cuda_bits",
                                     "profile_table", "prefill"])
 def test_script_parses_its_arguments(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
@@ -250,3 +250,21 @@ def test_attention_search_table_ranks_candidates_and_lists_the_refused(attention
     assert attention_tiles.head_shape("16/8x256") == (16, 8, 256)
     with pytest.raises(Exception, match="head dim 96"):
         attention_tiles.head_shape("16/8x96")
+
+
+def test_bits_save_runs_only_the_calls_it_keeps(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import cuda_bits
+
+    ran = []
+
+    def outputs():
+        for name in ("linear bf16 M=1", "layer_norm bf16 N=128", "layer_norm without affine bf16 N=128", "var_mean x"):
+            yield name, lambda name=name: ran.append(name) or torch.zeros(2)
+
+    monkeypatch.setattr(cuda_bits, "bi_outputs", outputs)
+    path = tmp_path / "bits.json"
+    assert cuda_bits.main(["save", str(path), "--only", "layer_norm"]) == 0
+    assert ran == ["layer_norm bf16 N=128", "layer_norm without affine bf16 N=128"]
+    assert sorted(__import__("json").loads(path.read_text())) == ran
+    assert cuda_bits.main(["compare", str(path), str(path)]) == 0
