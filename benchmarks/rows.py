@@ -57,8 +57,8 @@ def candidates(width: int, split: bool) -> list[RowBlocking]:
     accumulators per element of a chunk); for a kernel that can ``split`` a row, also 1, 2 or 4 chunks per program."""
     if width <= ROW_POLICIES[Backend.CUDA].fused_max:
         block = triton.next_power_of_2(width)
-        return [RowBlocking(block, rows, True, warps)
-                for rows, warps in itertools.product((1, 2, 4, 8, 16), (2, 4, 8, 16)) if block * rows // (32 * warps) <= 128]
+        shapes = itertools.product((1, 2, 4, 8, 16), (2, 4, 8, 16))  # rows per program, warps
+        return [RowBlocking(block, rows, True, warps) for rows, warps in shapes if block * rows // (32 * warps) <= 128]
     whole = [RowBlocking(block, 1, False, warps) for block, warps in itertools.product((4096, 8192, 16384, 32768), (16, 32))
              if block // (32 * warps) <= 64]
     pieces = [RowBlocking(block, 1, False, warps, piece) for block, warps, piece in

@@ -4,6 +4,7 @@ Their timings run on the H100 only (``benchmarks/gpu_run.sh``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["kernels", "tiles", "attention_tiles", "rows", "serve", "all_reduce", "moe", "cuda_bits",
-                                    "profile_table", "prefill"])
+@pytest.mark.parametrize("script", ["kernels", "tiles", "attention_tiles", "rows", "serve", "all_reduce", "moe",
+                                    "cuda_bits", "profile_table", "prefill"])
 def test_script_parses_its_arguments(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True, text=True,
                           cwd=BENCHMARKS.parent, env={"PYTHONPATH": f"{BENCHMARKS.parent}", "PATH": "/usr/bin:/bin"})
@@ -266,5 +267,5 @@ def test_bits_save_runs_only_the_calls_it_keeps(monkeypatch, tmp_path):
     path = tmp_path / "bits.json"
     assert cuda_bits.main(["save", str(path), "--only", "layer_norm"]) == 0
     assert ran == ["layer_norm bf16 N=128", "layer_norm without affine bf16 N=128"]
-    assert sorted(__import__("json").loads(path.read_text())) == ran
+    assert sorted(json.loads(path.read_text())) == ran
     assert cuda_bits.main(["compare", str(path), str(path)]) == 0
