@@ -307,7 +307,10 @@ def test_native_linear_picks_its_tiles_from_the_run_time_batch(cpu_launches):
 def test_size_symbols_come_from_a_tensor_input_where_no_symbol_is_one(cpu_launches):
     """An exported graph, whose inputs are tensors only (Dynamo's graphs take their sizes as inputs too): the launch
     ``cond``s get their bare symbols from a ``sym_size`` of the input that has them as a dimension, inserted once and
-    only where a launch uses it, and the graph still gives the op's bits at every batch."""
+    only where a launch uses it, and the graph still gives the kernel's bits at every batch (the Triton op's: the CPU
+    op is torch.mm on row tiles, whose bits are the CPU BLAS's)."""
+    from bi_compile.ops import matmul as matmul_ops
+
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 32, generator=g), torch.randn(40, generator=g)
     rows = torch.export.Dim("rows", min=2)
@@ -326,7 +329,7 @@ def test_size_symbols_come_from_a_tensor_input_where_no_symbol_is_one(cpu_launch
     assert len(inserted) == 1 and inserted[0].users and conds(gm)
     for batch in (2, 40):
         x = torch.randn(batch, 5, 32, generator=g)
-        assert torch.equal(gm(x), torch.ops.bi.linear(x, w, b) * 2), batch
+        assert torch.equal(gm(x), matmul_ops._linear_triton(x, w, b) * 2), batch
 
 
 @pytest.mark.parametrize("layout", ["conv1d_weight", "linear_weight_transposed"])

@@ -284,6 +284,35 @@ def test_compiled_mm_with_dynamic_batch_matches_eager_without_recompiling(device
     assert counter.frame_count == 1
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's tl.dot (conftest.py)")
+def test_the_interpreters_dot_adds_in_k_order_whatever_the_tile_height():
+    """What the CPU runs of the kernel tests rest on: under the interpreter a row's ``tl.dot`` bits do not depend on
+    the tile height (conftest.py replaces Triton's numpy matmul, whose BLAS kernel can change with it), and they are
+    the products added in k order onto the accumulator."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    from tests.conftest import _dot_in_k_order
+
+    assert interpreter.InterpreterBuilder.create_dot is _dot_in_k_order
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((64, 48)).astype(np.float16), rng.standard_normal((48, 32)).astype(np.float16)
+    acc = rng.standard_normal((64, 32)).astype(np.float32)
+
+    def dot(rows: int) -> np.ndarray:
+        handle = interpreter.TensorHandle
+        return _dot_in_k_order(None, handle(a[:rows], tl.float16), handle(b, tl.float16),
+                               handle(acc[:rows], tl.float32), None, None).data
+
+    full = dot(64)
+    assert all(np.array_equal(dot(rows), full[:rows]) for rows in (1, 16, 40))
+    row = np.float32(a[5, 0]) * np.float32(b[0, 3])
+    for k in range(1, 48):
+        row = row + np.float32(a[5, k]) * np.float32(b[k, 3])
+    assert full[5, 3] == row + acc[5, 3]
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def triton_linear(request):
     """The device, with bi::linear running its Triton implementation there: on the GPU as registered, on the CPU
