@@ -25,10 +25,7 @@ def _plan(x: torch.Tensor, dim: int, dtype: torch.dtype | None) -> tuple[int, to
     """Validate; return the wrapped dim and the output dtype."""
     op = "bi::cumsum"
     library.check_dtype(op, self=x)
-    out_dtype = x.dtype if dtype is None else dtype
-    if out_dtype not in library.FLOAT_DTYPES:
-        raise library.reject(op, f"unsupported dtype argument {out_dtype} (supported: float16, bfloat16, float32)",
-                             self=x)
+    out_dtype = library.out_dtype(op, x, dtype)
     span = max(x.dim(), 1)  # a 0-dim tensor takes dim 0 or -1, as in aten
     if not -span <= dim < span:
         raise library.reject(op, f"dim {dim} out of range for a rank-{x.dim()} tensor", self=x)

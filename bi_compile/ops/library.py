@@ -89,6 +89,14 @@ def check_dtype(op: str, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES, **tensors
             raise reject(op, f"unsupported dtype {t.dtype} for {name!r} (supported: {names})", **{name: t})
 
 
+def out_dtype(op: str, x: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The output dtype of a reduction's ``dtype=`` argument (None keeps the input's), checked as ``check_dtype``."""
+    out = x.dtype if dtype is None else dtype
+    if out not in FLOAT_DTYPES:
+        raise reject(op, f"unsupported dtype argument {out} (supported: float16, bfloat16, float32)", self=x)
+    return out
+
+
 def check_rank(op: str, ranks: Iterable[int], **tensors: torch.Tensor | None) -> None:
     allowed = tuple(ranks)
     for name, t in tensors.items():

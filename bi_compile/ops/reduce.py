@@ -60,10 +60,7 @@ class _Plan(NamedTuple):
 def _plan(op: str, x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtype: torch.dtype | None) -> _Plan:
     """Validate; return how to lay the input out as rows and what to return."""
     library.check_dtype(op, self=x)
-    out_dtype = x.dtype if dtype is None else dtype
-    if out_dtype not in library.FLOAT_DTYPES:
-        raise library.reject(op, f"unsupported dtype argument {out_dtype} (supported: float16, bfloat16, float32)",
-                             self=x)
+    out_dtype = library.out_dtype(op, x, dtype)
     span = max(x.dim(), 1)  # a 0-dim tensor takes dim 0 or -1, as in aten
     reduced: list[int] = []
     for d in dim or range(x.dim()):
