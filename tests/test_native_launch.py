@@ -732,6 +732,16 @@ def _tiny(family: str):
             "gemma3": lambda: transformers.Gemma3TextConfig(**decoder, head_dim=16, sliding_window=4),
             "gpt2": lambda: transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                                     bos_token_id=0, eos_token_id=0, attn_implementation="sdpa"),
+            "pythia": lambda: transformers.GPTNeoXConfig(
+                vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                use_parallel_residual=True, attn_implementation="sdpa",
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+            "phi2": lambda: transformers.PhiConfig(
+                vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                hidden_act="gelu_new", attn_implementation="sdpa",
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4}),
+            "starcoder2": lambda: transformers.Starcoder2Config(**decoder, sliding_window=64, use_bias=True,
+                                                                 bos_token_id=0, eos_token_id=0),
             }[family]()
 
 
@@ -741,7 +751,9 @@ def _tiny(family: str):
 # final one as `bi.rms_norm` (their `1 + w` computed in the graph); its q and k norms read the query and key after
 # their transpose to [B, H, L, D], whose rows are no longer evenly spaced, which the native norm does not take, so
 # they stay op calls. gpt2: its Conv1D projections are `addmm`s with a [K, N] weight, launched as linears; its key
-# and value are slices of the fused qkv output past the start of its storage, so the attention stays a call.
+# and value are slices of the fused qkv output past the start of its storage, so the attention stays a call; so do
+# pythia's (GPT-NeoX: its value is such a slice). pythia and phi2 take rotary on part of each head; pythia and
+# starcoder2's layer norms (two a layer) and phi2's (one, feeding attention and MLP) have biases.
 NATIVE_PREFILLS = {
     "qwen3": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 5,
                "bi.add_rms_norm.default": 4}, {}),
@@ -751,6 +763,9 @@ NATIVE_PREFILLS = {
                {"bi.rms_norm.default": 4}),
     "gpt2": ({"bi.layer_norm.default": 5, "bi.linear.default": 1, "bi.addmm.default": 8},
              {"bi.attention.default": 2}),
+    "pythia": ({"bi.layer_norm.default": 5, "bi.linear.default": 9}, {"bi.attention.default": 2}),
+    "phi2": ({"bi.layer_norm.default": 3, "bi.linear.default": 13, "bi.attention.default": 2}, {}),
+    "starcoder2": ({"bi.layer_norm.default": 5, "bi.linear.default": 13, "bi.attention.default": 2}, {}),
 }
 
 
