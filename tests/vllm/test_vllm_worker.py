@@ -21,8 +21,11 @@ def test_lm_head_through_bi_linear_is_batch_invariant_where_vllms_cpu_head_is_no
     for head in ("small", "large"):
         assert probe[f"lm_head_{head}_equals_bi_linear"] and probe[f"lm_head_{head}_close_to_stock"]
         assert probe[f"lm_head_{head}_changed"] == 0
-    # Control: vLLM's own CPU head on the same rows (oneDNN for the large head on AVX512-BF16 CPUs, torch's linear
-    # elsewhere) changed the row in some batches on the development machine. Where neither head varies the control
+        # Control: the same comparison with one hidden entry of the batched row one ulp larger sees a change in
+        # every batch.
+        assert probe[f"lm_head_{head}_nudged_changed"] == BATCHES
+    # Stock control: vLLM's own CPU head on the same rows (oneDNN for the large head on AVX512-BF16 CPUs, torch's
+    # linear elsewhere) changed the row in some batches on the development machine. Where neither head varies it
     # has nothing to show, and says so.
     stock = probe["lm_head_small_stock_changed"] + probe["lm_head_large_stock_changed"]
     if stock == 0:

@@ -62,6 +62,7 @@ def lm_head_facts(facts: dict) -> None:
         stock, ours = LogitsProcessor(vocab), BiLogitsProcessor(vocab)
         row = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
         facts[f"lm_head_{name}_changed"] = rows_changed(lambda x: ours(head, x), row)
+        facts[f"lm_head_{name}_nudged_changed"] = rows_changed(lambda x: ours(head, x), row, nudge=True)
         facts[f"lm_head_{name}_stock_changed"] = rows_changed(lambda x: stock(head, x), row)
         facts[f"lm_head_{name}_close_to_stock"] = torch.allclose(ours(head, row).float(), stock(head, row).float(),
                                                                  rtol=2e-2, atol=2e-2)
