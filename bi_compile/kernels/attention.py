@@ -94,11 +94,12 @@ class AttentionConfig:
 
 
 # Per backend, keyed by (padded head dim, fp32?): the whole reduction order of a row follows from this entry.
-# CUDA: blocks chosen so that ptxas (sm_90a) keeps the single-program schedule, which holds two accumulators,
-# within 255 registers with at most ~128 bytes of spills, none in the chunk loops. fp16/bf16 up to head dim 128 take
-# 128-row tiles on 8 warps (a warpgroup's wgmma per 64 rows): 100 bytes of spill stores at head dim 128, none at 64
-# (Triton 3.6 offline compile). Head dim 256 (116 bytes at 64 rows) and fp32 (tl.dot on FMAs) keep 64 rows: at 128
-# they spill 1.3 KB and 30 KB.
+# CUDA: blocks chosen so that ptxas (sm_90a) keeps the unmasked single-program schedule, which holds two
+# accumulators, within 255 registers with at most ~128 bytes of spills, none in the chunk loops. fp16/bf16 up to head
+# dim 128 take 128-row tiles on 8 warps (a warpgroup's wgmma per 64 rows): 100 bytes of spill stores at head dim 128,
+# none at 64. Head dim 256 and fp32 (tl.dot on FMAs) keep 64 rows: at 128 they spill 1.3 KB and 30 KB. A mask costs
+# registers too: 1.7 KB of spills at head dim 128 with 128 rows. Every variant's spills, as Triton 3.6 compiles it,
+# are in tests/cuda_spill_stores.json, which CI holds them to (tests/cuda_compile_check.py).
 # Splits of 512 keys: each split restarts the load pipeline, so short splits cost bandwidth in the single-program
 # schedule, long ones cost parallelism in the split-KV one (B = 1, Hkv = 8, S = 8192: 128 programs).
 # Ascend: q, both fp32 accumulators (the split's and the merged one), a K and a V chunk and the chunk's scores

@@ -40,7 +40,8 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bi_compile.kernels import attention, cumsum, device, matmul, reduce, rms_norm, softmax  # noqa: E402
+from bi_compile.kernels import attention, device, matmul, reduce, rms_norm, softmax  # noqa: E402
+from tests.kernel_variants import compile_variants  # noqa: E402
 
 UB_BYTES = 96 * 1024
 MAX_GRID = 65535
@@ -216,48 +217,6 @@ def live_tensor_bytes(ir: str) -> int:
 
 
 # ---- the variants --------------------------------------------------------------------------------------------
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _randn(*shape, dtype=torch.float32):
-    return torch.randn(*shape).to(dtype)
-
-
-def compile_variants() -> None:
-    """Every constexpr branch of every kernel, in each dtype, through the launchers with their Ascend blockings."""
-    for dtype in DTYPES:
-        for k in (256, 200):  # EVEN_K, ragged K
-            a = _randn(1, 37, k, dtype=dtype)
-            w = _randn(96, k, dtype=dtype)
-            matmul.matmul(a, w.t()[None])  # B unit stride along K
-            matmul.matmul(a, w.t().contiguous()[None], _randn(1, 37, 96, dtype=dtype), beta=0.5)  # along N, bias
-            ends = torch.tensor([10, 10, 37], dtype=torch.int32)
-            matmul.grouped_matmul(a[0], _randn(3, k, 96, dtype=dtype), ends)
-        for n_cols in (1000, 4096, 151936):  # packed rows, one chunk, a looped (vocab) row
-            x = _randn(3, n_cols, dtype=dtype)
-            reduce.row_sum(x, torch.float32)
-            reduce.row_sum(x, dtype, mean=True, square=True)
-            rms_norm.rms_norm(x, _randn(n_cols, dtype=dtype), 1e-6)
-            rms_norm.rms_norm(x, None, 1e-6)
-            rms_norm.add_rms_norm(x, x, _randn(n_cols, dtype=dtype), 1e-6)
-            rms_norm.layer_norm(x, _randn(n_cols, dtype=dtype), _randn(n_cols, dtype=dtype), 1e-5)
-            rms_norm.layer_norm(x, None, None, 1e-5)
-            rms_norm.var_mean(x, 1.0, dtype)
-            rms_norm.var_mean(x, 0.0, torch.float32, std=True)
-            softmax.softmax(x, dtype)
-            softmax.softmax(x, torch.float32, log=True)
-            softmax.logsumexp(x, dtype)
-            cumsum.cumsum(x, torch.float32)
-        for head_dim in (64, 128, 256):
-            q = _randn(2, 8, 5, head_dim, dtype=dtype)
-            kv = _randn(2, 4, 700, head_dim, dtype=dtype)
-            bool_mask = torch.rand(2, 8, 5, 700) > 0.3
-            for split_kv in (False, True):
-                attention.attention(q, kv, kv, None, True, 0.1, split_kv)
-            attention.attention(q, kv, kv, bool_mask, False, 0.1, False)
-            attention.attention(q, kv, kv, _randn(2, 8, 5, 700, dtype=dtype), False, 0.1, False)
-
 
 QWEN3 = {  # hidden, heads, kv heads, head dim, intermediate
     "Qwen3-0.6B": (1024, 16, 8, 128, 3072),
