@@ -36,7 +36,7 @@ from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bi_compile.kernels import device  # noqa: E402
-from tests.kernel_variants import compile_variants  # noqa: E402
+from tests.kernel_variants import StandInDriver, compile_variants  # noqa: E402
 
 ARCH = "sm_90a"
 HOPPER = device.Target(device.Backend.CUDA, cube_cores=132, vector_cores=132, tma=True)
@@ -47,19 +47,6 @@ KNOWN_SPILL_STORES: dict[str, int] = json.loads(KNOWN_SPILLS_FILE.read_text())
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
-
-
-class StandInCUDADriver:
-    """What Triton's JIT asks of its driver before it compiles; nothing launches."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device_index=None):
-        return 0
 
 
 @dataclass
@@ -117,7 +104,7 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels were made interpreted functions at import
         sys.exit("cuda_compile_check: run it without TRITON_INTERPRET=1 (it compiles; the interpreter runs)")
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bi-cuda-cache-")
-    driver.set_active(StandInCUDADriver())
+    driver.set_active(StandInDriver(GPUTarget("cuda", 90, 32)))
     device.CPU_TARGET = HOPPER
     JITFunction._original_run = JITFunction.run
     JITFunction.run = _compiling_run

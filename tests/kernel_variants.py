@@ -9,14 +9,29 @@ compile for its device instead of running.
 from __future__ import annotations
 
 import torch
+from triton.backends.compiler import GPUTarget
 
 from bi_compile.kernels import attention, cumsum, device, matmul, reduce, rms_norm, softmax
 
+
+class StandInDriver:
+    """What Triton's JIT asks of its driver before it compiles for ``target``; nothing launches. ``utils`` answers
+    the device-property queries of the backends that make them (triton-ascend)."""
+
+    def __init__(self, target: GPUTarget, utils=None):
+        self.target, self.utils = target, utils
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device_index=None):
+        return 0
+
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _randn(*shape, dtype=torch.float32):
-    return torch.randn(*shape).to(dtype)
 
 
 def _randn(*shape, dtype=torch.float32):

@@ -41,7 +41,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bi_compile.kernels import attention, device, matmul, reduce, rms_norm, softmax  # noqa: E402
-from tests.kernel_variants import compile_variants  # noqa: E402
+from tests.kernel_variants import StandInDriver, compile_variants  # noqa: E402
 
 UB_BYTES = 96 * 1024
 MAX_GRID = 65535
@@ -51,21 +51,6 @@ CANN_STAGE = "ConvertLinalgRToBinary"
 class _StandInUtils:
     def get_device_properties(self, device_index):
         return {"max_shared_mem": 1, "num_aicore": 20, "num_vectorcore": 40}  # an Ascend 910B3
-
-
-class StandInNPUDriver:
-    """What triton-ascend's JIT asks of its driver before it compiles; nothing launches."""
-
-    utils = _StandInUtils()
-
-    def get_current_target(self):
-        return GPUTarget("npu", "Ascend910B3", 0)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device_index=None):
-        return 0
 
 
 @dataclass
@@ -249,7 +234,7 @@ def record_prefill_launches() -> None:
 
 def main() -> int:
     global COMPILE
-    driver.set_active(StandInNPUDriver())
+    driver.set_active(StandInDriver(GPUTarget("npu", "Ascend910B3", 0), _StandInUtils()))
     device.CPU_TARGET = device.Target(device.Backend.ASCEND, cube_cores=20, vector_cores=40)
     JITFunction._original_run = JITFunction.run
     JITFunction.run = _recording_run
