@@ -31,6 +31,11 @@ class StandInDriver:
         return 0
 
 
+def launch_dtype(args) -> str:
+    """The dtype a launch compiles for, as a variant's name shows it: its first tensor argument's."""
+    return next(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
+
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
