@@ -27,7 +27,7 @@ def test_every_kernel_variant_compiles_for_sm90_within_its_recorded_spills():
 
 
 def test_the_check_fails_a_variant_that_spills_more_than_recorded(monkeypatch):
-    """Control: with no spills recorded, a variant that spills is a failure (ptxas on a real kernel's PTX)."""
+    """Control: with no spills recorded, a variant that spills is a failure (ptxas on a PTX kernel that must spill)."""
     from tests import cuda_compile_check as check
 
     monkeypatch.setattr(check, "KNOWN_SPILL_STORES", {})
