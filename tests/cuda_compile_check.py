@@ -36,7 +36,7 @@ from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bi_compile.kernels import device  # noqa: E402
-from tests.kernel_variants import StandInDriver, compile_variants, launch_dtype  # noqa: E402
+from tests.kernel_variants import StandInDriver, compile_variants, variant_key  # noqa: E402
 
 ARCH = "sm_90a"
 HOPPER = device.Target(device.Backend.CUDA, cube_cores=132, vector_cores=132, tma=True)
@@ -84,9 +84,7 @@ def assemble(ptx: str, variant: Variant) -> None:
 
 
 def _compiling_run(self, *args, grid, warmup, **kwargs):
-    constexprs = {p.name: kwargs[p.name] for p in self.params if p.is_constexpr and p.name in kwargs}
-    constexprs |= {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
-    variant = Variant(self.fn.__name__, {"dtype": launch_dtype(args)} | constexprs)
+    variant = Variant(self.fn.__name__, variant_key(self, args, kwargs, ("num_warps", "num_stages")))
     if variant.name() in VARIANTS:
         return None
     VARIANTS[variant.name()] = variant

@@ -31,9 +31,12 @@ class StandInDriver:
         return 0
 
 
-def launch_dtype(args) -> str:
-    """The dtype a launch compiles for, as a variant's name shows it: its first tensor argument's."""
-    return next(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
+def variant_key(jit_fn, args, kwargs, options=()) -> dict:
+    """What names a launch's compiled variant: the dtype it compiles for (its first tensor argument's), its
+    constexprs, and the launch ``options`` named (e.g. num_warps), in that order."""
+    key = {"dtype": next(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))}
+    key |= {p.name: kwargs[p.name] for p in jit_fn.params if p.is_constexpr and p.name in kwargs}
+    return key | {name: kwargs[name] for name in options if name in kwargs}
 
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

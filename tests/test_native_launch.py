@@ -751,8 +751,8 @@ def _tiny(family: str):
 # final one as `bi.rms_norm` (their `1 + w` computed in the graph); its q and k norms read the query and key after
 # their transpose to [B, H, L, D], whose rows are no longer evenly spaced, which the native norm does not take, so
 # they stay op calls. gpt2: its Conv1D projections are `addmm`s with a [K, N] weight, launched as linears; its key
-# and value are slices of the fused qkv output past the start of its storage, so the attention stays a call; so do
-# pythia's (GPT-NeoX: its value is such a slice). pythia and phi2 take rotary on part of each head; pythia and
+# and value are slices of the fused qkv output past the start of its storage, so the attention stays a call, as
+# pythia's does (GPT-NeoX: its value is such a slice). pythia and phi2 take rotary on part of each head; pythia and
 # starcoder2's layer norms (two a layer) and phi2's (one, feeding attention and MLP) have biases.
 NATIVE_PREFILLS = {
     "qwen3": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 5,

@@ -41,7 +41,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bi_compile.kernels import attention, device, matmul, reduce, rms_norm, softmax  # noqa: E402
-from tests.kernel_variants import StandInDriver, compile_variants, launch_dtype  # noqa: E402
+from tests.kernel_variants import StandInDriver, compile_variants, variant_key  # noqa: E402
 
 UB_BYTES = 96 * 1024
 MAX_GRID = 65535
@@ -75,9 +75,7 @@ TOOL_CRASH_ATTEMPTS = 3
 
 
 def _recording_run(self, *args, grid, warmup, **kwargs):
-    constexprs = {"dtype": launch_dtype(args)}
-    constexprs |= {p.name: kwargs[p.name] for p in self.params if p.is_constexpr and p.name in kwargs}
-    launch = Launch(self.fn.__name__, tuple(grid), constexprs)
+    launch = Launch(self.fn.__name__, tuple(grid), variant_key(self, args, kwargs))
     LAUNCHES.append(launch)
     if not COMPILE:
         return None
