@@ -174,15 +174,19 @@ def test_native_norms_give_the_kernels_bits_at_every_batch(cpu_launches):
 
 
 def test_calls_the_launch_cannot_take_stay_op_calls(cpu_launches):
+    """Rows that are not contiguous, and data 4 bytes past an aligned start, stay op calls; a view 1152 bytes into
+    its storage (16-byte aligned) launches natively."""
     x, r, w, b = inputs(4)
 
     def strided_and_offset(x, r, w):
         strided = torch.ops.bi.rms_norm(x.transpose(0, 1), w, 1e-6)[0]  # rows of unit stride, not contiguous
-        offset = torch.ops.bi.add_rms_norm(r[1:], r[1:], w, 1e-6)[0]  # contiguous, past its storage's start
-        return strided, offset
+        unaligned = r.flatten()[1:1 + r[1:].numel()].view(r[1:].shape)  # contiguous, one float past the start
+        offset = torch.ops.bi.add_rms_norm(unaligned, unaligned, w, 1e-6)[0]
+        aligned = torch.ops.bi.add_rms_norm(r[1:], r[1:], w, 1e-6)[0]
+        return strided, offset, aligned
 
     gm = make_fx(strided_and_offset, tracing_mode="fake")(x, r, w)
-    assert native_launch_pass(gm.graph) == Counter()
+    assert native_launch_pass(gm.graph) == Counter({"bi.add_rms_norm.default": 1})
     assert calls(gm)["bi.rms_norm.default"] == 1 and calls(gm)["bi.add_rms_norm.default"] == 1
 
 
@@ -751,8 +755,8 @@ def _tiny(family: str):
 # final one as `bi.rms_norm` (their `1 + w` computed in the graph); its q and k norms read the query and key after
 # their transpose to [B, H, L, D], whose rows are no longer evenly spaced, which the native norm does not take, so
 # they stay op calls. gpt2: its Conv1D projections are `addmm`s with a [K, N] weight, launched as linears; its key
-# and value are slices of the fused qkv output past the start of its storage, so the attention stays a call, as
-# pythia's does (GPT-NeoX: its value is such a slice). pythia and phi2 take rotary on part of each head; pythia and
+# and value are slices of the fused qkv output (16-byte aligned, as pythia's value is), which the attention reads
+# through their strides. pythia and phi2 take rotary on part of each head; pythia and
 # starcoder2's layer norms (two a layer) and phi2's (one, feeding attention and MLP) have biases.
 NATIVE_PREFILLS = {
     "qwen3": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 5,
@@ -761,9 +765,9 @@ NATIVE_PREFILLS = {
                "bi.add_rms_norm.default": 4}, {}),
     "gemma3": ({"bi.linear.default": 15, "bi.attention.default": 2, "bi.rms_norm.default": 9},
                {"bi.rms_norm.default": 4}),
-    "gpt2": ({"bi.layer_norm.default": 5, "bi.linear.default": 1, "bi.addmm.default": 8},
-             {"bi.attention.default": 2}),
-    "pythia": ({"bi.layer_norm.default": 5, "bi.linear.default": 9}, {"bi.attention.default": 2}),
+    "gpt2": ({"bi.layer_norm.default": 5, "bi.linear.default": 1, "bi.addmm.default": 8,
+              "bi.attention.default": 2}, {}),
+    "pythia": ({"bi.layer_norm.default": 5, "bi.linear.default": 9, "bi.attention.default": 2}, {}),
     "phi2": ({"bi.layer_norm.default": 3, "bi.linear.default": 13, "bi.attention.default": 2}, {}),
     "starcoder2": ({"bi.layer_norm.default": 5, "bi.linear.default": 13, "bi.attention.default": 2}, {}),
 }
@@ -808,8 +812,7 @@ def test_a_transformers_decode_with_a_row_cache_launches_natively(cpu_launches, 
     over a per-row KV cache (benchmarks/rowcache.py, bool masks, cache writes in the graph), compiled with dynamic
     shapes, Inductor's decompositions and the pipeline with native launches. Every graph holds only ops Inductor
     lowers and pins its cond operands (the checks whose controls are the tests above); the attention launches
-    natively in every graph (GPT-2's too: its query, a view of the fused projection, starts its storage, and its
-    keys come from the cache); a prompt's logits at every step are the same alone as in a batch of 3."""
+    natively in every graph; a prompt's logits at every step are the same alone as in a batch of 3."""
     from benchmarks.rowcache import RowCache, RowStep, generate
 
     transformers = pytest.importorskip("transformers")

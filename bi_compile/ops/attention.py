@@ -231,11 +231,11 @@ library.define_op(
 
 @library.native_launch(OP)
 def _native_attention(arguments: dict) -> library.NativeLaunch | None:
-    """``attention``'s launches for Inductor to emit (kernels.attention.emit_attention) where every operand starts
-    its storage on a CUDA device (the kernel reads them through their strides, so they need not be contiguous) and
+    """``attention``'s launches for Inductor to emit (kernels.attention.emit_attention) where every operand is
+    16-byte aligned on a CUDA device (the kernel reads them through their strides, so they need not be contiguous) and
     the head counts and dims are static (the blocks follow from them); the schedule follows the run-time sizes."""
     query, key, value, mask = (arguments[name] for name in ("query", "key", "value", "attn_mask"))
-    if (arguments["dropout_p"] != 0.0 or not all(map(library.launches_from_start, (query, key, value, mask)))
+    if (arguments["dropout_p"] != 0.0 or not all(map(library.launches_aligned, (query, key, value, mask)))
             or not all(isinstance(size, int) for size in (*query.shape[1::2], key.shape[1], value.shape[3]))):
         return None
     names = ("query", "key", "value") if mask is None else ("query", "key", "value", "attn_mask")

@@ -183,17 +183,19 @@ def native_launch(qualname: str):
 NATIVE_LAUNCH_DEVICES = {"cuda"}
 
 
-def launches_from_start(t: torch.Tensor | None) -> bool:
+def launches_aligned(t: torch.Tensor | None) -> bool:
     """Whether a native launch whose kernel takes ``t``'s strides may read it as given: on a
-    ``NATIVE_LAUNCH_DEVICES`` device, from the start of its storage for every value its symbolic shape may take (so
-    Inductor knows the data is aligned)."""
-    return t is None or (t.device.type in NATIVE_LAUNCH_DEVICES and _known(t.storage_offset() == 0))
+    ``NATIVE_LAUNCH_DEVICES`` device, its data 16-byte aligned within its storage for every value its symbolic shape
+    may take. Inductor then specializes the launch's pointer as aligned, as the op's own launcher does
+    (``kernels.launch.aligned16``), so both compile the same kernel (a view elsewhere would get an unaligned one)."""
+    return t is None or (t.device.type in NATIVE_LAUNCH_DEVICES
+                         and _known(t.storage_offset() * t.element_size() % 16 == 0))
 
 
 def emits_in_place(t: torch.Tensor | None) -> bool:
     """Whether a native launch of a kernel that assumes contiguous rows may read ``t`` as given:
-    ``launches_from_start`` and contiguous."""
-    return t is None or (launches_from_start(t) and _known(t.is_contiguous()))
+    ``launches_aligned`` and contiguous."""
+    return t is None or (launches_aligned(t) and _known(t.is_contiguous()))
 
 
 def host_scalar(t: torch.Tensor):
