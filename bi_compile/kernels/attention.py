@@ -98,7 +98,7 @@ class AttentionConfig:
 # accumulators, within 255 registers with at most ~128 bytes of spills, none in the chunk loops. fp16/bf16 up to head
 # dim 128 take 128-row tiles on 8 warps (a warpgroup's wgmma per 64 rows): 100 bytes of spill stores at head dim 128,
 # none at 64. Head dim 256 and fp32 (tl.dot on FMAs) keep 64 rows: at 128 they spill 1.3 KB and 30 KB. A mask costs
-# registers too: 1.7 KB of spills at head dim 128 with 128 rows. Every variant's spills, as Triton 3.6 compiles it,
+# registers too: 0.8-1 KB of spills at head dim 128 with 128 rows. Every variant's spills, as Triton 3.6 compiles it,
 # are in tests/cuda_spill_stores.json, which CI holds them to (tests/cuda_compile_check.py).
 # Splits of 512 keys: each split restarts the load pipeline, so short splits cost bandwidth in the single-program
 # schedule, long ones cost parallelism in the split-KV one (B = 1, Hkv = 8, S = 8192: 128 programs).
@@ -194,7 +194,11 @@ def _attend_chunk(
         if IS_CAUSAL:
             visible = visible & (keys[None, :] <= q_pos[:, None])
         if MASK_KIND != 0:
-            mask = tl.load(mask_base + mask_rows[:, None] + keys[None, :] * stride_ms, mask=visible, other=0)
+            # Loaded whole, with no predicate: the keys clamped below kv_len and the rows past the queries reading
+            # row 0 (``mask_rows``) keep every address in bounds, and ``visible`` discards what it must. Predicated
+            # on ``visible``, the load had that predicate built in its own layout too (32 rows a thread on sm_90a),
+            # and ptxas spilled 1.7 KB a thread at head dim 128; tests/cuda_spill_stores.json holds what it spills.
+            mask = tl.load(mask_base + mask_rows[:, None] + tl.minimum(keys, kv_len - 1)[None, :] * stride_ms)
             if MASK_KIND == 1:
                 visible = visible & (mask != 0)
             else:  # finite stays finite: an fp32 finfo.min (HF's masks) times log2(e) would overflow to -inf
@@ -334,7 +338,7 @@ def _attention_tile(
     )
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
-    mask_rows = batch * stride_mb + head * stride_mh + q_pos * stride_ml
+    mask_rows = batch * stride_mb + tl.where(row_valid, head * stride_mh + q_pos * stride_ml, 0)
     key_end = kv_len
     full_end = kv_len  # keys below it are visible to every row of the tile
     if IS_CAUSAL:  # stop after the tile's last visible key (later chunks would be exact no-ops)
