@@ -53,6 +53,10 @@
 #                  bi-graph --concurrency 8 64 --output-len 128", then the same with "--resume --routes vllm-bi
 #                  bi-piecewise" in the next call to the still-warm machine, for one table
 #
+# DEADLINE=N: the stages named share N seconds (a call's limit less its start, e.g. 540), for one call that returns
+# whatever it finished. Each stage runs under `timeout` of the time left, interrupted with SIGINT so that pytest and
+# the benchmarks still print what they have; a stage that would start with under 30 s left is skipped, with a line.
+#
 # `warm` and `decode` must run on the same machine (the cache lives in /tmp there): call them back to back, or
 # together (`benchmarks/gpu_run.sh warm decode`) when the model is small enough to fit 10 minutes.
 # Extra arguments for decode.py go in DECODE_ARGS, e.g. DECODE_ARGS="--models qwen3-8b --layers 8", and for tiles.py
@@ -70,6 +74,19 @@ done
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
+if [ -n "${DEADLINE:-}" ]; then
+  end=$((SECONDS + DEADLINE))
+  for stage in "$@"; do
+    left=$((end - SECONDS))
+    if [ "$left" -lt 30 ]; then
+      echo "== $stage: skipped, ${left} s left of DEADLINE=$DEADLINE"
+      continue
+    fi
+    echo "== $stage $(date -u +%T), ${left} s left"
+    DEADLINE= timeout -s INT -k 20 "$left" bash "$0" "$stage" || echo "== $stage: exit $?"
+  done
+  exit 0
+fi
 DECODE=(python3 benchmarks/decode.py --context 256 --steps 32 ${DECODE_ARGS:-})
 # Kept on the machine while it stays warm, so that a later call reuses them: the vLLM checkpoints (built by
 # vllm-tests, or by vllm-serve when it runs alone) and the serving results (SERVE_ARGS="--resume --routes ..." adds
