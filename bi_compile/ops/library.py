@@ -187,7 +187,8 @@ def launches_aligned(t: torch.Tensor | None) -> bool:
     """Whether a native launch whose kernel takes ``t``'s strides may read it as given: on a
     ``NATIVE_LAUNCH_DEVICES`` device, its data 16-byte aligned within its storage for every value its symbolic shape
     may take. Inductor then specializes the launch's pointer as aligned, as the op's own launcher does
-    (``kernels.launch.aligned16``), so both compile the same kernel (a view elsewhere would get an unaligned one)."""
+    (``kernels.launch.aligned16``), so both compile the same kernel. Where the offset is not known to be a multiple
+    of 16 bytes, Inductor compiles for an unaligned pointer whatever the pointer turns out to be."""
     return t is None or (t.device.type in NATIVE_LAUNCH_DEVICES
                          and _known(t.storage_offset() * t.element_size() % 16 == 0))
 
