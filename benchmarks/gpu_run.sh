@@ -71,6 +71,7 @@ for stage in "$@"; do
        exit 2 ;;
   esac
 done
+[[ ${DEADLINE:-0} =~ ^[0-9]+$ ]] || { echo "DEADLINE must be a whole number of seconds, got: $DEADLINE" >&2; exit 2; }
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
