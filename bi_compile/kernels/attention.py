@@ -97,9 +97,10 @@ class AttentionConfig:
 # CUDA: blocks chosen so that ptxas (sm_90a) keeps the unmasked single-program schedule, which holds two
 # accumulators, within 255 registers with at most ~128 bytes of spills, none in the chunk loops. fp16/bf16 up to head
 # dim 128 take 128-row tiles on 8 warps (a warpgroup's wgmma per 64 rows): 100 bytes of spill stores at head dim 128,
-# none at 64. Head dim 256 and fp32 (tl.dot on FMAs) keep 64 rows: at 128 they spill 1.3 KB and 30 KB. A mask costs
-# registers too: 0.8-1 KB of spills at head dim 128 with 128 rows. Every variant's spills, as Triton 3.6 compiles it,
-# are in tests/cuda_spill_stores.json, which CI holds them to (tests/cuda_compile_check.py).
+# none at 64. Head dim 256 and fp32 (tl.dot on FMAs) keep 64 rows: at 128 they spill 1.3 KB and 30 KB. fp32 at head
+# dim 256 takes 32 rows: at 64 it spilled 21.8 KB. Its dots run on FMAs, which add over k in order whatever the tile
+# height. A mask costs registers too: 0.8-1 KB of spills at head dim 128 with 128 rows. Every variant's spills, as
+# Triton 3.6 compiles it, are in tests/cuda_spill_stores.json, which CI holds them to (tests/cuda_compile_check.py).
 # Splits of 512 keys: each split restarts the load pipeline, so short splits cost bandwidth in the single-program
 # schedule, long ones cost parallelism in the split-KV one (B = 1, Hkv = 8, S = 8192: 128 programs).
 # Ascend: q, both fp32 accumulators (the split's and the merged one), a K and a V chunk and the chunk's scores
@@ -113,7 +114,7 @@ ATTENTION_CONFIGS = {
         (256, False): AttentionConfig(64, 32, 512, 8, 2),
         (64, True): AttentionConfig(64, 32, 512, 8, 2),
         (128, True): AttentionConfig(64, 32, 512, 8, 2),
-        (256, True): AttentionConfig(64, 16, 512, 8, 1),
+        (256, True): AttentionConfig(32, 16, 512, 8, 2),
     },
     Backend.ASCEND: {
         (64, False): AttentionConfig(32, 64, 512, 1, 1),
