@@ -72,9 +72,6 @@ for stage in "$@"; do
   esac
 done
 [[ ${DEADLINE:-0} =~ ^[0-9]+$ ]] || { echo "DEADLINE must be a whole number of seconds, got: $DEADLINE" >&2; exit 2; }
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
 if [ -n "${DEADLINE:-}" ]; then
   end=$((SECONDS + DEADLINE))
   for stage in "$@"; do
@@ -83,6 +80,9 @@ if [ -n "${DEADLINE:-}" ]; then
       echo "== $stage: skipped, ${left} s left of DEADLINE=$DEADLINE"
       continue
     fi
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
     echo "== $stage $(date -u +%T), ${left} s left"
     DEADLINE= timeout -s INT -k 20 "$left" bash "$0" "$stage" || echo "== $stage: exit $?"
   done
