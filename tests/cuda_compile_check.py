@@ -6,14 +6,16 @@ The Triton interpreter, which runs the CPU tests, accepts kernels that Triton's 
 nothing of registers. Here a stand-in driver reports an sm_90 target, ``device.CPU_TARGET`` is set to an H100/H200
 (132 SMs, TMA), and the project's own launchers run on CPU tensors (tests/kernel_variants.py), so each launch
 compiles the constexprs, dtypes and CUDA blockings a GPU would, through Triton's full pipeline to PTX. ptxas from the
-Triton wheel then assembles each PTX for sm_90a with ``-v``. A variant fails when it does not compile, or when ptxas
-reports more spill stores than tests/cuda_spill_stores.json records for it (none where it records nothing): a
-blocking that spills more is a slower one, so a change that adds spills fails here, on CPU, before a GPU times it.
-``--record`` rewrites the file from this run (after a change that removes spills, or a new Triton). Nothing runs,
-so nothing here says anything of speed or bits: those need the GPU (benchmarks/gpu_run.sh).
+Triton wheel then assembles each PTX for sm_90a with ``-v``, and its nvdisasm lists the machine code. A variant fails
+when it does not compile, or when it spills more than tests/cuda_spill_stores.json records for it (none where it
+records nothing), by either measure: the spill stores ptxas reports, and the local-memory accesses (STL/LDL) inside
+its innermost loops, the ones each chunk or tile of the kernel's work repeats. A blocking that spills more is a
+slower one, so a change that adds spills fails here, on CPU, before a GPU times it. ``--record`` rewrites the file
+from this run (after a change that removes spills, or a new Triton). Nothing runs, so nothing here says anything of
+speed or bits: those need the GPU (benchmarks/gpu_run.sh).
 
-Prints one line per variant (registers, spill stores and loads) and ends with "N passed, N failed"; exits 1 on any
-failure.
+Prints one line per variant (registers, spill stores and loads, local accesses in innermost loops) and ends with
+"N passed, N failed"; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -40,13 +42,21 @@ from tests.kernel_variants import StandInDriver, compile_variants, variant_key  
 
 ARCH = "sm_90a"
 HOPPER = device.Target(device.Backend.CUDA, cube_cores=132, vector_cores=132, tma=True)
-# Spill stores per variant as last recorded (``--record`` rewrites it): a variant may spill no more than its entry,
-# one with no entry not at all.
+# Per measure, the variants' spills as last recorded (``--record`` rewrites it): a variant may spill no more than
+# its entry, one with no entry not at all.
 KNOWN_SPILLS_FILE = Path(__file__).with_name("cuda_spill_stores.json")
-KNOWN_SPILL_STORES: dict[str, int] = json.loads(KNOWN_SPILLS_FILE.read_text())
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+KNOWN_SPILLS: dict[str, dict[str, int]] = json.loads(KNOWN_SPILLS_FILE.read_text())
+# The measures, as the file names them and as an error says them.
+MEASURES = {"spill_stores": "bytes of spill stores", "loop_local_accesses": "local-memory accesses in innermost loops"}
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+PTXAS, NVDISASM = NVIDIA_BIN / "ptxas", NVIDIA_BIN / "nvdisasm"
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+# nvdisasm -c: a label line, and an instruction line "/*0a30*/  @P0 BRA `(.L_x_12) ;"
+_SASS_LABEL = re.compile(r"\.L_x_(\d+):")
+_SASS_INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*`\(\.L_x_(\d+)\)")
+_SASS_LOCAL_ACCESS = re.compile(r"(@!?U?P\w+\s+)?(STL|LDL)\b")
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Variant:
     registers: int = 0
     spill_stores: int = 0
     spill_loads: int = 0
+    loop_local_accesses: int = 0
 
     def name(self) -> str:
         return f"{self.kernel}[{', '.join(f'{k}={v}' for k, v in self.constexprs.items())}]"
@@ -66,21 +77,45 @@ VARIANTS: dict[str, Variant] = {}
 
 
 def assemble(ptx: str, variant: Variant) -> None:
-    """ptxas -v on the variant's PTX: its registers and spills per thread."""
+    """ptxas -v on the variant's PTX: its registers and spills per thread; then the local-memory accesses inside
+    its innermost loops, in nvdisasm's listing of the machine code."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
-        done = subprocess.run([str(PTXAS), f"-arch={ARCH}", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
+        cubin = source.with_suffix(".cubin")
+        done = subprocess.run([str(PTXAS), f"-arch={ARCH}", "-v", str(source), "-o", str(cubin)],
                               capture_output=True, text=True)
-    if done.returncode:
-        variant.errors.append(f"ptxas: {done.stderr.strip()[-2000:]}")
-        return
+        if done.returncode:
+            variant.errors.append(f"ptxas: {done.stderr.strip()[-2000:]}")
+            return
+        sass = subprocess.run([str(NVDISASM), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
     spills, registers = _PTXAS_SPILLS.search(done.stderr), _PTXAS_REGISTERS.search(done.stderr)
     variant.spill_stores, variant.spill_loads = int(spills[1]), int(spills[2])
     variant.registers = int(registers[1])
-    allowed = KNOWN_SPILL_STORES.get(variant.name(), 0)
-    if variant.spill_stores > allowed:
-        variant.errors.append(f"{variant.spill_stores} bytes of spill stores, {allowed} known")
+    variant.loop_local_accesses = innermost_loop_local_accesses(sass)
+    for measure, what in MEASURES.items():
+        value, allowed = getattr(variant, measure), KNOWN_SPILLS[measure].get(variant.name(), 0)
+        if value > allowed:
+            variant.errors.append(f"{value} {what}, {allowed} known")
+
+
+def innermost_loop_local_accesses(sass: str) -> int:
+    """STL/LDL instructions inside the innermost loops of an nvdisasm listing: a loop runs from a label to a branch
+    back to it, and an innermost one holds no other."""
+    labels, instructions, pending = {}, [], []
+    for line in sass.splitlines():
+        if label := _SASS_LABEL.match(line.strip()):
+            pending.append(label[1])
+        elif instruction := _SASS_INSTRUCTION.match(line):
+            address = int(instruction[1], 16)
+            labels.update(dict.fromkeys(pending, address))
+            pending = []
+            instructions.append((address, instruction[2]))
+    loops = [(labels[branch[1]], address) for address, text in instructions
+             if (branch := _SASS_BRANCH.search(text)) and labels.get(branch[1], address) < address]
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return sum(1 for address, text in instructions
+               if _SASS_LOCAL_ACCESS.match(text) and any(a <= address <= b for a, b in innermost))
 
 
 def _compiling_run(self, *args, grid, warmup, **kwargs):
@@ -113,16 +148,17 @@ def main() -> int:
         failed += bool(variant.errors)
         status = "FAIL" if variant.errors else "ok"
         print(f"{status:4} {variant.registers:3} regs {variant.spill_stores:5} B spilled {variant.spill_loads:5} B "
-              f"reloaded  {name}")
+              f"reloaded {variant.loop_local_accesses:4} in loops  {name}")
         for error in variant.errors:
             print(f"       {error}")
     print(f"{len(VARIANTS)} variants compiled for {ARCH} in {seconds:.1f} s (triton {triton.__version__}, "
           f"torch {torch.__version__})")
     print(f"{len(VARIANTS) - failed} passed, {failed} failed")
     if "--record" in sys.argv[1:]:
-        spills = {name: v.spill_stores for name, v in VARIANTS.items() if v.spill_stores}
+        spills = {measure: {name: getattr(v, measure) for name, v in VARIANTS.items() if getattr(v, measure)}
+                  for measure in MEASURES}
         KNOWN_SPILLS_FILE.write_text(json.dumps(spills, indent=1) + "\n")
-        print(f"recorded the spill stores of {len(spills)} variants in {KNOWN_SPILLS_FILE}")
+        print(f"recorded the spills of {len(set().union(*spills.values()))} variants in {KNOWN_SPILLS_FILE}")
         return 0
     return 1 if failed else 0
 
